@@ -1,0 +1,123 @@
+"""The DeepSeek V2/V3 graph in torch, with module names equal to the checkpoint's.
+
+Plain math over tensors: no devices, placement or files here. Build it on the meta device,
+then `runtime.loader` fills it tensor by tensor. Shapes: B batch, T new tokens, S cached + new.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gpu_attention.latent_cache import LatentCache
+from gpu_attention.mla_torch import mla_absorbed, mla_decompressed
+
+from .config import ModelConfig
+from .moe import MLP, MoE
+from .rope import RotaryTables
+
+# With this many new tokens or more, attention runs in the decompressed (MHA) form. Theory puts
+# the break-even near 170 new tokens against a long prefix (DESIGN.md); gpu_attention measures it.
+DECOMPRESS_MIN_TOKENS = 170
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class MLA(nn.Module):
+    """Multi-head latent attention; only c_kv ‖ k_pe is cached."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        H, qk = cfg.num_attention_heads, cfg.qk_head_dim
+        if cfg.q_lora_rank is None:
+            self.q_proj = nn.Linear(cfg.hidden_size, H * qk, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(cfg.hidden_size, cfg.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, 1e-6)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * qk, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(cfg.hidden_size, cfg.latent_dim, bias=False)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, 1e-6)
+        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(H * cfg.v_head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x, *, rope: RotaryTables, cos_sin, cache: LatentCache, layer: int, start_pos: int,
+                form: str) -> torch.Tensor:
+        cfg = self.cfg
+        B, T, _ = x.shape
+        q = self.q_proj(x) if cfg.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q_nope, q_pe = q.view(B, T, cfg.num_attention_heads, cfg.qk_head_dim).split(
+            [cfg.qk_nope_head_dim, cfg.qk_rope_head_dim], dim=-1)
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
+        cos, sin = cos_sin
+        q_pe = rope.apply(q_pe, cos, sin)
+        k_pe = rope.apply(k_pe[:, :, None, :], cos, sin)[:, :, 0]
+        latent = cache.write(layer, start_pos, torch.cat([self.kv_a_layernorm(c_kv), k_pe], dim=-1))
+        attend = mla_decompressed if form == "decompressed" else mla_absorbed
+        out = attend(q_nope, q_pe, latent, self.kv_b_proj.weight,
+                     kv_lora_rank=cfg.kv_lora_rank, v_head_dim=cfg.v_head_dim, scale=cfg.softmax_scale)
+        return self.o_proj(out.reshape(B, T, -1))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.self_attn = MLA(cfg)
+        self.mlp = MoE(cfg) if cfg.is_moe_layer(layer) else MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, h, **attn_args) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), layer=self.layer, **attn_args)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class DeepseekModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class DeepseekForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model = DeepseekModel(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.rope = RotaryTables(cfg.rope, cfg.qk_rope_head_dim, interleave=cfg.rope_interleave)
+
+    def new_cache(self, *, batch: int, max_len: int, dtype: torch.dtype | None = None) -> LatentCache:
+        weight = self.lm_head.weight
+        return LatentCache(num_layers=self.cfg.num_hidden_layers, batch=batch, max_len=max_len,
+                           latent_dim=self.cfg.latent_dim, dtype=dtype or weight.dtype, device=weight.device)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, *, cache: LatentCache, start_pos: int = 0,
+                form: str = "auto", last_only: bool = False) -> torch.Tensor:
+        """input_ids [B, T] at positions start_pos.. -> logits [B, T, V] fp32 ([B, 1, V] if last_only)."""
+        T = input_ids.shape[1]
+        if form == "auto":
+            form = "decompressed" if T >= DECOMPRESS_MIN_TOKENS else "absorbed"
+        positions = torch.arange(start_pos, start_pos + T, device=input_ids.device)
+        attn_args = dict(rope=self.rope, cos_sin=self.rope.cos_sin(positions), cache=cache,
+                         start_pos=start_pos, form=form)
+        h = self.model.embed_tokens(input_ids)
+        for layer in self.model.layers:
+            h = layer(h, **attn_args)
+        if last_only:
+            h = h[:, -1:]
+        return self.lm_head(self.model.norm(h)).float()

@@ -1,0 +1,68 @@
+"""Rotary position embedding for MLA: plain RoPE and YaRN, interleaved pairs or split halves."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .config import RopeConfig
+
+
+def inverse_frequencies(rope: RopeConfig, dim: int) -> torch.Tensor:
+    """inv_freq[dim/2] (fp32, on the CPU even under a meta-device build); YaRN blends interpolated and extrapolated frequencies by a ramp."""
+    base = rope.theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim)
+    extrapolation = 1.0 / base
+    if rope.type == "default":
+        return extrapolation
+    interpolation = 1.0 / (rope.factor * base)
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(rope.original_max_position_embeddings / (rotations * 2 * math.pi)) / (2 * math.log(rope.theta))
+
+    low = max(math.floor(correction_dim(rope.beta_fast)), 0)
+    high = min(math.ceil(correction_dim(rope.beta_slow)), dim - 1)
+    if low == high:
+        high += 0.001  # avoid a zero-width ramp
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
+    keep_extrapolated = 1 - ramp
+    return interpolation * (1 - keep_extrapolated) + extrapolation * keep_extrapolated
+
+
+class RotaryTables:
+    """cos/sin per position, built once per device and grown on demand. Not a module buffer:
+    the model is built on the meta device and these are derived from the config, not loaded."""
+
+    def __init__(self, rope: RopeConfig, dim: int, interleave: bool = True):
+        self.inv_freq = inverse_frequencies(rope, dim)
+        self.scale = rope.cos_sin_scale
+        self.interleave = interleave
+        self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions: [T] int64 -> cos, sin: [T, dim/2] fp32."""
+        device = positions.device
+        needed = int(positions.max()) + 1 if positions.numel() else 1
+        cos, sin = self._tables.get(device, (None, None))
+        if cos is None or cos.shape[0] < needed:
+            length = max(needed, 2 * (cos.shape[0] if cos is not None else 2048))
+            angles = torch.outer(torch.arange(length, dtype=torch.float32, device="cpu"), self.inv_freq).to(device)
+            cos, sin = angles.cos() * self.scale, angles.sin() * self.scale
+            self._tables[device] = (cos, sin)
+        return cos[positions], sin[positions]
+
+    def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x: [..., T, heads, dim] rotated by cos/sin [T, dim/2]; computed in fp32, returned in x.dtype.
+
+        Interleaved (DeepSeek's layout) rotates pairs (x0, x1), (x2, x3)... and keeps that layout;
+        otherwise the two halves of the vector form the pairs (rotate_half)."""
+        xf = x.float()
+        cos, sin = cos[:, None, :], sin[:, None, :]
+        if self.interleave:
+            a, b = xf[..., 0::2], xf[..., 1::2]
+            out = torch.stack((a * cos - b * sin, b * cos + a * sin), dim=-1).flatten(-2)
+        else:
+            half = xf.shape[-1] // 2
+            a, b = xf[..., :half], xf[..., half:]
+            out = torch.cat((a * cos - b * sin, b * cos + a * sin), dim=-1)
+        return out.to(x.dtype)
