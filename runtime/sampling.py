@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import HmoeError
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -18,13 +20,13 @@ class SamplingParams:
 
     def __post_init__(self):
         if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+            raise HmoeError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k < 0:
-            raise ValueError(f"top-k must be >= 0, got {self.top_k}")
+            raise HmoeError(f"top-k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top-p must be in (0, 1], got {self.top_p}")
+            raise HmoeError(f"top-p must be in (0, 1], got {self.top_p}")
         if self.max_tokens < 1:
-            raise ValueError(f"max tokens must be >= 1, got {self.max_tokens}")
+            raise HmoeError(f"max tokens must be >= 1, got {self.max_tokens}")
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
