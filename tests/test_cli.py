@@ -79,3 +79,22 @@ def test_every_command_has_help():
     for command in ["chat", "generate", "perplexity", "make-model"]:
         r = hmoe(command, "--help")
         assert r.returncode == 0 and "usage: hmoe " + command in r.stdout
+
+
+def test_ctrl_c_stops_a_reply_but_not_the_chat(tiny_v3):
+    import signal
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "runtime", "chat", "--model", str(tiny_v3), "-n", "100000",
+                             "--ctx", "400", "--temp", "0"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc.stdin.write("Hello\n")
+    proc.stdin.flush()
+    seen = ""
+    while not (seen.startswith("> ") and len(seen) > 10):  # the reply has started streaming
+        seen += proc.stdout.read(1)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate("Hi again\n/exit\n", timeout=120)
+    assert proc.returncode == 0, err
+    stats = [line for line in err.splitlines() if line.startswith("[prompt")]
+    assert stats[0].endswith("| interrupted]") and len(stats) == 2
