@@ -138,10 +138,9 @@ def config_from_dict(raw: dict, source: str = "config.json") -> ModelConfig:
     keys = _Keys(raw, source)
     arch = _architecture(raw, source)
     v3 = arch != "DeepseekV2ForCausalLM"
-    n_routed = keys.int("n_routed_experts")
-    q_lora = keys.get("q_lora_rank", required=True)
-    if q_lora is not None:
-        q_lora = keys.int("q_lora_rank")
+    v32 = arch == "DeepseekV32ForCausalLM"
+    # q_lora_rank must be present; null is meaningful (V2-Lite projects queries directly)
+    q_lora = keys.int("q_lora_rank") if keys.get("q_lora_rank", required=True) is not None else None
 
     cfg = ModelConfig(
         architecture=arch,
@@ -156,11 +155,11 @@ def config_from_dict(raw: dict, source: str = "config.json") -> ModelConfig:
         qk_rope_head_dim=keys.int("qk_rope_head_dim"),
         v_head_dim=keys.int("v_head_dim"),
         moe_intermediate_size=keys.int("moe_intermediate_size"),
-        n_routed_experts=n_routed,
-        n_shared_experts=keys.int("n_shared_experts", default=0, allow_none=True),
+        n_routed_experts=keys.int("n_routed_experts"),
+        n_shared_experts=keys.int("n_shared_experts", default=0),
         num_experts_per_tok=keys.int("num_experts_per_tok"),
-        n_group=keys.int("n_group", default=1, allow_none=True),
-        topk_group=keys.int("topk_group", default=1, allow_none=True),
+        n_group=keys.int("n_group", default=1),
+        topk_group=keys.int("topk_group", default=1),
         topk_method=keys.str("topk_method", default="noaux_tc" if v3 else "greedy"),
         scoring_func=keys.str("scoring_func", default="sigmoid" if v3 else "softmax"),
         norm_topk_prob=keys.bool("norm_topk_prob", default=v3),
@@ -172,13 +171,13 @@ def config_from_dict(raw: dict, source: str = "config.json") -> ModelConfig:
         max_position_embeddings=keys.int("max_position_embeddings", default=4096),
         rope=_rope(raw, keys),
         rope_interleave=keys.bool("rope_interleave", default=True),
-        bos_token_id=keys.int("bos_token_id", default=None, allow_none=True, minimum=0),
+        bos_token_id=keys.int("bos_token_id", default=None, minimum=0),
         eos_token_ids=_eos(raw, source),
         torch_dtype=keys.str("torch_dtype", default=None) or keys.str("dtype", default="bfloat16"),
         fp8_block_size=_fp8_block(raw, source),
-        index_n_heads=keys.int("index_n_heads", default=None, allow_none=True) if arch.endswith("V32ForCausalLM") else None,
-        index_head_dim=keys.int("index_head_dim", default=None, allow_none=True) if arch.endswith("V32ForCausalLM") else None,
-        index_topk=keys.int("index_topk", default=None, allow_none=True) if arch.endswith("V32ForCausalLM") else None,
+        index_n_heads=keys.int("index_n_heads", default=None) if v32 else None,
+        index_head_dim=keys.int("index_head_dim", default=None) if v32 else None,
+        index_topk=keys.int("index_topk", default=None) if v32 else None,
     )
     _check_consistency(cfg, raw, source)
     return cfg
@@ -199,16 +198,19 @@ class _Keys:
             raise ConfigError(f"{self.source}: missing required key '{key}'")
         return default
 
-    def int(self, key, default=_MISSING, allow_none=False, minimum=1):
+    def int(self, key, default=_MISSING, minimum=1):
+        """An integer >= minimum; null counts as absent when there is a default."""
         value = self.get(key, default)
-        if value is None and (allow_none or default is None):
-            return default if default is not self._MISSING else None
+        if value is None and default is not self._MISSING:
+            return default
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise ConfigError(f"{self.source}: key '{key}' must be an integer >= {minimum}, found {value!r}")
         return value
 
     def float(self, key, default=_MISSING):
         value = self.get(key, default)
+        if value is None and default is not self._MISSING:
+            return default
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{self.source}: key '{key}' must be a number, found {value!r}")
         return float(value)
@@ -317,6 +319,10 @@ def _check_consistency(cfg: ModelConfig, raw: dict, source: str) -> None:
         bad(f"key 'qk_rope_head_dim'={cfg.qk_rope_head_dim} must be even (RoPE rotates pairs)")
     if cfg.first_k_dense_replace > cfg.num_hidden_layers:
         bad(f"key 'first_k_dense_replace'={cfg.first_k_dense_replace} exceeds 'num_hidden_layers'={cfg.num_hidden_layers}")
+    if raw.get("attention_bias"):
+        bad("key 'attention_bias'=true is not supported (DeepSeek's projections have no bias)")
+    if raw.get("hidden_act", "silu") != "silu":
+        bad(f"key 'hidden_act'={raw['hidden_act']!r} is not supported (DeepSeek uses 'silu')")
     kv_heads = raw.get("num_key_value_heads")
     if kv_heads is not None and kv_heads != cfg.num_attention_heads:
         bad(f"key 'num_key_value_heads'={kv_heads} must equal 'num_attention_heads'={cfg.num_attention_heads} in MLA")

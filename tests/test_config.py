@@ -56,6 +56,8 @@ def test_v32_keeps_indexer_fields():
     ({"rope_scaling": {"type": "yarn"}}, "missing required key 'factor'"),
     ({"architectures": ["LlamaForCausalLM"]}, "key 'architectures'"),
     ({"num_experts_per_tok": 300}, "'num_experts_per_tok'=300"),
+    ({"attention_bias": True}, "key 'attention_bias'=true is not supported"),
+    ({"hidden_act": "gelu"}, "key 'hidden_act'='gelu' is not supported"),
 ])
 def test_bad_config_is_one_clear_error(changes, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
