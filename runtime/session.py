@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from .generate import Generator
+from .jit_experts import FORMATS, jit_experts_factory
 from .loader import load_model
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
@@ -23,6 +24,13 @@ def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
                    help="context limit in tokens: prompt plus reply (default 4096, at most the model's)")
     p.add_argument("--threads", "-t", type=int, default=None, metavar="N",
                    help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--experts", default="torch", choices=("torch",) + FORMATS,
+                   help="how routed experts run: 'torch' (reference), or cpu_experts' JIT kernels with the "
+                        "weights quantized at load to this format")
+    p.add_argument("--experts-threads", type=int, default=None, metavar="N",
+                   help="worker threads of the JIT experts (default: one per physical core)")
+    p.add_argument("--numa", default="interleave", choices=["interleave", "split", "replicate", "none"],
+                   help="NUMA policy of the JIT experts' weight memory (default interleave)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
@@ -45,6 +53,9 @@ def sampling_params(args) -> SamplingParams:
 def open_generator(model_dir: str | Path, args) -> Generator:
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = load_model(model_dir, dtype=args.dtype, progress=sys.stderr.isatty())
+    factory = None
+    if args.experts != "torch":
+        factory = jit_experts_factory(args.experts, threads=args.experts_threads, numa=args.numa)
+    model = load_model(model_dir, dtype=args.dtype, progress=sys.stderr.isatty(), experts_factory=factory)
     tokenizer = Tokenizer(model_dir, model.cfg.eos_token_ids)
     return Generator(model, tokenizer, max_context=args.ctx)
