@@ -8,7 +8,7 @@ import sys
 
 from .errors import HmoeError
 
-COMMANDS = ["chat", "generate", "perplexity", "make_model"]
+COMMANDS = ["chat", "generate", "perplexity", "make_model", "rules"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,61 @@
+"""Storage formats a rule can ask for, and how many bytes a weight takes in each.
+
+Block formats are ggml's (`block_q8_0` 34 bytes per 32 weights, `block_q4_0` 18/32, `block_q4_K`
+144/256, `block_q6_K` 210/256), the same table as `cpu_experts.formats` (a test keeps them equal);
+a block never spans two rows, so a row's length must be a multiple of the block. fp8 is DeepSeek's
+e4m3 with one fp32 scale per 128x128 block (`weight_scale_inv`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+FP8_BLOCK = 128
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str
+    block_elems: int  # weights per block (1 for plain dtypes)
+    block_bytes: int  # bytes per block
+    is_float: bool  # a plain torch dtype that also holds vectors (norms, biases)
+
+    def matrix_bytes(self, shape: tuple[int, ...]) -> int:
+        """Bytes of a weight [..., N, K] (rows of K); K must be a multiple of block_elems."""
+        *lead, n, k = shape
+        assert k % self.block_elems == 0, (self.name, shape)
+        count = math.prod(lead)
+        data = count * n * (k // self.block_elems) * self.block_bytes
+        if self.name == "fp8":
+            data += count * math.ceil(n / FP8_BLOCK) * math.ceil(k / FP8_BLOCK) * 4
+        return data
+
+
+FORMATS = {
+    "fp32": Format("fp32", 1, 4, True),
+    "bf16": Format("bf16", 1, 2, True),
+    "fp16": Format("fp16", 1, 2, True),
+    "fp8": Format("fp8", 1, 1, False),
+    "q8_0": Format("q8_0", 32, 34, False),
+    "q4_0": Format("q4_0", 32, 18, False),
+    "q4_k": Format("q4_k", 256, 144, False),
+    "q6_k": Format("q6_k", 256, 210, False),
+}
+
+# Cache dtypes for the latent cache: bytes per value.
+CACHE_DTYPES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
+
+# config.json's torch_dtype -> our name; what `dtype: auto` means (FP8 checkpoints load as bf16).
+CHECKPOINT_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+# Most to least precise: the order tune tries for routed experts on the CPU.
+PRECISION_ORDER = ("bf16", "q8_0", "q6_k", "q4_k", "q4_0")
+
+
+def auto_format(torch_dtype: str) -> str:
+    return CHECKPOINT_DTYPES.get(torch_dtype, "bf16")
+
+
+def fits_rows(fmt: str, k: int) -> bool:
+    return k % FORMATS[fmt].block_elems == 0

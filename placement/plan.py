@@ -1,0 +1,217 @@
+"""The placement plan: every module's device, op, format and bytes, from the rules and the config.
+
+No weights are read: bytes come from tensor shapes (placement/modules.py) and format sizes
+(placement/formats.py). Problems that need the model (an op that cannot run a module kind, a
+block format that does not divide a row, `dtype: auto` resolving to a format the op cannot run)
+are RulesErrors at the rule's line; rules that place nothing are warnings.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+
+from runtime.config import ModelConfig
+from runtime.errors import HmoeError
+
+from .formats import CACHE_DTYPES, FORMATS, auto_format, fits_rows
+from .match import assign, unused_rule_warnings
+from .modules import Unit, model_units
+from .ops import OPS, format_problem, weights_home
+from .schema import AUTO, GpuExperts, Prefill, Rule, RuleSet
+from .yaml_lines import RulesError
+
+STAGING_BUFFERS = 2  # streamed experts are double-buffered: layer i+1 is copied while layer i computes
+
+
+@dataclass(frozen=True)
+class Placement:
+    unit: Unit
+    rule: Rule | None  # None: placed by `defaults`
+    device: str  # where it computes
+    op: str
+    format: str
+    home: str  # where its weights live (RAM for streamed experts)
+    bytes: int  # weight bytes at `home`, NUMA replicas included
+    replicas: int = 1
+    gpu_experts: GpuExperts | None = None
+    gpu_bytes: int = 0  # bytes of the experts kept on gpu_experts.device
+    prefill: Prefill | None = None
+    streamed_bytes: int = 0  # bytes copied per forward when streamed (main op or prefill)
+    cache_dtype: str | None = None
+    page_size: int | None = None
+    cache_bytes: int = 0  # latent cache of this attention layer, on `device`
+    threads: int | None = None
+    numa: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.unit.name
+
+
+@dataclass(frozen=True)
+class DeviceUse:
+    weights: int = 0
+    cache: int = 0
+    staging: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.cache + self.staging
+
+
+@dataclass(frozen=True)
+class Plan:
+    rules: RuleSet
+    cfg: ModelConfig
+    ctx: int
+    placements: tuple[Placement, ...]
+    staging: tuple[tuple[str, int], ...]  # device -> bytes of streaming buffers
+    warnings: tuple[str, ...]
+
+    def usage(self) -> dict[str, DeviceUse]:
+        weights, cache = defaultdict(int), defaultdict(int)
+        for p in self.placements:
+            weights[p.home] += p.bytes
+            if p.gpu_experts:
+                weights[p.gpu_experts.device] += p.gpu_bytes
+            cache[p.device] += p.cache_bytes
+        staging = dict(self.staging)
+        devices = sorted(set(weights) | set(cache) | set(staging), key=_device_order)
+        return {d: DeviceUse(weights[d], cache[d], staging.get(d, 0)) for d in devices}
+
+    @property
+    def total_weight_bytes(self) -> int:
+        return sum(p.bytes + p.gpu_bytes for p in self.placements)
+
+
+def build_plan(rules: RuleSet, cfg: ModelConfig, *, ctx: int, numa_nodes: int = 1) -> Plan:
+    if ctx < 1 or ctx > cfg.max_position_embeddings:
+        raise HmoeError(f"--ctx {ctx} is outside the model's context of 1-{cfg.max_position_embeddings} tokens")
+    units = model_units(cfg)
+    assigned = assign(rules, units)
+    base = auto_format(cfg.torch_dtype)  # norms and biases of quantized modules stay in the compute dtype
+    placements = tuple(_place(rules, cfg, unit, rule, base, ctx, numa_nodes) for unit, rule in assigned)
+    _check_fields_apply(rules, assigned)
+    staging: dict[str, int] = defaultdict(int)
+    for p in placements:
+        for op, device in ((p.op, p.device), (p.prefill.op, p.prefill.device) if p.prefill else (None, None)):
+            if op is not None and OPS[op].weights_on_host:
+                staging[device] = max(staging[device], STAGING_BUFFERS * p.streamed_bytes)
+    warnings = unused_rule_warnings(rules, units, assigned, cfg.num_hidden_layers)
+    return Plan(rules, cfg, ctx, placements, tuple(sorted(staging.items())), tuple(warnings))
+
+
+def _place(rules: RuleSet, cfg: ModelConfig, unit: Unit, rule: Rule | None, base: str, ctx: int,
+           numa_nodes: int) -> Placement:
+    d = rules.defaults
+    device = (rule and rule.device) or d.device
+    op = (rule and rule.op) or d.op
+    fmt = (rule and rule.format) or d.format
+    where = Blame(rules, rule)
+    if unit.kind not in OPS[op].kinds:
+        where.fail("op", f"op '{op}' runs {', '.join(OPS[op].kinds)}, but {where.who} places {unit.name} "
+                         f"(kind {unit.kind}); narrow 'match' or put a rule for it first")
+    if fmt == AUTO:
+        fmt = base
+        problem = format_problem(op, device, fmt)
+        if problem:
+            where.fail("dtype", f"dtype auto is {fmt} for this checkpoint and {problem}; set 'quant' or 'dtype'")
+    gpu = rule.gpu_experts if rule and unit.kind == "experts" else None
+    prefill = rule.prefill if rule else None
+    if prefill and unit.kind not in OPS[prefill.op].kinds:
+        where.fail("prefill", f"prefill op '{prefill.op}' runs {', '.join(OPS[prefill.op].kinds)}, but "
+                              f"{where.who} places {unit.name} (kind {unit.kind})")
+
+    if gpu is None:
+        weight_bytes = unit_bytes(unit, fmt, base, where, "quant")
+        gpu_bytes = 0
+    else:
+        experts = cfg.n_routed_experts
+        if gpu.count >= experts:
+            where.fail("gpu_experts", f"gpu_experts {gpu.count} is every one of the layer's {experts} experts; "
+                                      f"place the experts on {gpu.device} with 'device' instead")
+        per_expert = unit_bytes(unit, fmt, base, where, "quant") // experts
+        weight_bytes = per_expert * (experts - gpu.count)
+        gpu_bytes = unit_bytes(unit, gpu.format, base, where, "gpu_experts") // experts * gpu.count
+
+    replicas = numa_nodes if rule and rule.numa == "replicate" else 1
+    streamed = weight_bytes if (OPS[op].weights_on_host or (prefill and OPS[prefill.op].weights_on_host)) else 0
+    cache_dtype = page_size = None
+    cache_bytes = 0
+    if unit.kind == "attention":
+        options = rule.cache if rule else None
+        cache_dtype = (options and options.dtype) or (fmt if FORMATS[fmt].is_float else "bf16")
+        page_size = options.page_size if options else None
+        rows = math.ceil(ctx / page_size) * page_size if page_size else ctx
+        cache_bytes = rows * cfg.latent_dim * CACHE_DTYPES[cache_dtype]  # one sequence
+    return Placement(unit, rule, device, op, fmt, weights_home(op, device), weight_bytes * replicas, replicas,
+                     gpu, gpu_bytes, prefill, streamed, cache_dtype, page_size, cache_bytes,
+                     rule.threads if rule else None, rule.numa if rule else None)
+
+
+def raw_bytes(unit: Unit, fmt: str, base: str) -> int | None:
+    """Weight bytes of `unit` stored in `fmt` (vectors in `base`); None if a row does not fill whole blocks."""
+    f = FORMATS[fmt]
+    total = 0
+    for t in unit.tensors:
+        if t.keep_fp32:
+            total += 4 * math.prod(t.shape)
+        elif len(t.shape) == 1:
+            total += FORMATS[fmt if f.is_float else base].block_bytes * t.shape[0]
+        elif not fits_rows(fmt, t.shape[-1]):
+            return None
+        else:
+            total += f.matrix_bytes(t.shape)
+    return total
+
+
+def unit_bytes(unit: Unit, fmt: str, base: str, blame: "Blame", key: str) -> int:
+    """raw_bytes, or a RulesError at the rule's `key` naming the tensor whose rows do not fit the blocks."""
+    total = raw_bytes(unit, fmt, base)
+    if total is None:
+        t = next(t for t in unit.tensors if len(t.shape) > 1 and not fits_rows(fmt, t.shape[-1]))
+        ok = [name for name in FORMATS if fits_rows(name, t.shape[-1]) and name != fmt]
+        blame.fail(key, f"{fmt} packs rows in blocks of {FORMATS[fmt].block_elems} values, but "
+                        f"{unit.name}.{t.name} has rows of {t.shape[-1]}; choose a format whose block divides it "
+                        f"({', '.join(ok)})")
+    return total
+
+
+def _check_fields_apply(rules: RuleSet, assigned: list[tuple[Unit, Rule | None]]) -> None:
+    """A field that applies to none of a rule's modules is a mistake, not something to ignore."""
+    kinds: dict[int, set[str]] = defaultdict(set)
+    for unit, rule in assigned:
+        if rule is not None:
+            kinds[rule.index].add(unit.kind)
+    for rule in rules.rules:
+        if rule.index not in kinds:
+            continue  # places nothing: a warning of its own
+        if rule.cache and "attention" not in kinds[rule.index]:
+            Blame(rules, rule).fail("cache", f"'cache' sets up the latent cache of attention modules, but "
+                                              f"{rule.label} places no self_attn module")
+        if rule.gpu_experts and "experts" not in kinds[rule.index]:
+            Blame(rules, rule).fail("gpu_experts", f"'gpu_experts' is for routed experts, but {rule.label} "
+                                                    f"places no mlp.experts module")
+
+
+class Blame:
+    """The file:line to blame for a field: the rule's key if it sets it, else `defaults`."""
+
+    def __init__(self, rules: RuleSet, rule: Rule | None):
+        self.rules, self.rule = rules, rule
+        self.who = rule.label if rule else "'defaults'"
+
+    def fail(self, key: str, message: str):
+        if self.rule is None:
+            line = self.rules.defaults.line
+        else:
+            keys = dict(self.rule.key_lines)
+            alias = {"dtype": ("dtype", "quant", "op"), "quant": ("quant", "dtype"), "op": ("op", "device")}
+            line = next((keys[k] for k in alias.get(key, (key,)) if k in keys), self.rule.line)
+        raise RulesError(f"{self.rules.source}:{line}: {message}")
+
+
+def _device_order(device: str):
+    return (0, 0) if device == "cpu" else (1, int(device.split(":")[1]))
