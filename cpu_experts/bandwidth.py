@@ -1,0 +1,74 @@
+"""Measured DRAM read bandwidth: a JIT-compiled streaming read over a large buffer, all threads.
+
+This is the yardstick of the decode kernels (GB/s of weights streamed / this number, same run).
+"""
+import ctypes
+import os
+import threading
+import time
+
+import numpy as np
+
+from .codegen.irutil import I32, I64, PTR, define, for_range, gep, i64, splat, vec
+from .isa import host_isa
+from .jit import Library
+from llvmlite import ir
+
+_READ = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64)
+
+
+def _read_ir(vector_bytes: int) -> str:
+    """i64 hmoe_read(ptr, nbytes): xor of every 4-byte word, 4 independent vector accumulators."""
+    m = ir.Module(name="hmoe_read")
+    lanes = vector_bytes // 4
+    fn, b = define(m, "hmoe_read", I64, [PTR, I64])
+    ptr, nbytes = fn.args
+    vt = vec(I32, lanes)
+    accs = [b.alloca(vt) for _ in range(4)]
+    for a in accs:
+        b.store(splat(I32, lanes, 0), a)
+    step = 4 * vector_bytes
+    with for_range(b, 0, b.udiv(nbytes, i64(step)), name="i") as i:
+        base = b.mul(i, i64(step))
+        for u, a in enumerate(accs):
+            v = b.load(gep(b, ptr, b.add(base, i64(u * vector_bytes))), typ=vt, align=64)
+            b.store(b.xor(b.load(a, typ=vt), v), a)
+    tot = b.load(accs[0], typ=vt)
+    for a in accs[1:]:
+        tot = b.xor(tot, b.load(a, typ=vt))
+    r = b.extract_element(tot, ir.Constant(I32, 0))
+    b.ret(b.zext(r, I64))
+    return str(m)
+
+
+def measure_read_bandwidth(threads: int, nbytes: int = 1 << 31, repeats: int = 3, cpus=None) -> float:
+    """Best GB/s of `repeats` parallel reads of an nbytes buffer split over `threads` pinned threads."""
+    isa = host_isa()
+    lib = Library(_read_ir(isa.vector_bytes), isa)
+    read = _READ(lib.address("hmoe_read"))
+    buf = np.ones(nbytes // 8 + 512, np.int64)
+    base = buf.ctypes.data + (-buf.ctypes.data) % 4096
+    per = (nbytes // threads) // 4096 * 4096
+    best = 0.0
+    for _ in range(repeats):
+        start = threading.Barrier(threads + 1)
+        done = threading.Barrier(threads + 1)
+
+        def work(t):
+            if cpus:
+                os.sched_setaffinity(0, {cpus[t % len(cpus)]})
+            start.wait()
+            read(base + t * per, per)
+            done.wait()
+
+        ths = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
+        for th in ths:
+            th.start()
+        start.wait()
+        t0 = time.perf_counter()
+        done.wait()
+        dt = time.perf_counter() - t0
+        for th in ths:
+            th.join()
+        best = max(best, per * threads / dt / 1e9)
+    return best

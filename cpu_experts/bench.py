@@ -1,0 +1,91 @@
+"""Benchmark of one MoE layer's routed experts (random weights and routing), used by `hmoe bench-moe`."""
+import datetime
+import platform
+import subprocess
+import time
+
+import numpy as np
+
+from .bandwidth import measure_read_bandwidth
+from .experts import CPUExperts
+
+SHAPES = {  # routed experts, top-k, hidden, moe inter
+    "v2-lite": dict(num_experts=64, topk=6, hidden=2048, inter=1408),
+    "v3": dict(num_experts=256, topk=8, hidden=7168, inter=2048),
+}
+
+
+def routing(rng, T: int, E: int, k: int) -> np.ndarray:
+    """Distinct experts per token; consecutive tokens walk a permutation so that T*k >= E covers all."""
+    perm = rng.permutation(E)
+    if T * k >= E:
+        flat = np.concatenate([perm, rng.integers(0, E, T * k)])[:T * k]
+        ids = flat.reshape(T, k)
+        for t in range(T):  # keep experts distinct within a token
+            row = ids[t]
+            if len(set(row.tolist())) < k:
+                extra = [e for e in rng.permutation(E) if e not in set(row.tolist())]
+                _, first = np.unique(row, return_index=True)
+                dup = sorted(set(range(k)) - set(first.tolist()))
+                row[dup] = extra[:len(dup)]
+        return ids
+    return np.stack([rng.permutation(E)[:k] for _ in range(T)])
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5).stdout.strip()
+    except OSError:
+        return ""
+
+
+def cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def run(shape: str, fmt: str, threads: int, tokens: list[int], numa: str = "interleave", isa: str | None = None,
+        amx: bool | None = None, repeats: int = 10, seed: int = 0, log=print) -> dict:
+    s = SHAPES[shape]
+    E, k, H, I = s["num_experts"], s["topk"], s["hidden"], s["inter"]
+    t0 = time.perf_counter()
+    ex = CPUExperts.random(fmt=fmt, num_experts=E, hidden=H, inter=I, threads=threads, numa=numa, isa=isa,
+                           amx=amx, seed=seed)
+    build_s = time.perf_counter() - t0
+    bw = measure_read_bandwidth(threads, cpus=ex.pool.cpus)
+    log(f"# {shape} {fmt} isa={ex.isa.name} amx={ex.tiles.amx} threads={threads} cpus={ex.pool.cpus} numa={ex.numa} "
+        f"read bandwidth {bw:.1f} GB/s (weights built in {build_s:.1f} s)")
+    rng = np.random.default_rng(seed)
+    flush = np.ones(1 << 24, np.int64)  # 128 MiB: evicts the LLC between timed runs
+    rows = []
+    for T in tokens:
+        x = rng.standard_normal((T, H)).astype(np.float32)
+        w = rng.uniform(0.1, 1.0, (T, k)).astype(np.float32)
+        ex.forward(x, routing(rng, T, E, k), w)  # warm: scratch allocation, page faults
+        times, touched = [], []
+        for _ in range(repeats if T <= 64 else max(2, repeats // 3)):
+            ids = routing(rng, T, E, k)
+            flush.sum()
+            t1 = time.perf_counter()
+            ex.forward(x, ids, w)
+            times.append(time.perf_counter() - t1)
+            touched.append(len(np.unique(ids)))
+        dt = float(np.median(times))
+        nbytes = float(np.mean(touched)) * ex.bytes_per_expert()
+        flops = 2.0 * 3 * T * k * H * I
+        row = dict(tokens=T, ms=dt * 1e3, ms_min=min(times) * 1e3, experts_touched=float(np.mean(touched)),
+                   weight_gb=nbytes / 1e9, gbs=nbytes / dt / 1e9, pct_bandwidth=100 * nbytes / dt / 1e9 / bw,
+                   gflops=flops / dt / 1e9)
+        rows.append(row)
+        log(f"tokens {T:5d}  {row['ms']:9.3f} ms  {row['gbs']:7.1f} GB/s  {row['pct_bandwidth']:5.1f}% of read bw  "
+            f"{row['gflops']:8.1f} GFLOP/s")
+    ex.close()
+    return dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                device=cpu_model(), isa=ex.isa.name, amx=ex.tiles.amx, cpu=ex.isa.cpu, threads=threads, cpus=ex.pool.cpus,
+                numa=ex.numa, shape=shape, fmt=fmt, read_bandwidth_gbs=bw, bytes_per_expert=ex.bytes_per_expert(),
+                commit=_commit(), results=rows)

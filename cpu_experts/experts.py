@@ -1,0 +1,272 @@
+"""CPUExperts: one MoE layer's routed experts on the CPU (the fused op the model calls).
+
+    experts = CPUExperts.from_tensors(gate, up, down, fmt="q4_k", threads=16, numa="interleave")
+    out = experts.forward(hidden, topk_ids, topk_weights)   # hidden [T, H] -> out [T, H]
+    experts.submit(hidden, topk_ids, topk_weights); ...; out = experts.wait()
+
+out[t] = sum_j w[t, j] * down_e(silu(gate_e x_t) * up_e x_t), e = ids[t, j]. gate/up: [E, I, H],
+down: [E, H, I] (the checkpoint's [out, in] orientation).
+"""
+import ctypes
+from functools import lru_cache
+
+import numpy as np
+
+from . import numa as numa_mod
+from .codegen.amx import TOKENS as AMX_TOKENS
+from .codegen.moe import J, JOB_FIELDS, Tiles, build_ir, supports_amx
+from .formats import get_format, quantize
+from .isa import Isa, host_isa
+from .jit import Library
+from .layout import Geometry, geometry, repack, repacked_bytes_per_weight
+from .pool import WorkerPool, aligned_zeros
+
+
+def default_tiles(isa: Isa, geo: Geometry, amx: bool | None = None) -> Tiles:
+    """amx: None = use AMX where the host and format allow it."""
+    use_amx = isa.amx and supports_amx(geo) if amx is None else amx
+    if use_amx and not (isa.amx and supports_amx(geo)):
+        raise ValueError(f"AMX needs an AMX host and q8_0, q4_0 or q4_k weights (host {isa.cpu}, format {geo.fmt})")
+    if use_amx and not enable_amx():
+        use_amx = False
+    # accumulators: one vector of R rows per token; AVX2 has 16 vector registers, AVX-512 32
+    return Tiles(tokens=8 if isa.vector_bytes == 64 else 4, amx=use_amx)
+
+
+@lru_cache(maxsize=None)
+def enable_amx() -> bool:
+    """Ask Linux for the AMX tile state (once per process); without it the first tile op kills us."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA = 158, 0x1023, 18
+    return libc.syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0
+
+
+@lru_cache(maxsize=None)
+def library(fmt: str, isa: Isa, tiles: Tiles) -> Library:
+    return Library(build_ir(geometry(fmt, isa.vector_bytes, isa.vnni), isa, tiles), isa)
+
+
+_POOLS: dict = {}
+
+
+def shared_pool(lib: Library, threads: int) -> WorkerPool:
+    """One pool per (library, thread count): layers of a model share their workers."""
+    key = (id(lib), threads)
+    if key not in _POOLS or _POOLS[key].closed:
+        _POOLS[key] = WorkerPool(lib, threads, cpus=numa_mod.worker_cpus(threads))
+    return _POOLS[key]
+
+
+def default_threads() -> int:
+    return len(numa_mod.worker_cpus(None))
+
+
+class _Matrix:
+    """All E experts' repacked [n, k] matrices in policy-placed memory."""
+
+    def __init__(self, geo: Geometry, E: int, n: int, k: int, policy: str, what: str):
+        geo.check(n, k, what)
+        blk = get_format(geo.fmt).block_elems
+        if k % blk:
+            raise ValueError(f"{what}: {geo.fmt} needs a row length divisible by {blk}, got {k}")
+        self.pay_e = geo.payload_bytes(n, k)
+        self.sc_e = geo.scale_count(n, k) * 2
+        self.has_bias = geo.bias
+        self.payload = numa_mod.Buffer(E * self.pay_e, policy)
+        self.scale = numa_mod.Buffer(max(E * self.sc_e, 64), policy)
+        self.bias = numa_mod.Buffer(max(E * self.sc_e, 64), policy) if self.has_bias else self.scale
+
+    def fill(self, e: int, packed: dict):
+        self.payload.array(np.uint8, e * self.pay_e, self.pay_e)[:] = packed["payload"].view(np.uint8)
+        if self.sc_e:
+            self.scale.array(np.uint8, e * self.sc_e, self.sc_e)[:] = packed["scale"].view(np.uint8)
+        if self.has_bias:
+            self.bias.array(np.uint8, e * self.sc_e, self.sc_e)[:] = packed["bias"].view(np.uint8)
+
+    def close(self):
+        for buf in {id(b): b for b in (self.payload, self.scale, self.bias)}.values():
+            buf.close()
+
+
+def _as_numpy(x, dtype, name):
+    if type(x).__module__.startswith("torch"):
+        from . import torch_io
+        return torch_io.to_numpy(x, dtype), True
+    a = np.asarray(x)
+    if a.dtype != dtype:
+        if name == "topk_ids" and not np.issubdtype(a.dtype, np.integer):
+            raise ValueError(f"{name} must hold integers, got {a.dtype}")
+        a = a.astype(dtype)
+    return a, False
+
+
+class CPUExperts:
+    def __init__(self, *, fmt: str, num_experts: int, hidden: int, inter: int, threads: int | None = None,
+                 numa: str = "interleave", isa: str | None = None, tiles: Tiles | None = None,
+                 amx: bool | None = None):
+        get_format(fmt)
+        self.fmt, self.E, self.H, self.I = fmt, num_experts, hidden, inter
+        self.isa = host_isa(isa)
+        self.geo = geometry(fmt, self.isa.vector_bytes, self.isa.vnni)
+        self.tiles = tiles or default_tiles(self.isa, self.geo, amx)
+        if inter % self.tiles.rows_up or hidden % self.tiles.rows_down:
+            raise ValueError(f"inter {inter} must divide by {self.tiles.rows_up} and hidden {hidden} by "
+                             f"{self.tiles.rows_down}")
+        self.numa = numa_mod.effective_policy(numa)
+        self.gate = _Matrix(self.geo, num_experts, inter, hidden, self.numa, "gate")
+        self.up = _Matrix(self.geo, num_experts, inter, hidden, self.numa, "up")
+        self.down = _Matrix(self.geo, num_experts, hidden, inter, self.numa, "down")
+        self.lib = library(fmt, self.isa, self.tiles)
+        self.threads = threads or default_threads()
+        self.pool = shared_pool(self.lib, self.threads)
+        self.job = aligned_zeros(len(JOB_FIELDS), np.int64)
+        self._capacity = (0, 0)
+        self._pending = None
+        self._write_static_fields()
+
+    # ------------------------------------------------------------ construction
+    @classmethod
+    def from_tensors(cls, gate, up, down, *, fmt: str = "q8_0", threads: int | None = None,
+                     numa: str = "interleave", isa: str | None = None, tiles: Tiles | None = None,
+                     amx: bool | None = None):
+        """gate, up: [E, I, H]; down: [E, H, I]; numpy arrays or CPU torch tensors (fp32/bf16)."""
+        gate, up, down = (_as_numpy(w, np.float32, n)[0] for w, n in ((gate, "gate"), (up, "up"), (down, "down")))
+        if gate.ndim != 3 or gate.shape != up.shape or down.shape != (gate.shape[0], gate.shape[2], gate.shape[1]):
+            raise ValueError(f"expected gate, up [E, I, H] and down [E, H, I]; got {gate.shape}, {up.shape}, "
+                             f"{down.shape}")
+        E, I, H = gate.shape
+        self = cls(fmt=fmt, num_experts=E, hidden=H, inter=I, threads=threads, numa=numa, isa=isa, tiles=tiles,
+                   amx=amx)
+        for e in range(E):
+            for mat, w in ((self.gate, gate[e]), (self.up, up[e]), (self.down, down[e])):
+                mat.fill(e, repack(quantize(w, fmt), fmt, *w.shape, self.geo))
+        return self
+
+    @classmethod
+    def from_blocks(cls, gate, up, down, *, fmt: str, hidden: int, inter: int, **kw):
+        """GGUF blocks as a loader reads them: gate/up uint8 [E, I, row_bytes(H)], down [E, H, row_bytes(I)]."""
+        E = gate.shape[0]
+        self = cls(fmt=fmt, num_experts=E, hidden=hidden, inter=inter, **kw)
+        for e in range(E):
+            for mat, w, n, k in ((self.gate, gate[e], inter, hidden), (self.up, up[e], inter, hidden),
+                                 (self.down, down[e], hidden, inter)):
+                mat.fill(e, repack(np.asarray(w, np.uint8), fmt, n, k, self.geo))
+        return self
+
+    @classmethod
+    def random(cls, *, fmt: str, num_experts: int, hidden: int, inter: int, seed: int = 0, **kw):
+        """Random weights written straight into the repacked layout (benchmarks: no quantize pass)."""
+        self = cls(fmt=fmt, num_experts=num_experts, hidden=hidden, inter=inter, **kw)
+        rng = np.random.default_rng(seed)
+        pool = rng.integers(0, 256, 1 << 24, dtype=np.uint8)
+        if fmt == "q6_k":
+            pool &= 0x3F
+        if fmt == "bf16":  # |w| in [2^-8, 2^0): sign, exponent 119..126, random mantissa
+            v = pool.view(np.uint16)
+            pool = (((v & 0x8000) | ((119 + (v & 7)) << 7) | (v >> 9)).astype(np.uint16)).view(np.uint8)
+        scales = (rng.uniform(0.001, 0.01, 1 << 20)).astype(np.float16).view(np.uint8)
+        for mat in (self.gate, self.up, self.down):
+            for buf, src in ((mat.payload, pool), (mat.scale, scales), (mat.bias, scales)):
+                dst = buf.array(np.uint8)
+                for s in range(0, dst.size, src.size):
+                    n = min(src.size, dst.size - s)
+                    dst[s:s + n] = src[:n]
+        return self
+
+    # ------------------------------------------------------------ job plumbing
+    def _write_static_fields(self):
+        j = self.job
+        j[J["TOPK"]] = 0
+        j[J["H"]], j[J["I"]], j[J["E"]] = self.H, self.I, self.E
+        for prefix, mat in (("G", self.gate), ("U", self.up), ("D", self.down)):
+            j[J[prefix + "P"]] = mat.payload.address
+            j[J[prefix + "S"]] = mat.scale.address
+            j[J[prefix + "B"]] = mat.bias.address
+        j[J["GU_PAY_E"]], j[J["GU_SC_E"]] = self.gate.pay_e, self.gate.sc_e
+        j[J["D_PAY_E"]], j[J["D_SC_E"]] = self.down.pay_e, self.down.sc_e
+        j[J["N2"]] = self.H // self.tiles.rows_down
+
+    def _ensure_scratch(self, T: int, k: int):
+        if T <= self._capacity[0] and T * k <= self._capacity[1]:
+            return
+        T, S = max(T, self._capacity[0]), max(T * k, self._capacity[1])
+        H, I, E = self.H, self.I, self.E
+        P = AMX_TOKENS  # AMX reads 16 rows from the first slot of a chunk: pad h by 16 rows
+        gather = -(-(P * H + 2 * P * (H // 32) * 4) // 64) * 64   # A, scale_a, term_a of 16 rows
+        s = self._scratch = {
+            "XQ": aligned_zeros(T * H, np.int8), "XD": aligned_zeros(T * H // 32, np.float32),
+            "XS": aligned_zeros(T * H // 16, np.int32), "XT": aligned_zeros(T * H // 32, np.float32), "HF": aligned_zeros(S * I, np.float32),
+            "HQ": aligned_zeros((S + P) * I, np.int8), "HD": aligned_zeros((S + P) * I // 32, np.float32),
+            "HS": aligned_zeros((S + P) * I // 16, np.int32), "HT": aligned_zeros((S + P) * I // 32, np.float32), "CNT": aligned_zeros(E, np.int32),
+            "OFF": aligned_zeros(E + 1, np.int32), "STOK": aligned_zeros(S, np.int32),
+            "SW": aligned_zeros(S, np.float32), "ACT": aligned_zeros(E, np.int32),
+            "GATHER": aligned_zeros(gather * self.threads if self.tiles.amx else 64, np.uint8)}
+        self.job[J["GATHER_STRIDE"]] = gather
+        for name, arr in s.items():
+            self.job[J[name]] = arr.ctypes.data
+        self._capacity = (T, S)
+
+    def _prepare(self, hidden, topk_ids, topk_weights):
+        x, is_torch = _as_numpy(hidden, np.float32, "hidden")
+        ids, _ = _as_numpy(topk_ids, np.int64, "topk_ids")
+        w, _ = _as_numpy(topk_weights, np.float32, "topk_weights")
+        if x.ndim != 2 or x.shape[1] != self.H:
+            raise ValueError(f"hidden must be [T, {self.H}], got {list(x.shape)}")
+        T = x.shape[0]
+        if ids.ndim != 2 or ids.shape[0] != T or w.shape != ids.shape:
+            raise ValueError(f"topk_ids and topk_weights must both be [{T}, k], got {list(ids.shape)} and "
+                             f"{list(w.shape)}")
+        if x.strides[1] != 4 or x.strides[0] % 4:
+            x = np.ascontiguousarray(x)
+        ids, w = np.ascontiguousarray(ids), np.ascontiguousarray(w)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.E):
+            raise ValueError(f"topk_ids must lie in [0, {self.E}), got values in [{ids.min()}, {ids.max()}]")
+        k = ids.shape[1]
+        self._ensure_scratch(T, k)
+        out = np.empty((T, self.H), np.float32)
+        j = self.job
+        j[J["T"]], j[J["TOPK"]] = T, k
+        j[J["X"]], j[J["XSTRIDE"]] = x.ctypes.data, x.strides[0] // 4
+        j[J["IDS"]], j[J["W"]] = ids.ctypes.data, w.ctypes.data
+        j[J["OUT"]], j[J["OSTRIDE"]] = out.ctypes.data, self.H
+        quant_tasks = -(-T // self.tiles.quant_rows) if self.fmt != "bf16" else 0
+        j[J["N0"]] = 1 + quant_tasks
+        return (x, ids, w, out), is_torch
+
+    # ------------------------------------------------------------ the op
+    def submit(self, hidden, topk_ids, topk_weights):
+        """Start the layer on the worker pool and return at once; wait() gives the output."""
+        if self._pending is not None:
+            raise RuntimeError("submit() called twice without wait()")
+        keep, is_torch = self._prepare(hidden, topk_ids, topk_weights)
+        self._pending = (keep, is_torch)
+        if keep[0].shape[0] == 0:
+            return
+        self.pool.submit(self.job)
+
+    def wait(self):
+        if self._pending is None:
+            raise RuntimeError("wait() without submit()")
+        (x, ids, w, out), is_torch = self._pending
+        self._pending = None
+        if x.shape[0]:
+            self.pool.wait()
+        if is_torch:
+            from . import torch_io
+            return torch_io.from_numpy(out)
+        return out
+
+    def forward(self, hidden, topk_ids, topk_weights):
+        self.submit(hidden, topk_ids, topk_weights)
+        return self.wait()
+
+    __call__ = forward
+
+    # ------------------------------------------------------------ facts
+    def bytes_per_expert(self) -> int:
+        """Bytes the kernels stream for one expert (gate + up + down, repacked)."""
+        return int(round(3 * self.H * self.I * repacked_bytes_per_weight(self.geo)))
+
+    def close(self):
+        for m in (self.gate, self.up, self.down):
+            m.close()

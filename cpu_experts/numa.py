@@ -1,0 +1,131 @@
+"""NUMA topology and weight memory by policy, through libnuma (ctypes).
+
+Policies: 'interleave' (pages round-robin over nodes, default), 'split' (each node holds its
+share of every expert's intermediate dimension), 'replicate' (a copy per node), 'none' (plain
+process memory). Without libnuma every policy degrades to 'none' with one warning.
+"""
+import ctypes
+import os
+import warnings
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+POLICIES = ("interleave", "split", "replicate", "none")
+_warned = False
+
+
+def _parse_cpulist(text: str) -> list[int]:
+    cpus = []
+    for part in text.strip().split(","):
+        if not part:
+            continue
+        lo, _, hi = part.partition("-")
+        cpus.extend(range(int(lo), int(hi or lo) + 1))
+    return cpus
+
+
+@lru_cache(maxsize=None)
+def node_cpus() -> dict[int, list[int]]:
+    """{node: [cpu, ...]} restricted to the CPUs this process may run on."""
+    allowed = os.sched_getaffinity(0)
+    nodes = {}
+    for d in sorted(Path("/sys/devices/system/node").glob("node[0-9]*")):
+        cpus = [c for c in _parse_cpulist((d / "cpulist").read_text()) if c in allowed]
+        if cpus:
+            nodes[int(d.name[4:])] = cpus
+    return nodes or {0: sorted(allowed)}
+
+
+@lru_cache(maxsize=None)
+def _libnuma():
+    try:
+        lib = ctypes.CDLL("libnuma.so.1")
+    except OSError:
+        return None
+    lib.numa_available.restype = ctypes.c_int
+    if lib.numa_available() < 0:
+        return None
+    lib.numa_alloc_interleaved.restype = ctypes.c_void_p
+    lib.numa_alloc_interleaved.argtypes = [ctypes.c_size_t]
+    lib.numa_alloc_onnode.restype = ctypes.c_void_p
+    lib.numa_alloc_onnode.argtypes = [ctypes.c_size_t, ctypes.c_int]
+    lib.numa_free.restype = None
+    lib.numa_free.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    return lib
+
+
+def effective_policy(policy: str) -> str:
+    """The policy that will really be used on this machine (one warning when libnuma is missing)."""
+    global _warned
+    if policy not in POLICIES:
+        raise ValueError(f"unknown NUMA policy {policy!r}; expected one of {', '.join(POLICIES)}")
+    if policy != "none" and _libnuma() is None:
+        if not _warned:
+            warnings.warn("libnuma.so.1 not found or NUMA unavailable: weight memory uses policy 'none'")
+            _warned = True
+        return "none"
+    if policy in ("split", "replicate") and len(node_cpus()) > 1:
+        raise ValueError(f"NUMA policy {policy!r} on {len(node_cpus())} nodes is not implemented yet; "
+                         "use 'interleave' or 'none'")
+    return policy
+
+
+class Buffer:
+    """Page-aligned weight memory placed by policy; .array(dtype) views it. Free with close()."""
+
+    def __init__(self, nbytes: int, policy: str):
+        self.nbytes = max(int(nbytes), 1)
+        self.policy = effective_policy(policy)
+        lib = _libnuma()
+        if self.policy == "none":
+            self._owner = np.empty(self.nbytes + 4096, np.uint8)
+            self.address = self._owner.ctypes.data + (-self._owner.ctypes.data) % 4096
+        elif self.policy == "interleave":
+            self.address = lib.numa_alloc_interleaved(self.nbytes)
+        else:  # split / replicate on one node: the node's own memory
+            self.address = lib.numa_alloc_onnode(self.nbytes, next(iter(node_cpus())))
+        if not self.address:
+            raise MemoryError(f"could not allocate {self.nbytes} bytes of weight memory (policy {self.policy})")
+
+    def array(self, dtype, offset: int = 0, count: int | None = None) -> np.ndarray:
+        dtype = np.dtype(dtype)
+        count = (self.nbytes - offset) // dtype.itemsize if count is None else count
+        assert offset + count * dtype.itemsize <= self.nbytes
+        raw = (ctypes.c_char * (count * dtype.itemsize)).from_address(self.address + offset)
+        return np.frombuffer(raw, dtype=dtype)
+
+    def close(self):
+        if self.address and self.policy != "none":
+            _libnuma().numa_free(self.address, self.nbytes)
+        self.address = 0
+        self._owner = None
+
+    def __del__(self):
+        self.close()
+
+
+@lru_cache(maxsize=None)
+def physical_cpus() -> list[int]:
+    """One logical CPU per physical core (first sibling), node by node."""
+    cpus, seen = [], set()
+    for node, node_list in sorted(node_cpus().items()):
+        for cpu in node_list:
+            topo = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+            try:
+                core = (node, (topo / "physical_package_id").read_text().strip(), (topo / "core_id").read_text().strip())
+            except OSError:
+                core = (node, cpu)
+            if core not in seen:
+                seen.add(core)
+                cpus.append(cpu)
+    return cpus
+
+
+def worker_cpus(threads: int | None) -> list[int]:
+    """CPUs for `threads` pinned workers (all physical cores when None); spread over nodes in order."""
+    cpus = physical_cpus()
+    if threads is None:
+        return cpus
+    return [cpus[i % len(cpus)] for i in range(threads)]

@@ -1,0 +1,78 @@
+"""Persistent native worker threads.
+
+Each worker is a Python thread that pins itself to one CPU and then calls the JIT-compiled
+`hmoe_worker` loop through ctypes (which releases the GIL) and stays there until shutdown: no
+Python runs on the hot path. We start threads from Python rather than pthread_create from JIT code
+because Python then owns their lifetime (join on close, no leaked threads on error) and ctypes
+already gives a GIL-free native call; the cost is only paid once, at start.
+
+`submit_address` / `wait_address` are native `void f(void *pool)` functions: the orchestrator can pass
+them with `control_address` to cudaLaunchHostFunc.
+"""
+import ctypes
+import os
+import threading
+
+import numpy as np
+
+from .codegen.moe import POOL_FIELDS, POOL_SLOTS
+
+_VOID_P = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+_WORKER = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64)
+
+
+def aligned_zeros(n: int, dtype, align: int = 64) -> np.ndarray:
+    itemsize = np.dtype(dtype).itemsize
+    raw = np.zeros(n * itemsize + align, np.uint8)
+    off = (-raw.ctypes.data) % align
+    return raw[off:off + n * itemsize].view(dtype)
+
+
+class WorkerPool:
+    def __init__(self, lib, threads: int, cpus: list[int] | None = None, spin: int = 20000, wait_spin: int = 2000):
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        self.threads = threads
+        self.cpus = cpus
+        self.ctrl = aligned_zeros(POOL_SLOTS, np.int64)
+        self.ctrl[POOL_FIELDS["NTHREADS"]] = threads
+        self.ctrl[POOL_FIELDS["SPIN"]] = spin
+        self.ctrl[POOL_FIELDS["WAIT_SPIN"]] = wait_spin
+        self.control_address = self.ctrl.ctypes.data
+        self.submit_address = lib.address("hmoe_submit")
+        self.wait_address = lib.address("hmoe_wait")
+        self._submit = _VOID_P(self.submit_address)
+        self._wait = _VOID_P(self.wait_address)
+        self._worker = _WORKER(lib.address("hmoe_worker"))
+        self._lib = lib  # keeps the code alive as long as the pool
+        self._threads = [threading.Thread(target=self._run, args=(t,), name=f"hmoe-worker-{t}", daemon=True)
+                         for t in range(threads)]
+        for th in self._threads:
+            th.start()
+        self.closed = False
+
+    def _run(self, tid: int):
+        if self.cpus:
+            os.sched_setaffinity(0, {self.cpus[tid % len(self.cpus)]})
+        self._worker(self.control_address, tid)
+
+    def submit(self, job: np.ndarray):
+        """Start a job (int64 job array); returns at once."""
+        assert not self.closed, "pool is closed"
+        self.ctrl[POOL_FIELDS["JOB"]] = job.ctypes.data
+        self._submit(self.control_address)
+
+    def wait(self):
+        self._wait(self.control_address)
+
+    def close(self):
+        if self.closed:
+            return
+        self.closed = True
+        self.ctrl[POOL_FIELDS["STOP"]] = 1
+        self._submit(self.control_address)  # bumps the generation and wakes sleepers
+        for th in self._threads:
+            th.join()
+
+    def __del__(self):
+        self.close()

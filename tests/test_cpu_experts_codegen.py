@@ -1,0 +1,83 @@
+"""Generated code: the intended instructions for each ISA, compiled for CPUs this box may not have.
+
+Cross-compiles run in a subprocess: an instruction LLVM cannot select for a target aborts the
+whole process, and must not take pytest with it.
+"""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from cpu_experts import isa as isa_mod
+from cpu_experts.jit import cache_key
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def assembly(fmt: str, isa: str, cpu: str, tokens: int = 2, amx: bool = False) -> str:
+    code = textwrap.dedent(f"""
+        from cpu_experts.codegen.moe import Tiles, build_ir
+        from cpu_experts.isa import cross_isa
+        from cpu_experts.jit import emit_assembly
+        from cpu_experts.layout import geometry
+        isa = cross_isa({isa!r}, {cpu!r}, amx={amx!r})
+        tiles = Tiles(tokens={tokens}, amx={amx!r})
+        print(emit_assembly(build_ir(geometry({fmt!r}, isa.vector_bytes, isa.vnni), isa, tiles), isa))
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                       env={**os.environ, "PYTHONPATH": ROOT})
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_k"])
+def test_sapphirerapids_avx512_vnni_uses_vpdpbusd_on_zmm(fmt):
+    asm = assembly(fmt, "avx512vnni", "sapphirerapids")
+    assert "vpdpbusd" in asm and "zmm" in asm
+    assert "vpmaddubsw" not in asm
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_k"])
+def test_sapphirerapids_amx_tiles(fmt):
+    asm = assembly(fmt, "avx512vnni", "sapphirerapids", tokens=8, amx=True)
+    for op in ("ldtilecfg", "tileloadd", "tdpbsud", "tilestored", "tilerelease", "vpdpbusd"):
+        assert op in asm, op
+
+
+def test_sapphirerapids_avx_vnni_256():
+    asm = assembly("q4_0", "avxvnni", "sapphirerapids")
+    lines = [l for l in asm.splitlines() if "vpdpbusd" in l]
+    assert lines and all("zmm" not in l for l in lines)
+
+
+def test_haswell_avx2_has_no_avx512():
+    asm = assembly("q6_k", "avx2", "haswell")
+    assert "vpmaddubsw" in asm and "vpmaddwd" in asm
+    assert "zmm" not in asm and "vpdpbusd" not in asm
+
+
+def test_skylake_avx512bw_without_vnni():
+    asm = assembly("q8_0", "avx512", "skylake-avx512")
+    assert "vpmaddubsw" in asm and "zmm" in asm and "vpdpbusd" not in asm
+
+
+def test_bf16_fma():
+    asm = assembly("bf16", "avx512vnni", "sapphirerapids")
+    assert "vfmadd" in asm and "zmm" in asm
+
+
+def test_isa_selection_never_picks_missing_features():
+    assert isa_mod.supported("+avx2,+fma,+f16c") == ["avx2"]
+    assert isa_mod.supported("+avx2,+fma,+f16c,+avx512f,+avx512bw,+avx512vl") == ["avx512", "avx2"]
+    assert isa_mod.supported("+avx,+sse4.2") == []
+    with pytest.raises(ValueError, match="needs CPU features avx512vnni"):
+        isa_mod.make_isa("avx512vnni", "skylake-avx512", "+avx2,+fma,+f16c,+avx512f,+avx512bw,+avx512vl")
+
+
+def test_cache_key_depends_on_cpu_features_and_ir():
+    a = isa_mod.make_isa("avx2", "haswell", "+avx2,+fma,+f16c")
+    b = isa_mod.make_isa("avx2", "znver3", "+avx2,+fma,+f16c")
+    assert cache_key("x", a) != cache_key("x", b) != cache_key("y", b)
+    assert cache_key("x", a) == cache_key("x", a)

@@ -1,0 +1,159 @@
+"""The fused MoE op against a float64 numpy reference of the same (dequantized) weights.
+
+Tolerance: activations (x, then h) are quantized to int8 blocks of 32 with scale amax/127, so each
+activation carries a relative error up to 1/254 of its block maximum; through two matmuls that gives
+output errors of about 1% of the output's scale (measured 1.0-1.8%). We allow 4% of max|ref| per
+element and 1.5% on average: a wrong row, block, scale or slot gives errors near 100%. bf16 uses fp32
+activations, so only summation order differs (1e-5).
+"""
+import numpy as np
+import pytest
+
+from cpu_experts import isa as isa_mod
+from cpu_experts.experts import CPUExperts
+from cpu_experts.formats import dequantize, quantize
+from cpu_experts.reference import moe_reference
+
+FORMATS = ["bf16", "q8_0", "q4_0", "q4_k", "q6_k"]
+HOST_ISAS = isa_mod.supported(isa_mod.host_cpu()[1])
+E, H, I, K = 6, 256, 256, 3
+
+
+def _weights(seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(s).astype(np.float32) * 0.06 for s in ((E, I, H), (E, I, H), (E, H, I))]
+
+
+_CACHE = {}
+
+
+def experts(fmt, isa, threads, amx=False):
+    key = (fmt, isa, threads, amx)
+    if key not in _CACHE:
+        g, u, d = _weights()
+        ex = CPUExperts.from_tensors(g, u, d, fmt=fmt, threads=threads, isa=isa, numa="none", amx=amx)
+        dq = [dequantize(quantize(w, fmt), fmt) for w in (g, u, d)]
+        _CACHE[key] = (ex, dq)
+    return _CACHE[key]
+
+
+def routing(rng, T):
+    # experts 0..E-3 only: experts E-2, E-1 get no tokens; every expert repeats across tokens
+    return np.stack([rng.permutation(E - 2)[:K] for _ in range(T)])
+
+
+def check(out, ref, fmt):
+    scale = np.abs(ref).max()
+    err = np.abs(out - ref)
+    if fmt == "bf16":
+        assert err.max() <= 1e-5 * scale
+    else:
+        assert err.max() <= 0.04 * scale, err.max() / scale
+        assert err.mean() <= 0.015 * scale, err.mean() / scale
+
+
+@pytest.mark.parametrize("isa", [i for i in ("avx2", "avx512") if i in HOST_ISAS] + [
+    pytest.param("avx512vnni", marks=pytest.mark.skipif("avx512vnni" not in HOST_ISAS, reason="needs AVX-512 VNNI")),
+    pytest.param("avxvnni", marks=pytest.mark.skipif("avxvnni" not in HOST_ISAS, reason="needs AVX-VNNI"))])
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_forward_matches_reference(fmt, isa, threads):
+    ex, (g, u, d) = experts(fmt, isa, threads)
+    rng = np.random.default_rng(7)
+    for T in (1, 3, 17, 300):
+        x = rng.standard_normal((T, H)).astype(np.float32)
+        ids = routing(rng, T)
+        w = rng.uniform(0.05, 1.0, (T, K)).astype(np.float32)
+        check(ex.forward(x, ids, w), moe_reference(x, ids, w, g, u, d), fmt)
+
+
+HOST_AMX = isa_mod.host_isa().amx
+
+
+@pytest.mark.skipif(not HOST_AMX, reason="needs AMX (run on the GPU machine)")
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q4_k"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_forward_amx_matches_reference(fmt, threads):
+    ex, (g, u, d) = experts(fmt, "avx512vnni", threads, amx=True)
+    assert ex.tiles.amx
+    rng = np.random.default_rng(11)
+    for T in (3, 17, 300):  # 3: vector path (few slots per expert); 17, 300: AMX tiles, partial last tile
+        x = rng.standard_normal((T, H)).astype(np.float32)
+        ids = routing(rng, T)
+        w = rng.uniform(0.05, 1.0, (T, K)).astype(np.float32)
+        check(ex.forward(x, ids, w), moe_reference(x, ids, w, g, u, d), fmt)
+
+
+def test_amx_refused_without_hardware_or_for_unsupported_formats():
+    if not HOST_AMX:
+        with pytest.raises(ValueError, match="AMX needs an AMX host"):
+            CPUExperts.from_tensors(*_weights(), fmt="q8_0", threads=1, numa="none", amx=True)
+    with pytest.raises(ValueError, match="AMX needs"):
+        CPUExperts.from_tensors(*_weights(), fmt="q6_k", threads=1, numa="none", amx=True)
+
+
+def test_duplicate_expert_within_a_token_and_strided_input():
+    ex, (g, u, d) = experts("q8_0", HOST_ISAS[-1], 2)
+    rng = np.random.default_rng(8)
+    big = rng.standard_normal((5, 2 * H)).astype(np.float32)
+    x = big[:, :H]  # row stride 2H: read in place
+    ids = np.array([[1, 1, 2], [0, 3, 3], [2, 2, 2], [0, 1, 2], [3, 0, 1]])
+    w = rng.uniform(0.1, 1, (5, K)).astype(np.float32)
+    check(ex.forward(x, ids, w), moe_reference(x, ids, w, g, u, d), "q8_0")
+
+
+def test_torch_in_torch_out_and_submit_wait():
+    torch = pytest.importorskip("torch")
+    ex, (g, u, d) = experts("q4_0", HOST_ISAS[0], 2)
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((4, H)).astype(np.float32)
+    ids = routing(rng, 4)
+    w = rng.uniform(0.1, 1, (4, K)).astype(np.float32)
+    ref = moe_reference(x, ids, w, g, u, d)
+    ex.submit(torch.from_numpy(x).to(torch.bfloat16).float(), torch.from_numpy(ids), torch.from_numpy(w))
+    out = ex.wait()
+    assert isinstance(out, torch.Tensor) and out.dtype == torch.float32 and out.shape == (4, H)
+    check(out.numpy(), ref, "q4_0")
+
+
+def test_from_tensors_accepts_torch_bf16():
+    torch = pytest.importorskip("torch")
+    g, u, d = (torch.from_numpy(w).to(torch.bfloat16) for w in _weights(1))
+    ex = CPUExperts.from_tensors(g, u, d, fmt="bf16", threads=1, numa="none")
+    x = np.random.default_rng(1).standard_normal((2, H)).astype(np.float32)
+    ids, w = np.array([[0, 1, 2], [3, 4, 5]]), np.full((2, K), 0.5, np.float32)
+    ref = moe_reference(x, ids, w, *(t.float().numpy() for t in (g, u, d)))
+    check(ex.forward(x, ids, w), ref, "bf16")
+
+
+def test_user_errors_are_one_line():
+    ex, _ = experts("q8_0", HOST_ISAS[-1], 1)
+    x = np.zeros((2, H), np.float32)
+    with pytest.raises(ValueError, match=r"hidden must be \[T, 256\]"):
+        ex.forward(np.zeros((2, H + 1), np.float32), np.zeros((2, K), int), np.zeros((2, K), np.float32))
+    with pytest.raises(ValueError, match=r"topk_ids must lie in \[0, 6\)"):
+        ex.forward(x, np.full((2, K), 6), np.zeros((2, K), np.float32))
+    with pytest.raises(ValueError, match="topk_ids and topk_weights must both be"):
+        ex.forward(x, np.zeros((2, K), int), np.zeros((2, K + 1), np.float32))
+    with pytest.raises(ValueError, match="unknown weight format"):
+        CPUExperts.from_tensors(*_weights(), fmt="q3_x")
+    with pytest.raises(ValueError, match="unknown NUMA policy"):
+        CPUExperts.from_tensors(*_weights(), fmt="q8_0", numa="spread")
+
+
+def test_pool_survives_10000_cycles_and_shuts_down():
+    rng = np.random.default_rng(3)
+    g, u, d = (rng.standard_normal(s).astype(np.float32) * 0.1 for s in ((4, 64, 128), (4, 64, 128), (4, 128, 64)))
+    from cpu_experts.pool import WorkerPool
+    ex = CPUExperts.from_tensors(g, u, d, fmt="q8_0", threads=2, isa="avx2", numa="none")
+    ex.pool = WorkerPool(ex.lib, 2, cpus=None, spin=200, wait_spin=100)  # private pool, sleeps often
+    x = rng.standard_normal((1, 128)).astype(np.float32)
+    ids, w = np.array([[0, 2]]), np.array([[0.25, 0.75]], np.float32)
+    first = ex.forward(x, ids, w).copy()
+    for i in range(10_000):
+        out = ex.forward(x, ids, w)
+        if i % 1000 == 0:
+            np.testing.assert_array_equal(out, first)
+    threads = ex.pool._threads
+    ex.pool.close()
+    assert not any(t.is_alive() for t in threads)
