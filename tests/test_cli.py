@@ -87,7 +87,9 @@ def test_ctrl_c_stops_a_reply_but_not_the_chat(tiny_v3):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "runtime", "chat", "--model", str(tiny_v3), "-n", "100000",
                              "--ctx", "400", "--temp", "0"],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            # a test run started in the background inherits an ignored SIGINT: restore it
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     proc.stdin.write("Hello\n")
     proc.stdin.flush()
     seen = ""
