@@ -1,6 +1,7 @@
 """Benchmark of one MoE layer's routed experts (random weights and routing), used by `hmoe bench-moe`."""
 import datetime
 import platform
+import re
 import subprocess
 import time
 
@@ -34,9 +35,10 @@ def routing(rng, T: int, E: int, k: int) -> np.ndarray:
 
 def _commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5).stdout.strip()
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5).stdout.strip()
     except OSError:
         return ""
+    return out if re.fullmatch(r"[0-9a-f]{40}", out) else ""
 
 
 def cpu_model() -> str:

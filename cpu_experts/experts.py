@@ -14,7 +14,8 @@ import numpy as np
 
 from . import numa as numa_mod
 from .codegen.amx import TOKENS as AMX_TOKENS
-from .codegen.moe import J, JOB_FIELDS, Tiles, build_ir, supports_amx
+from .codegen.fields import J, JOB_FIELDS
+from .codegen.moe import Tiles, build_ir, supports_amx
 from .formats import get_format, quantize
 from .isa import Isa, host_isa
 from .jit import Library
@@ -185,6 +186,7 @@ class CPUExperts:
         j[J["GU_PAY_E"]], j[J["GU_SC_E"]] = self.gate.pay_e, self.gate.sc_e
         j[J["D_PAY_E"]], j[J["D_SC_E"]] = self.down.pay_e, self.down.sc_e
         j[J["N2"]] = self.H // self.tiles.rows_down
+        j[J["POOL"]] = self.pool.control_address
 
     def _ensure_scratch(self, T: int, k: int):
         if T <= self._capacity[0] and T * k <= self._capacity[1]:
@@ -206,7 +208,7 @@ class CPUExperts:
             self.job[J[name]] = arr.ctypes.data
         self._capacity = (T, S)
 
-    def _prepare(self, hidden, topk_ids, topk_weights):
+    def _prepare(self, hidden, topk_ids, topk_weights, out=None):
         x, is_torch = _as_numpy(hidden, np.float32, "hidden")
         ids, _ = _as_numpy(topk_ids, np.int64, "topk_ids")
         w, _ = _as_numpy(topk_weights, np.float32, "topk_weights")
@@ -223,7 +225,10 @@ class CPUExperts:
             raise ValueError(f"topk_ids must lie in [0, {self.E}), got values in [{ids.min()}, {ids.max()}]")
         k = ids.shape[1]
         self._ensure_scratch(T, k)
-        out = np.empty((T, self.H), np.float32)
+        if out is None:
+            out = np.empty((T, self.H), np.float32)
+        elif out.shape != (T, self.H) or out.dtype != np.float32 or not out.flags.c_contiguous:
+            raise ValueError(f"out must be a contiguous float32 [{T}, {self.H}] array")
         j = self.job
         j[J["T"]], j[J["TOPK"]] = T, k
         j[J["X"]], j[J["XSTRIDE"]] = x.ctypes.data, x.strides[0] // 4
@@ -255,6 +260,20 @@ class CPUExperts:
             from . import torch_io
             return torch_io.from_numpy(out)
         return out
+
+    def bind(self, hidden: np.ndarray, topk_ids: np.ndarray, topk_weights: np.ndarray, out: np.ndarray):
+        """Fix the job's buffers (e.g. pinned host buffers that a GPU stream fills) for native launches:
+        returns (submit, wait, job): `void f(void *job)` addresses and the userData to pass them, e.g.
+        cudaLaunchHostFunc(stream, submit, job). The buffers' contents may change between launches;
+        their addresses, shapes and dtypes (float32, int64, float32, float32) may not."""
+        if self._pending is not None:
+            raise RuntimeError("bind() while a submit() is pending")
+        if topk_ids.dtype != np.int64 or topk_weights.dtype != np.float32 or hidden.dtype != np.float32:
+            raise ValueError("bind needs float32 hidden and topk_weights and int64 topk_ids (no conversion copies)")
+        self._bound = self._prepare(hidden, topk_ids, topk_weights, out)[0]
+        assert all(a is b for a, b in zip(self._bound, (hidden, topk_ids, topk_weights, out))), \
+            "bind needs C-contiguous buffers"
+        return self.pool.submit_job_address, self.pool.wait_job_address, self.job.ctypes.data
 
     def forward(self, hidden, topk_ids, topk_weights):
         self.submit(hidden, topk_ids, topk_weights)

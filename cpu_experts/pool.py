@@ -6,8 +6,8 @@ Python runs on the hot path. We start threads from Python rather than pthread_cr
 because Python then owns their lifetime (join on close, no leaked threads on error) and ctypes
 already gives a GIL-free native call; the cost is only paid once, at start.
 
-`submit_address` / `wait_address` are native `void f(void *pool)` functions: the orchestrator can pass
-them with `control_address` to cudaLaunchHostFunc.
+`submit_job_address` / `wait_job_address` are native `void f(void *job)` functions: the orchestrator
+passes them to cudaLaunchHostFunc with a layer's job address (CPUExperts.bind) as userData.
 """
 import ctypes
 import os
@@ -15,7 +15,7 @@ import threading
 
 import numpy as np
 
-from .codegen.moe import POOL_FIELDS, POOL_SLOTS
+from .codegen.fields import POOL_FIELDS, POOL_SLOTS
 
 _VOID_P = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
 _WORKER = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64)
@@ -41,6 +41,9 @@ class WorkerPool:
         self.control_address = self.ctrl.ctypes.data
         self.submit_address = lib.address("hmoe_submit")
         self.wait_address = lib.address("hmoe_wait")
+        # void f(void *job): what cudaLaunchHostFunc takes, userData = a layer's bound job
+        self.submit_job_address = lib.address("hmoe_submit_job")
+        self.wait_job_address = lib.address("hmoe_wait_job")
         self._submit = _VOID_P(self.submit_address)
         self._wait = _VOID_P(self.wait_address)
         self._worker = _WORKER(lib.address("hmoe_worker"))

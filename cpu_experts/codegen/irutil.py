@@ -105,12 +105,6 @@ def shuffle(b, v, mask):
     return b.shuffle_vector(v, ir.Constant(v.type, ir.Undefined), ir.Constant(vec(I32, len(mask)), mask))
 
 
-def spread(b, v, lanes):
-    """<m x T> -> <lanes x T>: lane i takes element i*m//lanes (per-block values onto their lanes)."""
-    m = v.type.count
-    return shuffle(b, v, [i * m // lanes for i in range(lanes)])
-
-
 def hsum(b, v):
     """Horizontal float sum by halving (deterministic order)."""
     n = v.type.count

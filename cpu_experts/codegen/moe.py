@@ -1,5 +1,6 @@
-"""The fused MoE job as native code: routing, activation quantization, gate/up+SiLU, down+weighted sum,
-the worker loop and submit/wait. `build_ir(fmt, isa, tiles)` is a pure function -> IR text.
+"""The fused MoE job as native code: routing, activation quantization, gate/up+SiLU, down+weighted sum
+(the worker loop and submit/wait come from sched.py). `build_ir(geo, isa, tiles)` is a pure function
+-> IR text.
 
 A job runs in three phases of tasks, claimed in order from one atomic counter:
   0: task 0 groups the T*k (token, expert) slots by expert (counting sort); tasks 1.. quantize x rows
@@ -16,9 +17,10 @@ from llvmlite import ir
 
 from ..isa import Isa
 from ..layout import BLOCK, Geometry
-from . import amx, dot
-from .irutil import (F32, I8, I32, I64, PTR, VOID, c, define, field, for_range, futex_wait, futex_wake_all,
-                     gep, i64, intrinsic, load, local, pause, shuffle, splat, store, vec)
+from . import amx, dot, sched
+from .fields import J
+from .irutil import F32, I8, I32, I64, PTR, VOID, c, define, field, for_range, gep, i64, intrinsic, load, local, \
+    shuffle, store, vec
 
 
 @dataclass(frozen=True)
@@ -29,51 +31,7 @@ class Tiles:
     quant_rows: int = 8   # x rows quantized per phase-0 task
     prefetch: int = 2048  # software prefetch distance (bytes) along a row group's payload stream
     amx: bool = False     # AMX tiles for experts with at least amx_min_slots slots
-    amx_min_slots: int = 8
-
-
-# job: i64 slots written by Python before submit
-JOB_FIELDS = """T TOPK H I E X XSTRIDE IDS W OUT OSTRIDE
-GP GS GB UP US UB DP DS DB GU_PAY_E GU_SC_E D_PAY_E D_SC_E
-XQ XD XS XT HF HQ HD HS HT CNT OFF STOK SW ACT NACT N0 N1 N2 GATHER GATHER_STRIDE""".split()
-J = {name: i for i, name in enumerate(JOB_FIELDS)}
-
-# pool control block: i64 slots, hot words on separate cache lines (8 slots = 64 bytes)
-POOL_FIELDS = {"GEN": 0, "CLAIM": 8, "DONE0": 16, "DONE1": 24, "DONE2": 32, "EXITED": 40,
-               "FINISHED": 48, "SLEEPERS": 56, "WAITER": 64, "STOP": 72, "NTHREADS": 80, "JOB": 88,
-               "SPIN": 96, "WAIT_SPIN": 97}
-POOL_SLOTS = 104
-
-
-def _slot(b, base, idx):
-    return gep(b, base, idx, I64)
-
-
-def _aload(b, base, idx):
-    return b.load_atomic(_slot(b, base, idx), "acquire", 8, typ=I64)
-
-
-def _astore(b, base, idx, val):
-    # atomic xchg as the store: llvmlite's store_atomic cannot take an opaque pointer
-    b.atomic_rmw("xchg", _slot(b, base, idx), val if not isinstance(val, int) else i64(val), "seq_cst")
-
-
-def _aadd(b, base, idx, val=1):
-    return b.atomic_rmw("add", _slot(b, base, idx), i64(val), "seq_cst")
-
-
-def _spin_until_equal(b, base, idx, value, name):
-    """while (atomic load base[idx] != value) pause;"""
-    head = b.append_basic_block(f"{name}.head")
-    body = b.append_basic_block(f"{name}.body")
-    end = b.append_basic_block(f"{name}.end")
-    b.branch(head)
-    b.position_at_end(head)
-    b.cbranch(b.icmp_signed("==", _aload(b, base, idx), value), end, body)
-    b.position_at_end(body)
-    pause(b)
-    b.branch(head)
-    b.position_at_end(end)
+    amx_min_slots: int = 16  # measured on the GPU machine (NOTES.md): 16 best at 2048 tokens
 
 
 class _Builder:
@@ -271,7 +229,7 @@ class _Builder:
     def _emit_gateup(self):
         fn, b = define(self.m, "task_gateup", VOID, [PTR, I64, I64], internal=True)
         job, j, tid = fn.args
-        H, I = field(b, job, J["H"]), field(b, job, J["I"])
+        I = field(b, job, J["I"])
         RU = self.tiles.rows_up
         nrb = b.udiv(I, i64(RU))
         a, rb = b.udiv(j, nrb), b.urem(j, nrb)
@@ -279,10 +237,8 @@ class _Builder:
         off = field(b, job, J["OFF"], True)
         s_beg = b.sext(load(b, off, I32, e, align=4), I64)
         s_end = b.sext(load(b, off, I32, b.add(e, i64(1)), align=4), I64)
-        hf = field(b, job, J["HF"], True)
-        NT = self.tiles.tokens
-        gbuf = local(b, ir.ArrayType(F32, self.R * NT))
-        ubuf = local(b, ir.ArrayType(F32, self.R * NT))
+        gbuf = local(b, ir.ArrayType(F32, self.R * self.tiles.tokens))
+        ubuf = local(b, ir.ArrayType(F32, self.R * self.tiles.tokens))
         rows = self._act_rows(b, job, "x")
         expf = intrinsic(self.m, "llvm.exp.f32", F32, [F32])
         if self.amx_on:
@@ -345,9 +301,8 @@ class _Builder:
                 self._store_h(b, job, gbuf, ubuf, expf, s0, m, row0)
 
     def _gateup_vec(self, b, job, e, rb, s_beg, s_end, rows, gbuf, ubuf, expf):
-        H, I = field(b, job, J["H"]), field(b, job, J["I"])
+        H = field(b, job, J["H"])
         RU, NT = self.tiles.rows_up, self.tiles.tokens
-        hf = field(b, job, J["HF"], True)
         with for_range(b, 0, RU // self.R, name="gi") as gi:
             row0 = b.add(b.mul(rb, i64(RU)), b.mul(gi, i64(self.R)))
             grp = b.udiv(row0, i64(self.R))
@@ -378,8 +333,8 @@ class _Builder:
 
     def _quantize_h(self, b, job, rb, s_beg, s_end):
         """The task's ROWS_UP columns of h, for each of its slots, to int8 blocks."""
-        I, hf, RU = field(b, job, J["I"]), field(b, job, J["HF"], True), self.tiles.rows_up
         if self.quant:
+            I, hf, RU = field(b, job, J["I"]), field(b, job, J["HF"], True), self.tiles.rows_up
             hq, hd, hs, ht = (field(b, job, J[n], True) for n in ("HQ", "HD", "HS", "HT"))
             nblk_row = b.udiv(I, i64(32))
             with for_range(b, s_beg, s_end, name="qs") as s:
@@ -431,148 +386,13 @@ class _Builder:
         return fn
 
     # ------------------------------------------------------------ pool
-    def _emit_run_job(self, route, quant_x, gateup, down):
-        fn, b = define(self.m, "run_job", VOID, [PTR, PTR, I64], internal=True)
-        pool, job, tid = fn.args
-        n0, n2 = field(b, job, J["N0"]), field(b, job, J["N2"])
-        loop = b.append_basic_block("claim")
-        done = b.append_basic_block("done")
-        b.branch(loop)
-        b.position_at_end(loop)
-        idx = _aadd(b, pool, POOL_FIELDS["CLAIM"])
-        with b.if_else(b.icmp_signed("<", idx, n0)) as (p0, rest):
-            with p0:
-                with b.if_else(b.icmp_signed("==", idx, i64(0))) as (r, q):
-                    with r:
-                        b.call(route, [job])
-                    with q:
-                        if quant_x is not None:
-                            b.call(quant_x, [job, b.sub(idx, i64(1))])
-                _aadd(b, pool, POOL_FIELDS["DONE0"])
-            with rest:
-                _spin_until_equal(b, pool, POOL_FIELDS["DONE0"], n0, "bar0")
-                n1 = b.load_atomic(_slot(b, job, J["N1"]), "acquire", 8, typ=I64)
-                i1 = b.sub(idx, n0)
-                with b.if_else(b.icmp_signed("<", i1, n1)) as (p1, rest2):
-                    with p1:
-                        b.call(gateup, [job, i1, tid])
-                        _aadd(b, pool, POOL_FIELDS["DONE1"])
-                    with rest2:
-                        _spin_until_equal(b, pool, POOL_FIELDS["DONE1"], n1, "bar1")
-                        i2 = b.sub(i1, n1)
-                        with b.if_then(b.icmp_signed(">=", i2, n2)):
-                            b.branch(done)
-                        b.call(down, [job, i2])
-                        _aadd(b, pool, POOL_FIELDS["DONE2"])
-        b.branch(loop)
-        b.position_at_end(done)
-        b.ret_void()
-        return fn
-
-    def _emit_worker(self, run_job):
-        """void hmoe_worker(pool, tid): wait for a new generation (spin, then futex), run it, repeat."""
-        fn, b = define(self.m, "hmoe_worker", VOID, [PTR, I64])
-        pool = fn.args[0]
-        P = POOL_FIELDS
-        gen_word = _slot(b, pool, P["GEN"])
-        my_gen = local(b, I64, i64(0))
-        spin_max = field(b, pool, P["SPIN"])
-        top = b.append_basic_block("top")
-        wait = b.append_basic_block("wait")
-        work = b.append_basic_block("work")
-        quit_ = b.append_basic_block("quit")
-        b.branch(top)
-        b.position_at_end(top)
-        spins = local(b, I64)
-        b.store(i64(0), spins)
-        b.branch(wait)
-        b.position_at_end(wait)
-        g = _aload(b, pool, P["GEN"])
-        # STOP is read after GEN: close() writes STOP before bumping GEN, so a new GEN is never
-        # mistaken for a job (which would re-run the previous one)
-        with b.if_then(b.icmp_signed("!=", _aload(b, pool, P["STOP"]), i64(0))):
-            b.branch(quit_)
-        with b.if_then(b.icmp_signed("!=", g, b.load(my_gen, typ=I64))):
-            b.store(g, my_gen)
-            b.branch(work)
-        n = b.load(spins, typ=I64)
-        b.store(b.add(n, i64(1)), spins)
-        with b.if_else(b.icmp_signed("<", n, spin_max)) as (spin, sleep):
-            with spin:
-                pause(b)
-            with sleep:
-                _aadd(b, pool, P["SLEEPERS"], 1)
-                g2 = _aload(b, pool, P["GEN"])
-                stop = _aload(b, pool, P["STOP"])
-                same = b.and_(b.icmp_signed("==", g2, b.load(my_gen, typ=I64)), b.icmp_signed("==", stop, i64(0)))
-                with b.if_then(same):
-                    futex_wait(b, gen_word, b.trunc(g2, I32))
-                _aadd(b, pool, P["SLEEPERS"], -1)
-                b.store(i64(0), spins)
-        b.branch(wait)
-
-        b.position_at_end(work)
-        b.call(run_job, [pool, field(b, pool, P["JOB"], True), fn.args[1]])
-        exited = _aadd(b, pool, P["EXITED"])
-        last = b.icmp_signed("==", b.add(exited, i64(1)), field(b, pool, P["NTHREADS"]))
-        with b.if_then(last):
-            _astore(b, pool, P["FINISHED"], b.load(my_gen, typ=I64))
-            with b.if_then(b.icmp_signed("!=", b.load_atomic(_slot(b, pool, P["WAITER"]), "seq_cst", 8, typ=I64),
-                                         i64(0))):
-                futex_wake_all(b, _slot(b, pool, P["FINISHED"]))
-        b.branch(top)
-
-        b.position_at_end(quit_)
-        b.ret_void()
-
-    def _emit_submit_wait(self):
-        P = POOL_FIELDS
-        fn, b = define(self.m, "hmoe_submit", VOID, [PTR])
-        pool = fn.args[0]
-        for name in ("CLAIM", "DONE0", "DONE1", "DONE2", "EXITED"):
-            _astore(b, pool, P[name], 0)
-        b.atomic_rmw("add", _slot(b, pool, P["GEN"]), i64(1), "seq_cst")
-        with b.if_then(b.icmp_signed(">", b.load_atomic(_slot(b, pool, P["SLEEPERS"]), "seq_cst", 8, typ=I64),
-                                     i64(0))):
-            futex_wake_all(b, _slot(b, pool, P["GEN"]))
-        b.ret_void()
-
-        fn, b = define(self.m, "hmoe_wait", VOID, [PTR])
-        pool = fn.args[0]
-        gen = _aload(b, pool, P["GEN"])
-        spin_max = field(b, pool, P["WAIT_SPIN"])
-        spins = local(b, I64, i64(0))
-        head = b.append_basic_block("head")
-        sleep = b.append_basic_block("sleep")
-        done = b.append_basic_block("done")
-        b.branch(head)
-        b.position_at_end(head)
-        with b.if_then(b.icmp_signed("==", _aload(b, pool, P["FINISHED"]), gen)):
-            b.branch(done)
-        n = b.load(spins, typ=I64)
-        b.store(b.add(n, i64(1)), spins)
-        with b.if_then(b.icmp_signed(">=", n, spin_max)):
-            b.branch(sleep)
-        pause(b)
-        b.branch(head)
-
-        b.position_at_end(sleep)
-        _astore(b, pool, P["WAITER"], 1)
-        fin = b.load_atomic(_slot(b, pool, P["FINISHED"]), "seq_cst", 8, typ=I64)
-        with b.if_then(b.icmp_signed("!=", fin, gen)):
-            futex_wait(b, _slot(b, pool, P["FINISHED"]), b.trunc(fin, I32))
-            b.branch(sleep)
-        _astore(b, pool, P["WAITER"], 0)
-        b.branch(done)
-        b.position_at_end(done)
-        b.ret_void()
 
     def build(self) -> str:
         route = self._emit_route()
         quant_x = self._emit_quant_rows() if self.quant else None
-        run_job = self._emit_run_job(route, quant_x, self._emit_gateup(), self._emit_down())
-        self._emit_worker(run_job)
-        self._emit_submit_wait()
+        run_job = sched.emit_run_job(self.m, route, quant_x, self._emit_gateup(), self._emit_down())
+        sched.emit_worker(self.m, run_job)
+        sched.emit_submit_wait(self.m)
         return str(self.m)
 
 

@@ -1,0 +1,190 @@
+"""The native scheduler: the worker loop, the task claim loop with its phase barriers, submit/wait.
+
+Pool control block: int64 slots, hot words on separate cache lines. A job is claimed task by task
+from one atomic counter; `hmoe_worker` waits for a new generation (spin, then futex), runs the job,
+and the last worker out publishes FINISHED (and wakes a sleeping waiter).
+"""
+from .fields import J, POOL_FIELDS
+from .irutil import I32, I64, PTR, VOID, define, field, futex_wait, futex_wake_all, gep, i64, local, pause
+
+def _slot(b, base, idx):
+    return gep(b, base, idx, I64)
+
+
+def _aload(b, base, idx):
+    return b.load_atomic(_slot(b, base, idx), "acquire", 8, typ=I64)
+
+
+def _astore(b, base, idx, val):
+    # atomic xchg as the store: llvmlite's store_atomic cannot take an opaque pointer
+    b.atomic_rmw("xchg", _slot(b, base, idx), val if not isinstance(val, int) else i64(val), "seq_cst")
+
+
+def _aadd(b, base, idx, val=1):
+    return b.atomic_rmw("add", _slot(b, base, idx), i64(val), "seq_cst")
+
+
+def _spin_until_equal(b, base, idx, value, name):
+    """while (atomic load base[idx] != value) pause;"""
+    head = b.append_basic_block(f"{name}.head")
+    body = b.append_basic_block(f"{name}.body")
+    end = b.append_basic_block(f"{name}.end")
+    b.branch(head)
+    b.position_at_end(head)
+    b.cbranch(b.icmp_signed("==", _aload(b, base, idx), value), end, body)
+    b.position_at_end(body)
+    pause(b)
+    b.branch(head)
+    b.position_at_end(end)
+
+
+def emit_run_job(m, route, quant_x, gateup, down):
+    fn, b = define(m, "run_job", VOID, [PTR, PTR, I64], internal=True)
+    pool, job, tid = fn.args
+    n0, n2 = field(b, job, J["N0"]), field(b, job, J["N2"])
+    loop = b.append_basic_block("claim")
+    done = b.append_basic_block("done")
+    b.branch(loop)
+    b.position_at_end(loop)
+    idx = _aadd(b, pool, POOL_FIELDS["CLAIM"])
+    with b.if_else(b.icmp_signed("<", idx, n0)) as (p0, rest):
+        with p0:
+            with b.if_else(b.icmp_signed("==", idx, i64(0))) as (r, q):
+                with r:
+                    b.call(route, [job])
+                with q:
+                    if quant_x is not None:
+                        b.call(quant_x, [job, b.sub(idx, i64(1))])
+            _aadd(b, pool, POOL_FIELDS["DONE0"])
+        with rest:
+            _spin_until_equal(b, pool, POOL_FIELDS["DONE0"], n0, "bar0")
+            n1 = b.load_atomic(_slot(b, job, J["N1"]), "acquire", 8, typ=I64)
+            i1 = b.sub(idx, n0)
+            with b.if_else(b.icmp_signed("<", i1, n1)) as (p1, rest2):
+                with p1:
+                    b.call(gateup, [job, i1, tid])
+                    _aadd(b, pool, POOL_FIELDS["DONE1"])
+                with rest2:
+                    _spin_until_equal(b, pool, POOL_FIELDS["DONE1"], n1, "bar1")
+                    i2 = b.sub(i1, n1)
+                    with b.if_then(b.icmp_signed(">=", i2, n2)):
+                        b.branch(done)
+                    b.call(down, [job, i2])
+                    _aadd(b, pool, POOL_FIELDS["DONE2"])
+    b.branch(loop)
+    b.position_at_end(done)
+    b.ret_void()
+    return fn
+
+def emit_worker(m, run_job):
+    """void hmoe_worker(pool, tid): wait for a new generation (spin, then futex), run it, repeat."""
+    fn, b = define(m, "hmoe_worker", VOID, [PTR, I64])
+    pool = fn.args[0]
+    P = POOL_FIELDS
+    gen_word = _slot(b, pool, P["GEN"])
+    my_gen = local(b, I64, i64(0))
+    spin_max = field(b, pool, P["SPIN"])
+    top = b.append_basic_block("top")
+    wait = b.append_basic_block("wait")
+    work = b.append_basic_block("work")
+    quit_ = b.append_basic_block("quit")
+    b.branch(top)
+    b.position_at_end(top)
+    spins = local(b, I64)
+    b.store(i64(0), spins)
+    b.branch(wait)
+    b.position_at_end(wait)
+    g = _aload(b, pool, P["GEN"])
+    # STOP is read after GEN: close() writes STOP before bumping GEN, so a new GEN is never
+    # mistaken for a job (which would re-run the previous one)
+    with b.if_then(b.icmp_signed("!=", _aload(b, pool, P["STOP"]), i64(0))):
+        b.branch(quit_)
+    with b.if_then(b.icmp_signed("!=", g, b.load(my_gen, typ=I64))):
+        b.store(g, my_gen)
+        b.branch(work)
+    n = b.load(spins, typ=I64)
+    b.store(b.add(n, i64(1)), spins)
+    with b.if_else(b.icmp_signed("<", n, spin_max)) as (spin, sleep):
+        with spin:
+            pause(b)
+        with sleep:
+            _aadd(b, pool, P["SLEEPERS"], 1)
+            g2 = _aload(b, pool, P["GEN"])
+            stop = _aload(b, pool, P["STOP"])
+            same = b.and_(b.icmp_signed("==", g2, b.load(my_gen, typ=I64)), b.icmp_signed("==", stop, i64(0)))
+            with b.if_then(same):
+                futex_wait(b, gen_word, b.trunc(g2, I32))
+            _aadd(b, pool, P["SLEEPERS"], -1)
+            b.store(i64(0), spins)
+    b.branch(wait)
+
+    b.position_at_end(work)
+    b.call(run_job, [pool, field(b, pool, P["JOB"], True), fn.args[1]])
+    exited = _aadd(b, pool, P["EXITED"])
+    last = b.icmp_signed("==", b.add(exited, i64(1)), field(b, pool, P["NTHREADS"]))
+    with b.if_then(last):
+        _astore(b, pool, P["FINISHED"], b.load(my_gen, typ=I64))
+        with b.if_then(b.icmp_signed("!=", b.load_atomic(_slot(b, pool, P["WAITER"]), "seq_cst", 8, typ=I64),
+                                     i64(0))):
+            futex_wake_all(b, _slot(b, pool, P["FINISHED"]))
+    b.branch(top)
+
+    b.position_at_end(quit_)
+    b.ret_void()
+
+def emit_submit_wait(m):
+    P = POOL_FIELDS
+    fn, b = define(m, "hmoe_submit", VOID, [PTR])
+    pool = fn.args[0]
+    for name in ("CLAIM", "DONE0", "DONE1", "DONE2", "EXITED"):
+        _astore(b, pool, P[name], 0)
+    b.atomic_rmw("add", _slot(b, pool, P["GEN"]), i64(1), "seq_cst")
+    with b.if_then(b.icmp_signed(">", b.load_atomic(_slot(b, pool, P["SLEEPERS"]), "seq_cst", 8, typ=I64),
+                                 i64(0))):
+        futex_wake_all(b, _slot(b, pool, P["GEN"]))
+    b.ret_void()
+
+    submit = fn
+    # job-addressed forms for cudaLaunchHostFunc (userData = the layer's job; job[POOL] = its pool)
+    fn, b = define(m, "hmoe_submit_job", VOID, [PTR])
+    job = fn.args[0]
+    pool = field(b, job, J["POOL"], True)
+    _astore(b, pool, P["JOB"], b.ptrtoint(job, I64))
+    b.call(submit, [pool])
+    b.ret_void()
+
+    fn, b = define(m, "hmoe_wait", VOID, [PTR])
+    wait = fn
+    pool = fn.args[0]
+    gen = _aload(b, pool, P["GEN"])
+    spin_max = field(b, pool, P["WAIT_SPIN"])
+    spins = local(b, I64, i64(0))
+    head = b.append_basic_block("head")
+    sleep = b.append_basic_block("sleep")
+    done = b.append_basic_block("done")
+    b.branch(head)
+    b.position_at_end(head)
+    with b.if_then(b.icmp_signed("==", _aload(b, pool, P["FINISHED"]), gen)):
+        b.branch(done)
+    n = b.load(spins, typ=I64)
+    b.store(b.add(n, i64(1)), spins)
+    with b.if_then(b.icmp_signed(">=", n, spin_max)):
+        b.branch(sleep)
+    pause(b)
+    b.branch(head)
+
+    b.position_at_end(sleep)
+    _astore(b, pool, P["WAITER"], 1)
+    fin = b.load_atomic(_slot(b, pool, P["FINISHED"]), "seq_cst", 8, typ=I64)
+    with b.if_then(b.icmp_signed("!=", fin, gen)):
+        futex_wait(b, _slot(b, pool, P["FINISHED"]), b.trunc(fin, I32))
+        b.branch(sleep)
+    _astore(b, pool, P["WAITER"], 0)
+    b.branch(done)
+    b.position_at_end(done)
+    b.ret_void()
+
+    fn, b = define(m, "hmoe_wait_job", VOID, [PTR])
+    b.call(wait, [field(b, fn.args[0], J["POOL"], True)])
+    b.ret_void()
+
