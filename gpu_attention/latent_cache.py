@@ -15,10 +15,6 @@ class LatentCache:
         self.max_len = max_len
         self.data = torch.zeros(num_layers, batch, max_len, latent_dim, dtype=dtype, device=device)
 
-    @staticmethod
-    def bytes_needed(*, num_layers: int, batch: int, max_len: int, latent_dim: int, dtype: torch.dtype) -> int:
-        return num_layers * batch * max_len * latent_dim * torch.empty((), dtype=dtype).element_size()
-
     def write(self, layer: int, start: int, latent: torch.Tensor) -> torch.Tensor:
         """Store latent [B, T, D] at positions start..start+T; return the cached prefix [B, start+T, D]."""
         end = start + latent.shape[1]

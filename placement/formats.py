@@ -1,8 +1,8 @@
 """Storage formats a rule can ask for, and how many bytes a weight takes in each.
 
 Block formats are ggml's (`block_q8_0` 34 bytes per 32 weights, `block_q4_0` 18/32, `block_q4_K`
-144/256, `block_q6_K` 210/256), the same table as `cpu_experts.formats` (a test keeps them equal);
-a block never spans two rows, so a row's length must be a multiple of the block. fp8 is DeepSeek's
+144/256, `block_q6_K` 210/256), taken from `cpu_experts.formats`, the kernels' own table; a
+block never spans two rows, so a row's length must be a multiple of the block. fp8 is DeepSeek's
 e4m3 with one fp32 scale per 128x128 block (`weight_scale_inv`).
 """
 
@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
+from cpu_experts.formats import FORMATS as BLOCK_FORMATS
 
 FP8_BLOCK = 128
 
@@ -37,10 +39,8 @@ FORMATS = {
     "bf16": Format("bf16", 1, 2, True),
     "fp16": Format("fp16", 1, 2, True),
     "fp8": Format("fp8", 1, 1, False),
-    "q8_0": Format("q8_0", 32, 34, False),
-    "q4_0": Format("q4_0", 32, 18, False),
-    "q4_k": Format("q4_k", 256, 144, False),
-    "q6_k": Format("q6_k", 256, 210, False),
+    # the block formats' sizes come from the kernels' own table
+    **{name: Format(name, f.block_elems, f.block_bytes, False) for name, f in BLOCK_FORMATS.items() if name != "bf16"},
 }
 
 # Cache dtypes for the latent cache: bytes per value.

@@ -78,7 +78,7 @@ def load_model(model_dir: str | Path, *, dtype: str = "auto", device: str = "cpu
         if hasattr(module, "e_score_correction_bias"):
             module.e_score_correction_bias.data = module.e_score_correction_bias.data.float()
     show = sys.stderr.isatty() if progress is None else progress
-    total = len(list(checkpoint_names(model))) + sum(3 * cfg.n_routed_experts for _ in pending)
+    total = len(list(checkpoint_names(model))) + 3 * cfg.n_routed_experts * len(pending)
     with tqdm(total=total, desc=f"loading {Path(model_dir).name}", unit="tensor", disable=not show, leave=False) as bar:
         _fill(ckpt, model_dir, checkpoint_names(model), bar)
         for i, moe, experts in pending:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import zlib
 from pathlib import Path
 
@@ -149,7 +150,7 @@ def _random_rows(spec: TensorSpec, init: str, seed: int, chunk_rows: int):
     """Yield fp32 row blocks of the tensor, from a random stream of its own."""
     gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(spec.name.encode()))
     rows = spec.shape[0]
-    cols = int(torch.tensor(spec.shape[1:]).prod()) if len(spec.shape) > 1 else 1
+    cols = math.prod(spec.shape[1:])
     std = {"linear": cols**-0.5, "embedding": 1.0, "bias": 0.02}.get(init)
     for start in range(0, rows, chunk_rows):
         n = min(chunk_rows, rows - start)
@@ -167,7 +168,7 @@ def write_model(out_dir: str | Path, preset: str, *, layers: int | None = None, 
     out = Path(out_dir)
     raw = preset_config(preset, layers)
     torch_dtype = DTYPES[dtype]
-    raw["torch_dtype"] = "bfloat16" if dtype == "fp8" else {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}[dtype]
+    raw["torch_dtype"] = "bfloat16" if dtype == "fp8" else str(torch_dtype).removeprefix("torch.")
     if dtype == "fp8":
         raw["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                                       "weight_block_size": [128, 128]}
@@ -197,7 +198,7 @@ def write_model(out_dir: str | Path, preset: str, *, layers: int | None = None, 
                         writer.write(q)
                     else:
                         writer.write(rows.to(spec.dtype))
-                    bar.update(rows.numel() * torch.empty((), dtype=spec.dtype).element_size())
+                    bar.update(rows.numel() * spec.dtype.itemsize)
             writer.close()
     write_index(out, shards, names)
     (out / "config.json").write_text(json.dumps(raw, indent=2) + "\n")

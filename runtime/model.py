@@ -112,8 +112,7 @@ class DeepseekForCausalLM(nn.Module):
         T = input_ids.shape[1]
         if form == "auto":
             form = "decompressed" if T >= DECOMPRESS_MIN_TOKENS else "absorbed"
-        positions = torch.arange(start_pos, start_pos + T, device=input_ids.device)
-        attn_args = dict(rope=self.rope, cos_sin=self.rope.cos_sin(positions), cache=cache,
+        attn_args = dict(rope=self.rope, cos_sin=self.rope.cos_sin(start_pos, T, input_ids.device), cache=cache,
                          start_pos=start_pos, form=form)
         h = self.model.embed_tokens(input_ids)
         for layer in self.model.layers:

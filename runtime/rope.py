@@ -39,17 +39,17 @@ class RotaryTables:
         self.interleave = interleave
         self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions: [T] int64 -> cos, sin: [T, dim/2] fp32."""
-        device = positions.device
-        needed = int(positions.max()) + 1 if positions.numel() else 1
+    def cos_sin(self, start: int, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions start..start+length -> cos, sin: [length, dim/2] fp32 (views of the tables)."""
+        device = torch.device(device)
+        needed = start + length
         cos, sin = self._tables.get(device, (None, None))
         if cos is None or cos.shape[0] < needed:
             length = max(needed, 2 * (cos.shape[0] if cos is not None else 2048))
             angles = torch.outer(torch.arange(length, dtype=torch.float32, device="cpu"), self.inv_freq).to(device)
             cos, sin = angles.cos() * self.scale, angles.sin() * self.scale
             self._tables[device] = (cos, sin)
-        return cos[positions], sin[positions]
+        return cos[start:needed], sin[start:needed]
 
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x: [..., T, heads, dim] rotated by cos/sin [T, dim/2]; computed in fp32, returned in x.dtype.

@@ -45,18 +45,17 @@ class Tokenizer:
         if self._id(self.special["eos_token"]) is not None:
             eos.add(self._id(self.special["eos_token"]))
         self.eos_ids = frozenset(eos)
-        self.chat_template = self._load_template(model_dir)
+        self.chat_template = self._load_template(model_dir, self.config)
 
     def _id(self, token: str | None) -> int | None:
         return None if token is None else self.tok.token_to_id(token)
 
     @staticmethod
-    def _load_template(model_dir: Path) -> str | None:
+    def _load_template(model_dir: Path, config: dict) -> str | None:
         jinja_file = model_dir / "chat_template.jinja"  # transformers >= 4.43 may save it apart
         if jinja_file.exists():
             return jinja_file.read_text()
-        config_file = model_dir / "tokenizer_config.json"
-        template = json.loads(config_file.read_text()).get("chat_template") if config_file.exists() else None
+        template = config.get("chat_template")
         if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
             named = {t.get("name"): t.get("template") for t in template}
             template = named.get("default") or next(iter(named.values()), None)

@@ -43,8 +43,9 @@ def run(args) -> int:
     print(f"perplexity: {len(tokens)} tokens, {len(tokens) // args.ctx} chunks of {args.ctx}", file=sys.stderr)
     t0 = time.perf_counter()
     result = None
+    progress = sys.stderr if args.json else sys.stdout  # --json keeps stdout for the object alone
     for i, ppl, result in chunk_perplexities(model, tokens, args.ctx, tok.bos_id, args.chunks):
-        print(f"[{i}]{ppl:.4f},", end="" if not args.json else "", flush=True, file=sys.stdout if not args.json else sys.stderr)
+        print(f"[{i}]{ppl:.4f},", end="", flush=True, file=progress)
     seconds = time.perf_counter() - t0
     if args.json:
         print(json.dumps({"ppl": result.ppl, "uncertainty": result.uncertainty, "tokens_scored": result.tokens_scored,
