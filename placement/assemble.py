@@ -1,26 +1,28 @@
-"""The loader's hook: give each module of a meta-built model storage on its planned device and dtype.
+"""Assembly: the model built from a plan. Each module gets its op, device and format.
 
-Usage (what runtime/loader.py would do instead of `model.to_empty(device=...)` + `model.to(dtype)`):
+The loader (runtime/loader.py) builds the model on the meta device and then:
 
-    with torch.device("meta"):
-        model = DeepseekForCausalLM(cfg)
-    materialize(model, plan)          # every tensor now lives where the plan says, uninitialised
-    for name, dest in checkpoint_names(model):
-        dest.copy_(ckpt.read(name, tuple(dest.shape), dtype=dest.dtype))
+    check_runnable(plan)              # before anything is read: refuse what the runtime cannot run yet
+    materialize(model, plan)          # torch-op modules get storage on their device, in their dtype
+    ... fill them from the checkpoint; build each layer's routed experts (runtime/experts_builder.py)
+    connect(model, plan)              # activations follow the modules across devices
 
-Only placements the runtime runs today (`ops.runs_today`: torch ops in fp32/bf16/fp16) can be
-assembled; the others are refused by name until their ops are wired in.
+Modules on other devices than their neighbours get hooks that move their inputs to their device
+and their outputs back, and each decoder layer keeps its residual stream on its attention's
+device; a plan on one device gets no hooks at all.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import nn
 
 from runtime.errors import HmoeError
 
-from .ops import runs_today
-from .plan import Plan
+from .ops import FEATURES_TODAY, OPS, runs_today
+from .plan import Placement, Plan
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -29,28 +31,102 @@ class AssemblyError(HmoeError):
     pass
 
 
-def materialize(model: nn.Module, plan: Plan) -> None:
+def check_runnable(plan: Plan) -> None:
+    """Refuse, by rule and module, any placement whose op or feature the runtime cannot run yet."""
     for p in plan.placements:
-        if not runs_today(p.op, p.device, p.format) or p.gpu_experts or p.prefill:
-            where = f"{p.rule.label}" if p.rule else "'defaults'"
-            raise AssemblyError(f"{plan.rules.source}: {where} places {p.name} with op '{p.op}' on {p.device} in "
-                                f"{p.format}{' with gpu_experts' if p.gpu_experts else ''}"
-                                f"{' and a prefill override' if p.prefill else ''}, which the runtime cannot "
-                                f"assemble yet; today it runs op torch in fp32, bf16 or fp16")
+        missing = []
+        if not runs_today(p.op, p.device, p.format):
+            today = OPS[p.op].today.get(p.device.split(":")[0], ())
+            missing.append(f"op '{p.op}' on {p.device} in {p.format} (today: "
+                           f"{', '.join(today) if today else 'not at all'})")
+        if p.gpu_experts and not FEATURES_TODAY["gpu_experts"]:
+            missing.append("gpu_experts (needs the hybrid orchestrator)")
+        if p.prefill and not FEATURES_TODAY["prefill"]:
+            missing.append("a prefill override (needs expert streaming)")
+        if missing:
+            where = p.rule.label if p.rule else "'defaults'"
+            raise AssemblyError(f"{plan.rules.source}: {where} places {p.name} with {' and '.join(missing)}, "
+                                f"which the runtime cannot run yet; `hmoe rules explain` shows every such module")
+
+
+def materialize(model: nn.Module, plan: Plan) -> None:
+    """Storage for every module the torch op runs, on its device and in its dtype (uninitialised).
+    Modules of other ops (the routed experts' `jit`) are built by the loader instead."""
+    check_runnable(plan)
+    for p in plan.placements:
+        if p.op != "torch":
+            continue
         module = model.get_submodule(p.name)
         module.to_empty(device=p.device)
         module.to(TORCH_DTYPES[p.format])
         bias = getattr(module, "e_score_correction_bias", None)
-        if bias is not None:  # router math stays fp32 whatever the module's dtype (as the loader does)
+        if bias is not None:  # router math stays fp32 whatever the module's dtype
             module.e_score_correction_bias = bias.float()
-    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    torch_units = [p.name for p in plan.placements if p.op == "torch"]
+    left = [f"{unit}.{n}" for unit in torch_units for n, t in _tensors(model.get_submodule(unit)) if t.is_meta]
     assert not left, f"the plan left tensors on the meta device: {left[:3]}"
 
 
+def connect(model: nn.Module, plan: Plan) -> None:
+    """Hooks that carry activations between the plan's devices (none when it uses one device)."""
+    if len({p.device for p in plan.placements}) == 1:
+        return
+    for p in plan.placements:
+        module = model.get_submodule(p.name)
+        module.register_forward_pre_hook(functools.partial(_inputs_to, torch.device(p.device)), with_kwargs=True)
+        module.register_forward_hook(_outputs_back)
+    attention = {p.unit.layer: torch.device(p.device) for p in plan.placements if p.unit.kind == "attention"}
+    for i, layer in enumerate(model.model.layers):
+        layer.register_forward_pre_hook(functools.partial(_inputs_to, attention[i], remember=False),
+                                        with_kwargs=True)
+
+
 def allocated_bytes(model: nn.Module) -> dict[str, int]:
-    """Bytes of the model's tensors per device (what the plan's weight bytes must equal)."""
+    """Bytes of the model's weights per device (what the plan's weight bytes must equal): torch
+    tensors, plus the packed buffers of CPU experts (anything with `nbytes_by_device()`)."""
     out: dict[str, int] = {}
-    for t in list(model.parameters()) + list(model.buffers()):
-        device = "cpu" if t.device.type == "cpu" else str(t.device)
-        out[device] = out.get(device, 0) + t.numel() * t.element_size()
+
+    def add(device: str, n: int) -> None:
+        out[device] = out.get(device, 0) + n
+
+    for module in model.modules():
+        for _, t in _tensors(module, recurse=False):
+            add("cpu" if t.device.type == "cpu" else str(t.device), t.numel() * t.element_size())
+        if hasattr(module, "nbytes_by_device"):
+            for device, n in module.nbytes_by_device().items():
+                add(device, n)
     return out
+
+
+def placement_of(plan: Plan, name: str) -> Placement:
+    return next(p for p in plan.placements if p.name == name)
+
+
+def _tensors(module: nn.Module, recurse: bool = True):
+    return list(module.named_parameters(recurse=recurse)) + list(module.named_buffers(recurse=recurse))
+
+
+def _inputs_to(device: torch.device, module, args, kwargs, remember: bool = True):
+    if remember:  # where the caller keeps its activations: outputs go back there
+        first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        module._hmoe_caller_device = first.device if first is not None else device
+    return _move(args, device), _move(kwargs, device)
+
+
+def _outputs_back(module, args, output):
+    return _move(output, module._hmoe_caller_device)
+
+
+def _move(obj, device: torch.device):
+    if isinstance(obj, torch.Tensor):
+        if obj.device == device:
+            return obj
+        # host -> GPU may be asynchronous (stream-ordered); GPU -> host must be complete when read
+        return obj.to(device, non_blocking=device.type == "cuda")
+    if isinstance(obj, tuple):
+        return tuple(_move(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [_move(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _move(v, device) for k, v in obj.items()}
+    return obj

@@ -7,7 +7,7 @@ from pathlib import Path
 from runtime.config import ModelConfig
 
 from .inventory import Inventory
-from .schema import RuleSet, load_rules
+from .schema import AUTO, RuleSet, load_rules
 from .tune import tune
 from .yaml_lines import RulesError
 
@@ -33,7 +33,9 @@ def open_rules(name: str | Path, inventory: Inventory) -> RuleSet:
     return load_rules(resolve(name), inventory)
 
 
-def default_rules(cfg: ModelConfig, inventory: Inventory, *, ctx: int = 4096) -> RuleSet:
-    """What hmoe uses when no rules are given: the tuner's answer for this model on this machine
-    (CPU-only without a GPU; otherwise as much on cuda:0 as fits, in decode order)."""
-    return tune(cfg, inventory, ctx=ctx, source="<default rules for this machine>").rules
+def default_rules(cfg: ModelConfig, inventory: Inventory, *, ctx: int = 4096, expert_quant: str = AUTO) -> RuleSet:
+    """What hmoe uses when no rules are given: the tuner's answer for this model on this machine,
+    from the ops the runtime runs today (CPU-only without a GPU; otherwise as much on cuda:0 as
+    fits, in decode order)."""
+    return tune(cfg, inventory, ctx=ctx, expert_quant=expert_quant, source="<default rules for this machine>",
+                runnable_only=True).rules

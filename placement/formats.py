@@ -57,5 +57,13 @@ def auto_format(torch_dtype: str) -> str:
     return CHECKPOINT_DTYPES.get(torch_dtype, "bf16")
 
 
+def jit_bytes_per_weight(fmt: str) -> float:
+    """Bytes per weight in cpu_experts' repacked layout (what the `jit` op allocates): GGUF's for
+    bf16/q8_0/q4_0, more for q4_k (f16 scale and min per 32) and q6_k (one code per byte)."""
+    from cpu_experts.layout import geometry, repacked_bytes_per_weight
+
+    return repacked_bytes_per_weight(geometry(fmt, 64))  # the same on every ISA
+
+
 def fits_rows(fmt: str, k: int) -> bool:
     return k % FORMATS[fmt].block_elems == 0

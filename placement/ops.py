@@ -2,8 +2,8 @@
 formats each accepts on each device type.
 
 `today` lists the (device type, format) pairs the runtime runs now; the rest of the table is the
-contract for parts being built (cpu_experts wiring, gpu_attention kernels, expert streaming), so
-rules can be written and checked before those land, and `explain` says which are not there yet.
+contract for parts being built (gpu_attention kernels, fp8 GEMMs, expert streaming), so rules can
+be written and checked before those land, and `explain` says which are not there yet.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ OPS = {
                 formats={"cpu": _FLOATS, "cuda": _FLOATS + ("fp8",)},
                 today={"cpu": _FLOATS, "cuda": _FLOATS}),
     "jit": Op("jit", "cpu_experts: the fused routed-experts kernels, JIT-compiled for this CPU", ("experts",),
-              formats={"cpu": ("bf16",) + _BLOCKS}, today={}),
+              formats={"cpu": ("bf16",) + _BLOCKS}, today={"cpu": ("bf16",) + _BLOCKS}),
     "mla": Op("mla", "gpu_attention: MLA kernels over the latent cache", ("attention",),
               formats={"cuda": ("bf16", "fp8")}, today={}),
     "stream": Op("stream", "routed experts kept in host RAM, streamed to the GPU layer by layer (double-buffered)",
@@ -67,3 +67,8 @@ def weights_home(op: str, device: str) -> str:
 
 def runs_today(op: str, device: str, fmt: str) -> bool:
     return fmt in OPS[op].today.get(device_type(device), ())
+
+
+# Rule features whose runtime parts are not built yet (issue 6: the hybrid orchestrator); the plan
+# and explain handle them, assembly refuses them by name and tune does not write them.
+FEATURES_TODAY = {"gpu_experts": False, "prefill": False}

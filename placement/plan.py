@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from runtime.config import ModelConfig
 from runtime.errors import HmoeError
 
-from .formats import CACHE_DTYPES, FORMATS, auto_format, fits_rows
+from .formats import CACHE_DTYPES, FORMATS, auto_format, fits_rows, jit_bytes_per_weight
 from .match import assign, unused_rule_warnings
 from .modules import Unit, model_units
 from .ops import OPS, format_problem, weights_home
@@ -86,12 +86,13 @@ class Plan:
         return sum(p.bytes + p.gpu_bytes for p in self.placements)
 
 
-def build_plan(rules: RuleSet, cfg: ModelConfig, *, ctx: int, numa_nodes: int = 1) -> Plan:
+def build_plan(rules: RuleSet, cfg: ModelConfig, *, ctx: int, numa_nodes: int = 1, auto_dtype: str | None = None) -> Plan:
+    """auto_dtype: what `dtype: auto` means (default: the checkpoint's dtype; bf16 for FP8 ones)."""
     if ctx < 1 or ctx > cfg.max_position_embeddings:
         raise HmoeError(f"--ctx {ctx} is outside the model's context of 1-{cfg.max_position_embeddings} tokens")
     units = model_units(cfg)
     assigned = assign(rules, units)
-    base = auto_format(cfg.torch_dtype)  # norms and biases of quantized modules stay in the compute dtype
+    base = auto_dtype or auto_format(cfg.torch_dtype)  # norms, biases of quantized modules: the compute dtype
     placements = tuple(_place(rules, cfg, unit, rule, base, ctx, numa_nodes) for unit, rule in assigned)
     _check_fields_apply(rules, assigned)
     staging: dict[str, int] = defaultdict(int)
@@ -125,14 +126,14 @@ def _place(rules: RuleSet, cfg: ModelConfig, unit: Unit, rule: Rule | None, base
                               f"{where.who} places {unit.name} (kind {unit.kind})")
 
     if gpu is None:
-        weight_bytes = unit_bytes(unit, fmt, base, where, "quant")
+        weight_bytes = unit_bytes(unit, fmt, base, where, "quant", op)
         gpu_bytes = 0
     else:
         experts = cfg.n_routed_experts
         if gpu.count >= experts:
             where.fail("gpu_experts", f"gpu_experts {gpu.count} is every one of the layer's {experts} experts; "
                                       f"place the experts on {gpu.device} with 'device' instead")
-        per_expert = unit_bytes(unit, fmt, base, where, "quant") // experts
+        per_expert = unit_bytes(unit, fmt, base, where, "quant", op) // experts
         weight_bytes = per_expert * (experts - gpu.count)
         gpu_bytes = unit_bytes(unit, gpu.format, base, where, "gpu_experts") // experts * gpu.count
 
@@ -151,9 +152,11 @@ def _place(rules: RuleSet, cfg: ModelConfig, unit: Unit, rule: Rule | None, base
                      rule.threads if rule else None, rule.numa if rule else None)
 
 
-def raw_bytes(unit: Unit, fmt: str, base: str) -> int | None:
-    """Weight bytes of `unit` stored in `fmt` (vectors in `base`); None if a row does not fill whole blocks."""
+def raw_bytes(unit: Unit, fmt: str, base: str, op: str = "torch") -> int | None:
+    """Weight bytes of `unit` stored in `fmt` by `op` (vectors in `base`); None if a row does not fill
+    whole blocks. The `jit` op stores cpu_experts' repacked layout, not GGUF blocks."""
     f = FORMATS[fmt]
+    per_weight = jit_bytes_per_weight(fmt) if op == "jit" else None
     total = 0
     for t in unit.tensors:
         if t.keep_fp32:
@@ -162,14 +165,16 @@ def raw_bytes(unit: Unit, fmt: str, base: str) -> int | None:
             total += FORMATS[fmt if f.is_float else base].block_bytes * t.shape[0]
         elif not fits_rows(fmt, t.shape[-1]):
             return None
+        elif per_weight is not None:
+            total += round(math.prod(t.shape) * per_weight)
         else:
             total += f.matrix_bytes(t.shape)
     return total
 
 
-def unit_bytes(unit: Unit, fmt: str, base: str, blame: "Blame", key: str) -> int:
+def unit_bytes(unit: Unit, fmt: str, base: str, blame: "Blame", key: str, op: str = "torch") -> int:
     """raw_bytes, or a RulesError at the rule's `key` naming the tensor whose rows do not fit the blocks."""
-    total = raw_bytes(unit, fmt, base)
+    total = raw_bytes(unit, fmt, base, op)
     if total is None:
         t = next(t for t in unit.tensors if len(t.shape) > 1 and not fits_rows(fmt, t.shape[-1]))
         ok = [name for name in FORMATS if fits_rows(name, t.shape[-1]) and name != fmt]

@@ -124,7 +124,7 @@ def _smaller_format(plan: Plan, group: list[Placement], device: str) -> tuple[st
         if FORMATS[fmt].block_bytes / FORMATS[fmt].block_elems >= \
                 FORMATS[group[0].format].block_bytes / FORMATS[group[0].format].block_elems:
             continue
-        sizes = [raw_bytes(p.unit, fmt, auto_format(plan.cfg.torch_dtype)) for p in group]
+        sizes = [raw_bytes(p.unit, fmt, auto_format(plan.cfg.torch_dtype), op) for p in group]
         if None in sizes:
             continue  # rows not divisible by its block
         new = sum(size * p.replicas for size, p in zip(sizes, group))

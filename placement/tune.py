@@ -22,7 +22,7 @@ from runtime.errors import HmoeError
 from .formats import CACHE_DTYPES, PRECISION_ORDER, auto_format
 from .inventory import Inventory
 from .modules import Unit, model_units
-from .ops import OPS
+from .ops import FEATURES_TODAY, OPS, runs_today
 from .plan import Plan, build_plan, raw_bytes
 from .preflight import RESERVE, check, gib
 from .schema import AUTO, RuleSet, parse_rules
@@ -44,7 +44,9 @@ class Tuned:
 
 
 def tune(cfg: ModelConfig, inventory: Inventory, *, ctx: int, expert_quant: str = AUTO,
-         source: str = "<tuned>") -> Tuned:
+         source: str = "<tuned>", runnable_only: bool = False) -> Tuned:
+    """runnable_only: use only what the runtime runs today (the default rules hmoe loads with);
+    otherwise plan with every op of the table (a file for the runtime as it is being built)."""
     if expert_quant != AUTO and expert_quant not in OPS["jit"].formats["cpu"]:
         raise HmoeError(f"--expert-quant '{expert_quant}' is not a CPU expert format; choose auto or one of "
                         f"{', '.join(OPS['jit'].formats['cpu'])}")
@@ -56,7 +58,7 @@ def tune(cfg: ModelConfig, inventory: Inventory, *, ctx: int, expert_quant: str 
     ram = inventory.ram_bytes - RESERVE["cpu"]
     say = reasons.append
 
-    gpu = _gpu_core(cfg, units, inventory, ctx, say) if inventory.gpus else None
+    gpu = _gpu_core(cfg, units, inventory, ctx, say, runnable_only) if inventory.gpus else None
     if not inventory.gpus:
         say("no GPU: everything runs on the CPU")
     rules: list[str] = []
@@ -76,7 +78,10 @@ def tune(cfg: ModelConfig, inventory: Inventory, *, ctx: int, expert_quant: str 
             rules.append(_rule(EXPERTS, layers=_span(on_gpu_layers), device="cuda:0", quant=gpu_fmt))
         rest = experts[n_whole:]
         per_expert = layer_bytes // cfg.n_routed_experts if experts else 0
-        if rest and per_expert:
+        if rest and per_expert and runnable_only and not FEATURES_TODAY["gpu_experts"]:
+            say(f"{gib(left)} of VRAM stays unused: keeping some experts of each CPU layer on the GPU "
+                "(gpu_experts) needs the hybrid orchestrator, which is not in the runtime yet")
+        elif rest and per_expert:
             per_layer_gpu = min(left // (per_expert * len(rest)), cfg.n_routed_experts - 1)
             if per_layer_gpu:
                 left -= per_layer_gpu * per_expert * len(rest)
@@ -108,7 +113,8 @@ def tune(cfg: ModelConfig, inventory: Inventory, *, ctx: int, expert_quant: str 
         rules.append(_rule(EXPERTS, **fields))
     if gpu is not None:
         core_fmt, cache_dtype, _ = gpu
-        rules.append(_rule(ATTN, device="cuda:0", op="mla", quant=core_fmt,
+        attn_op = "mla" if runs_today("mla", "cuda:0", core_fmt) or not runnable_only else "torch"
+        rules.append(_rule(ATTN, device="cuda:0", op=attn_op, quant=core_fmt,
                            cache=f"{{dtype: {cache_dtype}, page_size: {PAGE_SIZE}}}"))
         rules.append(_rule(MLPS, device="cuda:0", quant=core_fmt))
         if not any(r.startswith(f"  - match: '{EMBED}'") for r in rules):
@@ -129,7 +135,7 @@ def tune(cfg: ModelConfig, inventory: Inventory, *, ctx: int, expert_quant: str 
 
 
 def _gpu_core(cfg: ModelConfig, units: tuple[Unit, ...], inventory: Inventory, ctx: int,
-              say) -> tuple[str, str, int] | None:
+              say, runnable_only: bool) -> tuple[str, str, int] | None:
     """(format, cache dtype, VRAM left) for everything but the routed experts and the embedding, or None."""
     base = auto_format(cfg.torch_dtype)
     vram = inventory.gpus[0].free_bytes - RESERVE["cuda"]
@@ -139,6 +145,9 @@ def _gpu_core(cfg: ModelConfig, units: tuple[Unit, ...], inventory: Inventory, c
     rows = -(-ctx // PAGE_SIZE) * PAGE_SIZE
     # fp8 weights before an fp8 cache: DeepSeek-V3 was trained with fp8 weights, not an fp8 cache
     for fmt, cache_dtype in (("bf16", "bf16"), ("fp8", "bf16"), ("fp8", "fp8")):
+        if runnable_only and not (runs_today("torch", "cuda:0", fmt) or runs_today("mla", "cuda:0", fmt)):
+            say(f"{fmt} weights on the GPU are not in the runtime yet: not tried")
+            continue
         cache = cfg.num_hidden_layers * rows * cfg.latent_dim * CACHE_DTYPES[cache_dtype]
         core = _sum(heavy, fmt, base) + _sum(light, "bf16", base)
         fits = core + cache <= vram
@@ -157,7 +166,7 @@ def _expert_format(rest: list[Unit], wanted: str, base: str, ram: int, on_gpu: i
     candidates = [wanted] if wanted != AUTO else [f for f in PRECISION_ORDER if f in OPS["jit"].formats["cpu"]]
     tried = []
     for fmt in candidates:
-        size = _sum(rest, fmt, base, allow_misfit=True)
+        size = _sum(rest, fmt, base, allow_misfit=True, op="jit")
         if size is None:
             tried.append(f"{fmt} (rows of {cfg.moe_intermediate_size} do not fill its blocks)")
             continue
@@ -171,8 +180,8 @@ def _expert_format(rest: list[Unit], wanted: str, base: str, ram: int, on_gpu: i
                     f"other modules): tried {', '.join(tried)}; use a machine with more RAM or a smaller model")
 
 
-def _sum(units: list[Unit], fmt: str, base: str, allow_misfit: bool = False) -> int | None:
-    sizes = [raw_bytes(u, fmt, base) for u in units]
+def _sum(units: list[Unit], fmt: str, base: str, allow_misfit: bool = False, op: str = "torch") -> int | None:
+    sizes = [raw_bytes(u, fmt, base, op) for u in units]
     if None in sizes:
         assert allow_misfit, (fmt, [u.name for u in units])
         return None

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -15,6 +16,11 @@ from .config import ModelConfig, load_config
 from .errors import CheckpointError
 from .model import DeepseekForCausalLM
 from .moe import MoE, TorchExperts
+
+if TYPE_CHECKING:
+    from placement.plan import Plan
+
+    from .jit_experts import PackedCache
 
 DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -53,40 +59,75 @@ def resolve_dtype(cfg: ModelConfig, dtype: str) -> torch.dtype:
     return DTYPE_NAMES[dtype]
 
 
-# Builds the module that computes one MoE layer's routed experts from the loaded reference
-# weights (e.g. cpu_experts' JIT kernels); called once per layer, so only one layer's
-# reference weights exist at a time.
-ExpertsFactory = Callable[[int, TorchExperts], nn.Module]
+def reference_plan(cfg: ModelConfig, *, dtype: str = "auto", device: str = "cpu") -> "Plan":
+    """The plan of the plain torch model: every module on `device` in `dtype` (the parity reference)."""
+    from placement.formats import auto_format
+    from placement.inventory import detect, hypothetical
+    from placement.plan import build_plan
+    from placement.schema import parse_rules
+
+    fmt = auto_format(cfg.torch_dtype if dtype == "auto" else dtype)
+    machine = hypothetical([], 1) if device == "cpu" else detect()
+    rules = parse_rules(f"name: reference\ndefaults: {{device: '{device}', op: torch, dtype: {fmt}}}\n"
+                        f"rules:\n  - match: '.*'\n", f"<--device {device} --dtype {dtype}>", machine)
+    return build_plan(rules, cfg, ctx=min(4096, cfg.max_position_embeddings))
 
 
-def load_model(model_dir: str | Path, *, dtype: str = "auto", device: str = "cpu", progress: bool | None = None,
-               experts_factory: ExpertsFactory | None = None) -> DeepseekForCausalLM:
+def load_model(model_dir: str | Path, *, dtype: str = "auto", device: str = "cpu", plan: "Plan | None" = None,
+               progress: bool | None = None, packed_cache: "PackedCache | None" = None) -> DeepseekForCausalLM:
+    """The model as `plan` places it (default: the torch reference on `device` in `dtype`).
+
+    Everything but the routed experts is filled first; then each MoE layer's experts, one layer at
+    a time: read into a reference module and handed to their op (quantized and packed for `jit`),
+    or read straight from `packed_cache` when it holds that layer already."""
+    from placement.assemble import check_runnable, connect, materialize
+
     cfg = load_config(model_dir)
+    plan = plan or reference_plan(cfg, dtype=dtype, device=device)
+    check_runnable(plan)
     ckpt = Checkpoint(model_dir, cfg.fp8_block_size)
-    torch_dtype = resolve_dtype(cfg, dtype)
     with torch.device("meta"):
         model = DeepseekForCausalLM(cfg)
-    # Routed experts are materialised layer by layer, after the rest of the model.
-    moe_layers = [(i, layer.mlp) for i, layer in enumerate(model.model.layers) if isinstance(layer.mlp, MoE)]
-    pending = []
-    for i, moe in moe_layers:
-        pending.append((i, moe, moe.experts))
-        moe.experts = nn.Identity()
-    model.to_empty(device=device)
-    model.to(torch_dtype)
-    for module in model.modules():  # router math stays fp32 (transformers keeps the bias in fp32)
-        if hasattr(module, "e_score_correction_bias"):
-            module.e_score_correction_bias.data = module.e_score_correction_bias.data.float()
+    placements = {p.name: p for p in plan.placements}
+    pending = []  # routed experts: built after the rest, one layer at a time
+    for i, layer in enumerate(model.model.layers):
+        if isinstance(layer.mlp, MoE) and placements[f"model.layers.{i}.mlp.experts"].op != "torch":
+            pending.append((i, layer.mlp, layer.mlp.experts))
+            layer.mlp.experts = nn.Identity()
+    materialize(model, plan)
     show = sys.stderr.isatty() if progress is None else progress
     total = len(list(checkpoint_names(model))) + 3 * cfg.n_routed_experts * len(pending)
     with tqdm(total=total, desc=f"loading {Path(model_dir).name}", unit="tensor", disable=not show, leave=False) as bar:
         _fill(ckpt, model_dir, checkpoint_names(model), bar)
-        for i, moe, experts in pending:
-            experts = experts.to_empty(device=device).to(torch_dtype)
-            _fill(ckpt, model_dir, module_tensors(experts, f"model.layers.{i}.mlp.experts"), bar)
-            moe.experts = experts_factory(i, experts) if experts_factory else experts
+        for i, moe, reference in pending:
+            moe.experts = _build_experts(ckpt, model_dir, cfg, placements[f"model.layers.{i}.mlp.experts"], i,
+                                         reference, packed_cache, bar)
+    connect(model, plan)
     model.eval()
     return model
+
+
+def _build_experts(ckpt: Checkpoint, model_dir, cfg: ModelConfig, p, layer: int, reference: TorchExperts,
+                   cache, bar) -> nn.Module:
+    """One layer's routed experts for a non-torch op (today: cpu_experts' `jit`)."""
+    from .jit_experts import build
+
+    prefix = f"model.layers.{layer}.mlp.experts"
+    targets = list(module_tensors(reference, prefix))
+    path = None
+    if cache is not None:
+        path = cache.path(ckpt.fingerprint([name for name, _ in targets]), layer, p.format)
+        cached = cache.load(path, fmt=p.format, num_experts=cfg.n_routed_experts, hidden=cfg.hidden_size,
+                            inter=cfg.moe_intermediate_size, threads=p.threads, numa=p.numa)
+        if cached is not None:
+            bar.update(len(targets))
+            return cached
+    reference = reference.to_empty(device="cpu").to(resolve_dtype(cfg, "auto"))
+    _fill(ckpt, model_dir, module_tensors(reference, prefix), bar)
+    experts = build(layer, p.format, reference, threads=p.threads, numa=p.numa)
+    if cache is not None:
+        cache.save(path, experts)
+    return experts
 
 
 def _fill(ckpt: Checkpoint, model_dir, targets, bar) -> None:

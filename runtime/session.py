@@ -3,34 +3,56 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
+from placement.formats import auto_format
+from placement.schema import NUMA_POLICIES
+
+from .config import load_config
+from .errors import HmoeError
 from .generate import Generator
-from .jit_experts import FORMATS, jit_experts_factory
+from .jit_experts import FORMATS, PackedCache
 from .loader import load_model
+from .model import DeepseekForCausalLM
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
 
+if TYPE_CHECKING:
+    from placement.plan import Plan
 
-def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("--model", "-m", required=required, metavar="DIR",
-                   help="model directory: config.json, *.safetensors (or an index), tokenizer.json")
+
+
+CTX_HELP = ("context limit in tokens: prompt plus reply (default 4096, at most the model's)", 4096)
+
+
+def add_model_args(p: argparse.ArgumentParser, required: bool = True, ctx_help: tuple[str, int] = CTX_HELP) -> None:
+    p.add_argument("--model", "-m", required=required, metavar="DIR|GGUF",
+                   help="model directory (config.json, *.safetensors or an index, tokenizer.json), or a llama.cpp "
+                        "deepseek2 .gguf file (for a split one, any of its -0000K-of-0000N.gguf shards)")
+    p.add_argument("--rules", default=None, metavar="FILE|NAME",
+                   help="placement rules: a YAML file or the name of one in rules/ (docs/rules.md); default: tuned "
+                        "for this machine from what the runtime runs (`hmoe rules explain --model DIR` shows it)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="compute dtype; auto keeps the checkpoint's (bf16 for FP8 checkpoints)")
-    p.add_argument("--ctx", type=int, default=4096, metavar="N",
-                   help="context limit in tokens: prompt plus reply (default 4096, at most the model's)")
+                   help="what the rules' 'dtype: auto' means; auto keeps the checkpoint's (bf16 for FP8 checkpoints)")
+    p.add_argument("--ctx", type=int, default=ctx_help[1], metavar="N", help=ctx_help[0])
     p.add_argument("--threads", "-t", type=int, default=None, metavar="N",
                    help="CPU threads for torch (default: torch's choice)")
-    p.add_argument("--experts", default="torch", choices=("torch",) + FORMATS,
-                   help="how routed experts run: 'torch' (reference), or cpu_experts' JIT kernels with the "
-                        "weights quantized at load to this format")
+    p.add_argument("--experts", default="auto", choices=("auto",) + FORMATS,
+                   help="format of the routed experts on the CPU in the default rules (auto: the most precise "
+                        "that fits RAM; for a .gguf, the file's own format, so its blocks load unchanged); with "
+                        "--rules, set 'quant' in the file instead")
     p.add_argument("--experts-threads", type=int, default=None, metavar="N",
-                   help="worker threads of the JIT experts (default: one per physical core)")
-    p.add_argument("--numa", default="interleave", choices=["interleave", "split", "replicate", "none"],
-                   help="NUMA policy of the JIT experts' weight memory (default interleave)")
+                   help="worker threads of the CPU experts, overriding the rules (default: one per physical core)")
+    p.add_argument("--numa", default=None, choices=NUMA_POLICIES,
+                   help="NUMA policy of the CPU experts' memory, overriding the rules (default interleave)")
+    p.add_argument("--no-pack-cache", action="store_true",
+                   help="do not read or write packed CPU experts under $HMOE_CACHE_DIR/packed (default: cached, "
+                        "so the next start skips quantizing)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
@@ -50,12 +72,64 @@ def sampling_params(args) -> SamplingParams:
                           max_tokens=args.max_tokens, stop=tuple(args.stop))
 
 
-def open_generator(model_dir: str | Path, args) -> Generator:
+def make_plan(model_dir: str | Path, args, *, quiet: bool = False) -> Plan:
+    """The placement plan for this model, these options and this machine, checked to fit (nothing read yet)."""
+    from placement import preflight
+    from placement.defaults import default_rules, open_rules
+    from placement.inventory import detect
+    from placement.plan import build_plan
+
+    cfg = load_config(model_dir)
+    inventory = detect()
+    if args.rules and args.experts != "auto":
+        raise HmoeError(f"--experts {args.experts} sets the format of the default rules; with --rules {args.rules}, "
+                        f"set 'quant' on its experts rule instead")
+    if args.rules:
+        rules = open_rules(args.rules, inventory)
+    else:
+        rules = default_rules(cfg, inventory, ctx=min(args.ctx, cfg.max_position_embeddings),
+                              expert_quant=default_expert_quant(model_dir, args.experts))
+    auto = None if args.dtype == "auto" else auto_format(args.dtype)
+    ctx = min(args.ctx, cfg.max_position_embeddings)  # the Generator clamps the same way
+    plan = build_plan(rules, cfg, ctx=ctx, numa_nodes=inventory.numa_nodes, auto_dtype=auto)
+    if not quiet:
+        for w in plan.warnings:
+            print(f"hmoe: warning: {w}", file=sys.stderr)
+    fits = preflight.check(plan, inventory)
+    if not quiet:
+        print(f"hmoe: placement {rules.source}: " + ", ".join(f"{f.device} {preflight.gib(f.weights + f.cache)}"
+                                                             for f in fits) + "; " + experts_summary(plan),
+              file=sys.stderr)
+    overrides = {k: v for k, v in (("threads", args.experts_threads), ("numa", args.numa)) if v is not None}
+    if overrides:
+        plan = dataclasses.replace(plan, placements=tuple(
+            dataclasses.replace(p, **overrides) if p.op == "jit" else p for p in plan.placements))
+    return plan
+
+
+def default_expert_quant(model_dir: str | Path, experts: str) -> str:
+    """--experts auto for a GGUF is the format its experts are stored in (or nearest to)."""
+    if experts == "auto" and Path(model_dir).suffix.lower() == ".gguf":
+        from .gguf_weights import GGUFWeights
+
+        return GGUFWeights(model_dir).expert_format() or experts
+    return experts
+
+
+def experts_summary(plan: Plan) -> str:
+    kinds = sorted({(p.op, p.format, p.device) for p in plan.placements if p.unit.kind == "experts"})
+    return "routed experts " + ", ".join(f"{op} {fmt} on {device}" for op, fmt, device in kinds)
+
+
+def open_model(model_dir: str | Path, args) -> DeepseekForCausalLM:
     if args.threads:
         torch.set_num_threads(args.threads)
-    factory = None
-    if args.experts != "torch":
-        factory = jit_experts_factory(args.experts, threads=args.experts_threads, numa=args.numa)
-    model = load_model(model_dir, dtype=args.dtype, progress=sys.stderr.isatty(), experts_factory=factory)
+    plan = make_plan(model_dir, args)
+    cache = None if args.no_pack_cache else PackedCache()
+    return load_model(model_dir, plan=plan, progress=sys.stderr.isatty(), packed_cache=cache)
+
+
+def open_generator(model_dir: str | Path, args) -> Generator:
+    model = open_model(model_dir, args)
     tokenizer = Tokenizer(model_dir, model.cfg.eos_token_ids)
     return Generator(model, tokenizer, max_context=args.ctx)

@@ -1,32 +1,20 @@
-"""A plan applied to a real (tiny) checkpoint: it covers every tensor, allocates exactly the bytes it
-planned, and the CPU reference rules give the plain model's tokens."""
+"""A plan applied to a real (tiny) checkpoint: every tensor where the plan says, the bytes it planned,
+and the tokens of the plain model."""
 
 import pytest
 import torch
 
-from placement.assemble import AssemblyError, allocated_bytes, materialize
+from placement.assemble import AssemblyError, allocated_bytes
 from placement.defaults import open_rules
 from placement.inventory import hypothetical
 from placement.plan import build_plan
-from runtime.checkpoint import Checkpoint
+from placement.schema import parse_rules
 from runtime.config import load_config
-from runtime.loader import checkpoint_names, load_model
-from runtime.model import DeepseekForCausalLM
+from runtime.jit_experts import JitExperts
+from runtime.loader import load_model
 
 MACHINE = hypothetical([], 8)
-
-
-def load_with_plan(model_dir, plan) -> DeepseekForCausalLM:
-    """What the loader does with a plan: meta build, materialize, fill tensor by tensor."""
-    cfg = plan.cfg
-    with torch.device("meta"):
-        model = DeepseekForCausalLM(cfg)
-    materialize(model, plan)
-    ckpt = Checkpoint(model_dir, cfg.fp8_block_size)
-    with torch.no_grad():
-        for name, dest in checkpoint_names(model):
-            dest.copy_(ckpt.read(name, tuple(dest.shape), dtype=dest.dtype))
-    return model.eval()
+PROMPT = [0, 17, 230, 5, 99, 4, 512, 8]
 
 
 def greedy(model, ids, n):
@@ -40,35 +28,56 @@ def greedy(model, ids, n):
 
 
 def test_cpu_reference_rules_give_the_plain_models_tokens(tiny_v3):
-    cfg = load_config(tiny_v3)
-    plan = build_plan(open_rules("cpu-reference", MACHINE), cfg, ctx=64)
-    placed = load_with_plan(tiny_v3, plan)
+    plan = build_plan(open_rules("cpu-reference", MACHINE), load_config(tiny_v3), ctx=64)
+    placed = load_model(tiny_v3, plan=plan)
     assert allocated_bytes(placed) == {"cpu": plan.total_weight_bytes}
-    plain = load_model(tiny_v3, progress=False)
-    prompt = [0, 17, 230, 5, 99, 4, 512, 8]
-    tokens, logits = greedy(placed, prompt, 12)
-    want_tokens, want_logits = greedy(plain, prompt, 12)
+    tokens, logits = greedy(placed, PROMPT, 12)
+    want_tokens, want_logits = greedy(load_model(tiny_v3), PROMPT, 12)
     assert tokens == want_tokens
     assert torch.equal(logits, want_logits)
 
 
-def test_mixed_dtypes_allocate_what_the_plan_says(tiny_v3):
-    from placement.schema import parse_rules
+def test_cpu_only_rules_run_the_jit_experts_with_the_references_tokens(tiny_v3):
+    plan = build_plan(open_rules("cpu-only", MACHINE), load_config(tiny_v3), ctx=64)
+    placed = load_model(tiny_v3, plan=plan)
+    assert isinstance(placed.model.layers[1].mlp.experts, JitExperts)
+    allocated = allocated_bytes(placed)["cpu"]
+    assert abs(allocated - plan.total_weight_bytes) <= 1024, (allocated, plan.total_weight_bytes)
+    assert greedy(placed, PROMPT, 12)[0] == greedy(load_model(tiny_v3), PROMPT, 12)[0]
 
+
+def test_mixed_dtypes_allocate_what_the_plan_says(tiny_v3):
     rules = parse_rules("name: mixed\nrules:\n  - {match: '.*mlp\\.experts', dtype: bf16}\n"
                         "  - {match: '.*self_attn', dtype: fp16}\n", "m.yaml", MACHINE)
     plan = build_plan(rules, load_config(tiny_v3), ctx=64)
-    model = load_with_plan(tiny_v3, plan)
+    model = load_model(tiny_v3, plan=plan)
     assert allocated_bytes(model) == {"cpu": plan.total_weight_bytes}
     assert model.model.layers[1].mlp.experts.gate_proj.dtype == torch.bfloat16
+    assert model.model.layers[1].self_attn.q_a_proj.weight.dtype == torch.float16
     assert model.model.layers[1].mlp.gate.e_score_correction_bias.dtype == torch.float32
 
 
-def test_ops_not_in_the_runtime_are_refused_by_name(tiny_v3):
-    cfg = load_config(tiny_v3)
-    plan = build_plan(open_rules("cpu-only", MACHINE), cfg, ctx=64)
-    with torch.device("meta"):
-        model = DeepseekForCausalLM(cfg)
-    with pytest.raises(AssemblyError, match=r"cpu-only.yaml: rule 1 \(line 7\) places model.layers.1.mlp.experts "
-                                             r"with op 'jit' on cpu in q8_0, which the runtime cannot assemble yet"):
-        materialize(model, plan)
+def test_ops_not_in_the_runtime_are_refused_by_name_before_loading(tiny_v3):
+    rules = parse_rules("name: future\nrules:\n  - match: 'model\\.layers\\.\\d+\\.mlp\\.experts'\n    device: cuda:0\n"
+                        "    op: stream\n    quant: q8_0\n  - {match: '.*', device: cpu}\n", "future.yaml",
+                        hypothetical([24], 8))
+    plan = build_plan(rules, load_config(tiny_v3), ctx=64)
+    with pytest.raises(AssemblyError, match=r"future.yaml: rule 1 \(line 3\) places model.layers.1.mlp.experts with op "
+                                            r"'stream' on cuda:0 in q8_0 \(today: not at all\), which the runtime "
+                                            r"cannot run yet"):
+        load_model(tiny_v3, plan=plan)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_modules_on_the_gpu_and_the_cpu_give_the_references_tokens(tiny_v3):
+    """Attention and dense parts on cuda:0, embedding on the CPU, routed experts in the JIT kernels."""
+    from placement.inventory import detect
+
+    rules = parse_rules("name: hybrid\nrules:\n  - match: 'model\\.layers\\.\\d+\\.mlp\\.experts'\n    device: cpu\n"
+                        "    op: jit\n    quant: bf16\n  - {match: 'model\\.embed_tokens', device: cpu, dtype: fp32}\n"
+                        "  - {match: '.*', device: 'cuda:0', dtype: fp32}\n", "hybrid.yaml", detect())
+    plan = build_plan(rules, load_config(tiny_v3), ctx=64)
+    placed = load_model(tiny_v3, plan=plan)
+    assert placed.model.layers[0].self_attn.q_a_proj.weight.is_cuda
+    assert greedy(placed, PROMPT, 12)[0] == greedy(load_model(tiny_v3), PROMPT, 12)[0]

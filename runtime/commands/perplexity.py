@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 
 from ..errors import HmoeError
-from ..loader import load_model
 from ..perplexity import chunk_perplexities
+from ..session import add_model_args, open_model
 from ..tokenizer import Tokenizer
 
 
@@ -18,11 +18,9 @@ def register(sub) -> None:
                        description="Perplexity like llama-perplexity: the file is cut into --ctx token chunks, the "
                                    "second half of each is scored; prints the running PPL per chunk and a final "
                                    "'PPL = x +/- y' (one standard error).")
-    p.add_argument("--model", "-m", required=True, metavar="DIR", help="model directory")
+    add_model_args(p, ctx_help=("tokens per chunk (default 512)", 512))
     p.add_argument("-f", "--file", required=True, metavar="FILE", help="UTF-8 text file to score")
-    p.add_argument("--ctx", type=int, default=512, metavar="N", help="tokens per chunk (default 512)")
     p.add_argument("--chunks", type=int, default=None, metavar="N", help="score at most N chunks (default: all)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="compute dtype")
     p.add_argument("--json", action="store_true", help="print the final result as one JSON object")
     p.set_defaults(func=run)
 
@@ -35,7 +33,7 @@ def run(args) -> int:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise HmoeError(f"{path}: not UTF-8 text ({e})") from None
-    model = load_model(args.model, dtype=args.dtype, progress=sys.stderr.isatty())
+    model = open_model(args.model, args)
     tok = Tokenizer(args.model, model.cfg.eos_token_ids)
     tokens = tok.encode(text)
     if args.ctx > model.cfg.max_position_embeddings:
