@@ -33,6 +33,16 @@ class AssemblyError(HmoeError):
 
 def check_runnable(plan: Plan) -> None:
     """Refuse, by rule and module, any placement whose op or feature the runtime cannot run yet."""
+    attention = [p for p in plan.placements if p.unit.kind == "attention"]
+    split = [p for p in attention if (p.device, p.cache_dtype, p.page_size) != (attention[0].device,
+                                                                                 attention[0].cache_dtype,
+                                                                                 attention[0].page_size)]
+    if split:
+        p, q = attention[0], split[0]
+        raise AssemblyError(f"{plan.rules.source}: {q.name} is on {q.device} with a {q.cache_dtype} cache in pages of "
+                            f"{q.page_size} and {p.name} on {p.device} with {p.cache_dtype} in pages of {p.page_size}; "
+                            f"the runtime keeps one latent cache for all layers, so attention layers must share "
+                            f"device and cache options (per-device caches are not built yet)")
     for p in plan.placements:
         missing = []
         if not runs_today(p.op, p.device, p.format):
@@ -79,6 +89,12 @@ def connect(model: nn.Module, plan: Plan) -> None:
     for i, layer in enumerate(model.model.layers):
         layer.register_forward_pre_hook(functools.partial(_inputs_to, attention[i], remember=False),
                                         with_kwargs=True)
+
+
+def cache_options(plan: Plan) -> dict:
+    """The latent cache's storage dtype and page size, as the attention rules set them."""
+    p = next(p for p in plan.placements if p.unit.kind == "attention")
+    return {"dtype": p.cache_dtype, "page_size": p.page_size}
 
 
 def allocated_bytes(model: nn.Module) -> dict[str, int]:

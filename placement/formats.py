@@ -43,8 +43,17 @@ FORMATS = {
     **{name: Format(name, f.block_elems, f.block_bytes, False) for name, f in BLOCK_FORMATS.items() if name != "bf16"},
 }
 
-# Cache dtypes for the latent cache: bytes per value.
+# Cache dtypes for the latent cache: bytes per value (fp8 adds one fp32 scale per 128 values).
 CACHE_DTYPES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
+
+
+def cache_bytes_per_token(cfg, dtype: str) -> int:
+    """Bytes one token takes in one attention layer's caches, as gpu_attention stores them: the
+    latent (576 values for DeepSeek; fp8 with its scales) and, for V3.2, the indexer keys."""
+    from gpu_attention.latent_cache import bytes_per_token
+
+    n = bytes_per_token(cfg.latent_dim, dtype)
+    return n + (bytes_per_token(cfg.index_head_dim, dtype) if cfg.has_indexer else 0)
 
 # config.json's torch_dtype -> our name; what `dtype: auto` means (FP8 checkpoints load as bf16).
 CHECKPOINT_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}

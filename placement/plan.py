@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from runtime.config import ModelConfig
 from runtime.errors import HmoeError
 
-from .formats import CACHE_DTYPES, FORMATS, auto_format, fits_rows, jit_bytes_per_weight
+from gpu_attention.latent_cache import DEFAULT_PAGE_SIZE
+
+from .formats import FORMATS, auto_format, cache_bytes_per_token, fits_rows, jit_bytes_per_weight
 from .match import assign, unused_rule_warnings
 from .modules import Unit, model_units
 from .ops import OPS, format_problem, weights_home
@@ -41,7 +43,7 @@ class Placement:
     streamed_bytes: int = 0  # bytes copied per forward when streamed (main op or prefill)
     cache_dtype: str | None = None
     page_size: int | None = None
-    cache_bytes: int = 0  # latent cache of this attention layer, on `device`
+    cache_bytes: int = 0  # latent cache (and V3.2 indexer keys) of this attention layer, on `device`
     threads: int | None = None
     numa: str | None = None
 
@@ -144,9 +146,9 @@ def _place(rules: RuleSet, cfg: ModelConfig, unit: Unit, rule: Rule | None, base
     if unit.kind == "attention":
         options = rule.cache if rule else None
         cache_dtype = (options and options.dtype) or (fmt if FORMATS[fmt].is_float else "bf16")
-        page_size = options.page_size if options else None
-        rows = math.ceil(ctx / page_size) * page_size if page_size else ctx
-        cache_bytes = rows * cfg.latent_dim * CACHE_DTYPES[cache_dtype]  # one sequence
+        page_size = (options and options.page_size) or DEFAULT_PAGE_SIZE
+        rows = math.ceil(ctx / page_size) * page_size  # whole pages, one sequence
+        cache_bytes = rows * cache_bytes_per_token(cfg, cache_dtype)
     return Placement(unit, rule, device, op, fmt, weights_home(op, device), weight_bytes * replicas, replicas,
                      gpu, gpu_bytes, prefill, streamed, cache_dtype, page_size, cache_bytes,
                      rule.threads if rule else None, rule.numa if rule else None)

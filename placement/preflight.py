@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from runtime.errors import HmoeError
 
-from .formats import CACHE_DTYPES, FORMATS, auto_format
+from .formats import CACHE_DTYPES, FORMATS, auto_format, cache_bytes_per_token
 from .inventory import GiB, Inventory
 from .ops import OPS, device_type
 from .plan import Placement, Plan, raw_bytes
@@ -71,7 +71,7 @@ def suggestions(plan: Plan, f: Fit, over: int) -> list[str]:
                  or (p.gpu_experts and p.gpu_experts.device == f.device)]
     if f.cache:
         attention = [p for p in on_device if p.cache_bytes and p.device == f.device]
-        per_token = sum(plan.cfg.latent_dim * CACHE_DTYPES[p.cache_dtype] for p in attention)
+        per_token = sum(cache_bytes_per_token(plan.cfg, p.cache_dtype) for p in attention)
         page = max(p.page_size or 1 for p in attention)
         ctx_fit = (f.cache - over) // per_token // page * page  # whole pages only
         if ctx_fit >= 1:

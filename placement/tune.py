@@ -16,10 +16,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from gpu_attention.latent_cache import DEFAULT_PAGE_SIZE
 from runtime.config import ModelConfig
 from runtime.errors import HmoeError
 
-from .formats import CACHE_DTYPES, PRECISION_ORDER, auto_format
+from .formats import PRECISION_ORDER, auto_format, cache_bytes_per_token
 from .inventory import Inventory
 from .modules import Unit, model_units
 from .ops import FEATURES_TODAY, OPS, runs_today
@@ -27,7 +28,7 @@ from .plan import Plan, build_plan, raw_bytes
 from .preflight import RESERVE, check, gib
 from .schema import AUTO, RuleSet, parse_rules
 
-PAGE_SIZE = 64  # latent cache page (tokens)
+PAGE_SIZE = DEFAULT_PAGE_SIZE  # latent cache page (tokens)
 
 ATTN = r"model\.layers\.\d+\.self_attn"
 MLPS = r"model\.layers\.\d+\.mlp(\.shared_experts)?"
@@ -148,7 +149,7 @@ def _gpu_core(cfg: ModelConfig, units: tuple[Unit, ...], inventory: Inventory, c
         if runnable_only and not (runs_today("torch", "cuda:0", fmt) or runs_today("mla", "cuda:0", fmt)):
             say(f"{fmt} weights on the GPU are not in the runtime yet: not tried")
             continue
-        cache = cfg.num_hidden_layers * rows * cfg.latent_dim * CACHE_DTYPES[cache_dtype]
+        cache = cfg.num_hidden_layers * rows * cache_bytes_per_token(cfg, cache_dtype)
         core = _sum(heavy, fmt, base) + _sum(light, "bf16", base)
         fits = core + cache <= vram
         say(f"attention, dense MLPs, shared experts in {fmt}, routers/norms/lm_head in bf16: {gib(core)}; "

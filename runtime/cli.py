@@ -8,7 +8,7 @@ import sys
 
 from .errors import HmoeError
 
-COMMANDS = ["chat", "generate", "perplexity", "make_model", "rules", "bench_moe", "doctor"]
+COMMANDS = ["chat", "generate", "perplexity", "make_model", "rules", "bench_moe", "doctor", "bench", "sweep", "bench_attn", "convert"]
 
 
 def build_parser() -> argparse.ArgumentParser:

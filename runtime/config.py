@@ -120,8 +120,12 @@ class ModelConfig:
 
 
 def load_config(path: str | Path) -> ModelConfig:
-    """Read `config.json` from a model directory (or the file itself)."""
+    """Read `config.json` from a model directory (or the file itself), or a GGUF's metadata."""
     path = Path(path)
+    if path.suffix.lower() == ".gguf":
+        from .gguf_config import load_gguf_config
+
+        return load_gguf_config(path)
     file = path / "config.json" if path.is_dir() else path
     if not file.exists():
         raise ConfigError(f"{file}: no such file (a model directory holds config.json)")
@@ -329,5 +333,10 @@ def _check_consistency(cfg: ModelConfig, raw: dict, source: str) -> None:
     if cfg.architecture == "DeepseekV32ForCausalLM" and None in (cfg.index_n_heads, cfg.index_head_dim, cfg.index_topk):
         missing = [k for k in ("index_n_heads", "index_head_dim", "index_topk") if raw.get(k) is None][0]
         bad(f"missing required key '{missing}' (DeepseekV32ForCausalLM has a lightning indexer)")
+    if cfg.has_indexer and cfg.q_lora_rank is None:
+        bad("key 'q_lora_rank' is null; the V3.2 indexer projects its queries from the q_lora latent")
+    if cfg.has_indexer and not cfg.qk_rope_head_dim <= cfg.index_head_dim:
+        bad(f"key 'index_head_dim'={cfg.index_head_dim} is smaller than 'qk_rope_head_dim'={cfg.qk_rope_head_dim} "
+            "(the indexer rotates its first qk_rope_head_dim values)")
     if cfg.rope.type == "yarn" and cfg.rope.factor < 1:
         bad(f"key 'rope_scaling.factor'={cfg.rope.factor} must be >= 1 for YaRN")

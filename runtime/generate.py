@@ -44,8 +44,6 @@ class Generator:
                  prefill_chunk: int = 2048):
         self.model, self.tokenizer = model, tokenizer
         limit = model.cfg.max_position_embeddings
-        if model.cfg.has_indexer:  # dense MLA equals DSA only while the context fits index_topk
-            limit = min(limit, model.cfg.index_topk)
         self.max_context = min(max_context or limit, limit)
         self.prefill_chunk = prefill_chunk
         self.cache = model.new_cache(batch=1, max_len=self.max_context)

@@ -51,6 +51,19 @@ def build(layer: int, fmt: str, reference: TorchExperts, *, threads: int | None 
     return JitExperts(engine)
 
 
+def build_from_blocks(layer: int, fmt: str, gate, up, down, *, hidden: int, inter: int, threads: int | None = None,
+                      numa: str | None = None) -> JitExperts:
+    """Pack a layer's experts given as GGUF blocks in `fmt` (e.g. a GGUF's own bytes): no requantization."""
+    from cpu_experts.experts import CPUExperts
+
+    try:
+        engine = CPUExperts.from_blocks(gate, up, down, fmt=fmt, hidden=hidden, inter=inter, threads=threads,
+                                        numa=numa or "interleave")
+    except ValueError as e:
+        raise HmoeError(f"routed experts of layer {layer} cannot run as {fmt}: {e}") from None
+    return JitExperts(engine)
+
+
 class PackedCache:
     """Packed expert layers of one checkpoint under $HMOE_CACHE_DIR/packed (or ~/.cache/hmoe/packed).
 

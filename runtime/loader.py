@@ -13,7 +13,6 @@ from tqdm import tqdm
 
 from .checkpoint import Checkpoint
 from .config import ModelConfig, load_config
-from .errors import CheckpointError
 from .model import DeepseekForCausalLM
 from .moe import MoE, TorchExperts
 
@@ -80,12 +79,12 @@ def load_model(model_dir: str | Path, *, dtype: str = "auto", device: str = "cpu
     Everything but the routed experts is filled first; then each MoE layer's experts, one layer at
     a time: read into a reference module and handed to their op (quantized and packed for `jit`),
     or read straight from `packed_cache` when it holds that layer already."""
-    from placement.assemble import check_runnable, connect, materialize
+    from placement.assemble import cache_options, check_runnable, connect, materialize
 
     cfg = load_config(model_dir)
     plan = plan or reference_plan(cfg, dtype=dtype, device=device)
     check_runnable(plan)
-    ckpt = Checkpoint(model_dir, cfg.fp8_block_size)
+    ckpt = open_weights(model_dir, cfg)
     with torch.device("meta"):
         model = DeepseekForCausalLM(cfg)
     placements = {p.name: p for p in plan.placements}
@@ -103,8 +102,18 @@ def load_model(model_dir: str | Path, *, dtype: str = "auto", device: str = "cpu
             moe.experts = _build_experts(ckpt, model_dir, cfg, placements[f"model.layers.{i}.mlp.experts"], i,
                                          reference, packed_cache, bar)
     connect(model, plan)
+    model.cache_options = cache_options(plan)
     model.eval()
     return model
+
+
+def open_weights(model_dir: str | Path, cfg: ModelConfig):
+    """The weight source: safetensors `Checkpoint`, or `GGUFWeights` for a .gguf file (same interface)."""
+    if Path(model_dir).suffix.lower() == ".gguf":
+        from .gguf_weights import GGUFWeights
+
+        return GGUFWeights(model_dir, cfg)
+    return Checkpoint(model_dir, cfg.fp8_block_size)
 
 
 def _build_experts(ckpt: Checkpoint, model_dir, cfg: ModelConfig, p, layer: int, reference: TorchExperts,
@@ -122,18 +131,23 @@ def _build_experts(ckpt: Checkpoint, model_dir, cfg: ModelConfig, p, layer: int,
         if cached is not None:
             bar.update(len(targets))
             return cached
-    reference = reference.to_empty(device="cpu").to(resolve_dtype(cfg, "auto"))
-    _fill(ckpt, model_dir, module_tensors(reference, prefix), bar)
-    experts = build(layer, p.format, reference, threads=p.threads, numa=p.numa)
+    if hasattr(ckpt, "expert_blocks"):  # GGUF: the file's blocks, requantized only if not in p.format
+        from .jit_experts import build_from_blocks
+
+        experts = build_from_blocks(layer, p.format, *ckpt.expert_blocks(layer, p.format), hidden=cfg.hidden_size,
+                                    inter=cfg.moe_intermediate_size, threads=p.threads, numa=p.numa)
+        bar.update(len(targets))
+    else:
+        reference = reference.to_empty(device="cpu").to(resolve_dtype(cfg, "auto"))
+        _fill(ckpt, model_dir, module_tensors(reference, prefix), bar)
+        experts = build(layer, p.format, reference, threads=p.threads, numa=p.numa)
     if cache is not None:
         cache.save(path, experts)
     return experts
 
 
 def _fill(ckpt: Checkpoint, model_dir, targets, bar) -> None:
-    for name, dest in targets:
-        if name not in ckpt:
-            raise CheckpointError(f"{model_dir}: missing tensor '{name}'")
+    for name, dest in targets:  # a missing tensor is the source's error: it names the file's own tensor
         with torch.no_grad():
             dest.copy_(ckpt.read(name, tuple(dest.shape), dtype=dest.dtype))
         bar.update()

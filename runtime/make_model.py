@@ -119,24 +119,17 @@ def tensor_specs(raw: dict, dtype: torch.dtype) -> list[tuple[TensorSpec, str]]:
     with torch.device("meta"):
         model = DeepseekForCausalLM(cfg)
     specs = []
-    for name, dest in checkpoint_names(model):
+    for name, dest in checkpoint_names(model):  # includes V3.2's self_attn.indexer.* (transformers' names)
         specs.extend(_specs_for(name, tuple(dest.shape), dtype))
-    if cfg.has_indexer:  # weights of V3.2's lightning indexer, read by a later hmoe
-        ih, idim = cfg.index_n_heads, cfg.index_head_dim
-        for layer in range(cfg.num_hidden_layers):
-            p = f"model.layers.{layer}.self_attn.indexer."
-            for name, shape in ((p + "wq_b.weight", (ih * idim, cfg.q_lora_rank)), (p + "wk.weight", (idim, cfg.hidden_size)),
-                                (p + "k_norm.weight", (idim,)), (p + "weights_proj.weight", (ih, cfg.hidden_size))):
-                specs.extend(_specs_for(name, shape, dtype))
-            specs.append((TensorSpec(p + "k_norm.bias", (idim,), specs[-2][0].dtype), "zeros"))
     return specs
 
 
 def _specs_for(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> list[tuple[TensorSpec, str]]:
     if name.endswith("e_score_correction_bias"):
         return [(TensorSpec(name, shape, torch.float32), "bias")]
-    if len(shape) == 1:
-        return [(TensorSpec(name, shape, dtype if dtype != torch.float8_e4m3fn else torch.bfloat16), "ones")]
+    if len(shape) == 1:  # norm weights are 1, the indexer's LayerNorm bias 0
+        return [(TensorSpec(name, shape, dtype if dtype != torch.float8_e4m3fn else torch.bfloat16),
+                 "zeros" if name.endswith(".bias") else "ones")]
     init = "embedding" if "embed_tokens" in name else "linear"
     if dtype == torch.float8_e4m3fn:
         if any(k in name for k in _NOT_FP8):

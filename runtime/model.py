@@ -10,17 +10,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gpu_attention.latent_cache import LatentCache
-from gpu_attention.mla_torch import mla_absorbed, mla_decompressed
+from gpu_attention.attention import backend_for, choose_form, mla_attention
+from gpu_attention.dsa import DSACache, dsa_attention
+from gpu_attention.latent_cache import DEFAULT_PAGE_SIZE, LatentCache
 
 from .config import ModelConfig
+from .indexer import Indexer
 from .moe import MLP, MoE
 from .rope import RotaryTables
-
-# With this many new tokens or more, attention runs in the decompressed (MHA) form. Theory puts
-# the break-even near 170 new tokens against a long prefix (DESIGN.md); gpu_attention measures it.
-DECOMPRESS_MIN_TOKENS = 170
-
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -51,22 +48,29 @@ class MLA(nn.Module):
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, 1e-6)
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
         self.o_proj = nn.Linear(H * cfg.v_head_dim, cfg.hidden_size, bias=False)
+        self.indexer = Indexer(cfg) if cfg.has_indexer else None  # V3.2: DeepSeek sparse attention
 
     def forward(self, x, *, rope: RotaryTables, cos_sin, cache: LatentCache, layer: int, start_pos: int,
-                form: str) -> torch.Tensor:
+                form: str, index_cache: LatentCache | None = None) -> torch.Tensor:
         cfg = self.cfg
         B, T, _ = x.shape
-        q = self.q_proj(x) if cfg.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q_resid = None if cfg.q_lora_rank is None else self.q_a_layernorm(self.q_a_proj(x))
+        q = self.q_proj(x) if q_resid is None else self.q_b_proj(q_resid)
         q_nope, q_pe = q.view(B, T, cfg.num_attention_heads, cfg.qk_head_dim).split(
             [cfg.qk_nope_head_dim, cfg.qk_rope_head_dim], dim=-1)
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
         cos, sin = cos_sin
         q_pe = rope.apply(q_pe, cos, sin)
         k_pe = rope.apply(k_pe[:, :, None, :], cos, sin)[:, :, 0]
-        latent = cache.write(layer, start_pos, torch.cat([self.kv_a_layernorm(c_kv), k_pe], dim=-1))
-        attend = mla_decompressed if form == "decompressed" else mla_absorbed
-        out = attend(q_nope, q_pe, latent, self.kv_b_proj.weight,
-                     kv_lora_rank=cfg.kv_lora_rank, v_head_dim=cfg.v_head_dim, scale=cfg.softmax_scale)
+        cache.write(layer, start_pos, torch.cat([self.kv_a_layernorm(c_kv), k_pe], dim=-1))
+        # DSA: top-k keys per query; None while the context fits index_topk (dense is then identical)
+        indices = None if self.indexer is None else self.indexer(x, q_resid, cos_sin, cache=index_cache, layer=layer,
+                                                                  start_pos=start_pos)
+        args = dict(v_head_dim=cfg.v_head_dim, scale=cfg.softmax_scale, form=form)
+        if indices is not None:
+            out = dsa_attention(q_nope, q_pe, cache, layer, self.kv_b_proj.weight, indices, **args)
+        else:
+            out = mla_attention(q_nope, q_pe, cache, layer, self.kv_b_proj.weight, **args)
         return self.o_proj(out.reshape(B, T, -1))
 
 
@@ -99,21 +103,39 @@ class DeepseekForCausalLM(nn.Module):
         self.model = DeepseekModel(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rope = RotaryTables(cfg.rope, cfg.qk_rope_head_dim, interleave=cfg.rope_interleave)
+        self.cache_options: dict = {}  # {"dtype": "bf16" | "fp8" | ..., "page_size": N}: set by the loader's plan
 
-    def new_cache(self, *, batch: int, max_len: int, dtype: torch.dtype | None = None) -> LatentCache:
-        weight = self.lm_head.weight
-        return LatentCache(num_layers=self.cfg.num_hidden_layers, batch=batch, max_len=max_len,
-                           latent_dim=self.cfg.latent_dim, dtype=dtype or weight.dtype, device=weight.device)
+    def new_cache(self, *, batch: int, max_len: int, dtype: torch.dtype | str | None = None,
+                  page_size: int | None = None) -> LatentCache | DSACache:
+        """Paged latent cache for `batch` sequences of up to max_len tokens, on the attention's device.
+        dtype: the storage ("fp8" = e4m3 with per-128 scales), read back in the attention's dtype;
+        dtype and page_size default to `cache_options` (the placement plan's) or the attention's dtype
+        and DEFAULT_PAGE_SIZE."""
+        weight = self.model.layers[0].self_attn.kv_a_proj_with_mqa.weight
+        dtype = dtype or self.cache_options.get("dtype") or weight.dtype
+        page_size = page_size or self.cache_options.get("page_size") or DEFAULT_PAGE_SIZE
+        args = dict(num_layers=self.cfg.num_hidden_layers, batch=batch, max_len=max_len, page_size=page_size,
+                    dtype=dtype, compute_dtype=weight.dtype, device=weight.device)
+        latent = LatentCache.for_batch(latent_dim=self.cfg.latent_dim, **args)
+        if not self.cfg.has_indexer:
+            return latent
+        # V3.2: the indexer keys in a second paged cache of the same pages and storage dtype
+        return DSACache(latent, LatentCache.for_batch(latent_dim=self.cfg.index_head_dim, **args))
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, *, cache: LatentCache, start_pos: int = 0,
+    def forward(self, input_ids: torch.Tensor, *, cache: LatentCache | DSACache, start_pos: int = 0,
                 form: str = "auto", last_only: bool = False) -> torch.Tensor:
         """input_ids [B, T] at positions start_pos.. -> logits [B, T, V] fp32 ([B, 1, V] if last_only)."""
-        T = input_ids.shape[1]
-        if form == "auto":
-            form = "decompressed" if T >= DECOMPRESS_MIN_TOKENS else "absorbed"
+        B, T = input_ids.shape
+        if form == "auto":  # the crossover measured for the backend this device runs
+            form = choose_form(T, backend_for(input_ids.device), self.cfg.num_attention_heads)
+        index_cache = None
+        if isinstance(cache, DSACache):
+            cache, index_cache = cache.latent, cache.index_keys
+            index_cache.prepare(start_pos, T, B)
+        cache.prepare(start_pos, T, B)  # pages and lengths for this step, shared by all layers
         attn_args = dict(rope=self.rope, cos_sin=self.rope.cos_sin(start_pos, T, input_ids.device), cache=cache,
-                         start_pos=start_pos, form=form)
+                         start_pos=start_pos, form=form, index_cache=index_cache)
         h = self.model.embed_tokens(input_ids)
         for layer in self.model.layers:
             h = layer(h, **attn_args)

@@ -2,7 +2,9 @@
 
 Routed experts sit behind one small interface, `forward(hidden[T, H], topk_ids[T, k],
 topk_weights[T, k]) -> out[T, H]`, so the CPU JIT kernels (cpu_experts) can replace the torch
-reference without the model knowing.
+reference without the model knowing. Experts that run elsewhere may also offer `start(hidden,
+topk_ids, topk_weights)` / `finish() -> out`: the MoE block then starts them before its shared
+experts and joins after, so both run at once.
 """
 
 from __future__ import annotations
@@ -112,6 +114,11 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         weights, ids = self.gate(x)
+        if hasattr(self.experts, "start"):  # routed experts elsewhere (the CPU): start them, run the shared
+            self.experts.start(x, ids, weights)  # experts here meanwhile, then join (orchestrator.hybrid)
+            shared = self.shared_experts(x) if self.shared_experts is not None else None
+            out = self.experts.finish()
+            return (out if shared is None else out + shared).view(shape)
         out = self.experts(x, ids, weights)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)

@@ -29,15 +29,13 @@ def _token_text(value) -> str | None:
 class Tokenizer:
     def __init__(self, model_dir: str | Path, eos_token_ids: tuple[int, ...] = ()):
         model_dir = Path(model_dir)
-        file = model_dir / "tokenizer.json"
-        if not file.exists():
-            raise TokenizerError(f"{file}: no such file (hmoe reads Hugging Face tokenizer.json)")
-        try:
-            self.tok = HFTokenizer.from_file(str(file))
-        except Exception as e:  # tokenizers raises a bare Exception on bad files
-            raise TokenizerError(f"{file}: cannot be read as a tokenizer ({e})") from None
-        config_file = model_dir / "tokenizer_config.json"
-        self.config = json.loads(config_file.read_text()) if config_file.exists() else {}
+        if model_dir.suffix.lower() == ".gguf":  # tokenizer.ggml.* and tokenizer.chat_template
+            from .gguf_file import open_gguf
+            from .gguf_tokenizer import tokenizer_from_gguf
+
+            self.tok, self.config = tokenizer_from_gguf(open_gguf(model_dir))
+        else:
+            self.tok, self.config = self._load_files(model_dir)
         self.special = {k: _token_text(self.config.get(k)) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
         self.bos_id = self._id(self.special["bos_token"])
         self.add_bos = bool(self.config.get("add_bos_token", self.bos_id is not None))
@@ -46,6 +44,18 @@ class Tokenizer:
             eos.add(self._id(self.special["eos_token"]))
         self.eos_ids = frozenset(eos)
         self.chat_template = self._load_template(model_dir, self.config)
+
+    @staticmethod
+    def _load_files(model_dir: Path) -> tuple[HFTokenizer, dict]:
+        file = model_dir / "tokenizer.json"
+        if not file.exists():
+            raise TokenizerError(f"{file}: no such file (hmoe reads Hugging Face tokenizer.json)")
+        try:
+            tok = HFTokenizer.from_file(str(file))
+        except Exception as e:  # tokenizers raises a bare Exception on bad files
+            raise TokenizerError(f"{file}: cannot be read as a tokenizer ({e})") from None
+        config_file = model_dir / "tokenizer_config.json"
+        return tok, json.loads(config_file.read_text()) if config_file.exists() else {}
 
     def _id(self, token: str | None) -> int | None:
         return None if token is None else self.tok.token_to_id(token)

@@ -43,6 +43,7 @@ def test_cpu_only_rules_run_the_jit_experts_with_the_references_tokens(tiny_v3):
     assert isinstance(placed.model.layers[1].mlp.experts, JitExperts)
     allocated = allocated_bytes(placed)["cpu"]
     assert abs(allocated - plan.total_weight_bytes) <= 1024, (allocated, plan.total_weight_bytes)
+    assert placed.new_cache(batch=1, max_len=plan.ctx).nbytes == plan.usage()["cpu"].cache
     assert greedy(placed, PROMPT, 12)[0] == greedy(load_model(tiny_v3), PROMPT, 12)[0]
 
 
@@ -55,6 +56,15 @@ def test_mixed_dtypes_allocate_what_the_plan_says(tiny_v3):
     assert model.model.layers[1].mlp.experts.gate_proj.dtype == torch.bfloat16
     assert model.model.layers[1].self_attn.q_a_proj.weight.dtype == torch.float16
     assert model.model.layers[1].mlp.gate.e_score_correction_bias.dtype == torch.float32
+
+
+def test_cache_options_come_from_the_attention_rule(tiny_v3):
+    rules = parse_rules("name: fp8 cache\nrules:\n  - match: 'model\\.layers\\.\\d+\\.self_attn'\n"
+                        "    cache: {dtype: fp8, page_size: 16}\n  - {match: '.*', dtype: fp32}\n", "c.yaml", MACHINE)
+    plan = build_plan(rules, load_config(tiny_v3), ctx=50)
+    cache = load_model(tiny_v3, plan=plan).new_cache(batch=1, max_len=50)
+    assert cache.dtype == torch.float8_e4m3fn and cache.page_size == 16
+    assert cache.nbytes == plan.usage()["cpu"].cache
 
 
 def test_ops_not_in_the_runtime_are_refused_by_name_before_loading(tiny_v3):

@@ -124,10 +124,11 @@ def test_latent_cache_bytes():
     p = plan("name: t\nrules:\n  - {match: '.*self_attn', device: cuda, op: mla, dtype: bf16,"
              " cache: {dtype: fp8, page_size: 64}}\n", ctx=100)
     usage = p.usage()
-    # num_layers * ctx (rounded up to pages) * (kv_lora_rank + qk_rope_head_dim) * dtype bytes
-    assert usage["cuda:0"].cache == 3 * 128 * (32 + 8) * 1
+    # num_layers * ctx (rounded up to pages) * (kv_lora_rank + qk_rope_head_dim) * dtype bytes,
+    # plus fp8's one fp32 scale per 128 values of a token
+    assert usage["cuda:0"].cache == 3 * 128 * ((32 + 8) * 1 + 4)
     p = plan("name: t\nrules:\n  - {match: '.*self_attn', device: cuda, op: mla, dtype: bf16}\n", ctx=100)
-    assert p.usage()["cuda:0"].cache == 3 * 100 * 40 * 2
+    assert p.usage()["cuda:0"].cache == 3 * 128 * 40 * 2  # pages of 64 tokens by default
 
 
 def test_gpu_experts_split_the_bytes_and_numa_replicate_multiplies_ram():

@@ -60,7 +60,8 @@ def register(sub) -> None:
 
 def _model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     g = p.add_mutually_exclusive_group(required=required)
-    g.add_argument("--model", "-m", metavar="DIR", help="model directory (only config.json is read)")
+    g.add_argument("--model", "-m", metavar="DIR|GGUF",
+                   help="model directory or .gguf file (only config.json or the GGUF's metadata is read)")
     g.add_argument("--preset", choices=list(PRESETS), help="a built-in model shape instead of a directory (e.g. v3)")
 
 
@@ -114,7 +115,13 @@ def _explain(args) -> int:
 
     cfg, label = _model(args)
     inventory = _inventory(args)
-    rules = open_rules(args.rules, inventory) if args.rules else default_rules(cfg, inventory, ctx=args.ctx)
+    if args.rules:
+        rules = open_rules(args.rules, inventory)
+    else:  # as chat and generate choose them (a GGUF keeps its experts' format)
+        from ..session import default_expert_quant
+
+        quant = default_expert_quant(args.model, "auto") if args.model else "auto"
+        rules = default_rules(cfg, inventory, ctx=args.ctx, expert_quant=quant)
     plan = build_plan(rules, cfg, ctx=args.ctx, numa_nodes=inventory.numa_nodes)
     result = preflight.fits(plan, inventory)
     for w in plan.warnings:

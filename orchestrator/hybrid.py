@@ -1,0 +1,219 @@
+"""HybridExperts: a GPU model's routed experts computed by cpu_experts on the CPU, stream-ordered.
+
+Per MoE layer on the GPU's current stream (DESIGN.md, "Data flow of one decode step"):
+
+    start():  hidden, topk_ids, topk_weights -> page-locked host buffers (async copies)
+              host function: the engine's native submit          (CPU workers start)
+    ...       the caller runs the shared experts on the GPU meanwhile
+    finish(): host function: the engine's native wait            (the stream waits for the CPU)
+              routed output -> GPU (async copy)
+
+Nothing here synchronizes the host with the GPU: the Python thread runs ahead and the stream
+carries the order. Every buffer a launch touches is static: host buffers shared by all layers
+(they run one after another on one stream), the engine's scratch sized once for the largest
+launch, and one job array per layer and token count. So a step can be captured in a CUDA graph
+once each token count has run eagerly. On CPU inputs the same buffers and jobs are used and the
+calling thread plays the stream (it calls the native submit and wait itself): the stand-in that
+CI runs. Batches larger than the buffers go in chunks; only the last overlaps the shared experts.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+import torch
+from torch import nn
+
+from .cuda_host import launch_host_func
+
+_NATIVE = ctypes.CFUNCTYPE(None, ctypes.c_void_p)  # void f(void *job); ctypes drops the GIL around the call
+
+# job slots (cpu_experts.codegen.fields) that change from launch to launch: bind() writes the first
+# ones, the native code the last ones; every other slot must stay put once jobs exist
+_PER_CALL_SLOTS = ("T", "TOPK", "X", "XSTRIDE", "IDS", "W", "OUT", "OSTRIDE", "N0", "N1", "N2", "NACT")
+
+
+class HostStaging:
+    """Host buffers for up to `max_tokens` tokens, shared by the layers of one model: hidden [M, H]
+    f32, ids [M, k] i64, weights [M, k] f32, out [M, H] f32, as numpy arrays and tensors (one memory).
+
+    Page-locked with cudaHostRegister on first CUDA use (so a CPU-only model never touches CUDA),
+    rather than taken from torch's pinned allocator: the buffers never move or get recycled, and
+    torch records no allocator events on copies from them (nothing to upset a graph capture)."""
+
+    def __init__(self, *, max_tokens: int, hidden: int, top_k: int):
+        from cpu_experts.pool import aligned_zeros
+
+        self.max_tokens, self.hidden_size, self.top_k = max_tokens, hidden, top_k
+        M, H, k = max_tokens, hidden, top_k
+        self.arrays = [aligned_zeros(rows * cols, dtype, align=4096).reshape(rows, cols) for rows, cols, dtype in
+                       ((M, H, np.float32), (M, k, np.int64), (M, k, np.float32), (M, H, np.float32))]
+        self.tensors = tuple(torch.from_numpy(a) for a in self.arrays)
+        self.registered = False
+
+    def pin(self) -> None:
+        if not self.registered:
+            cudart = torch.cuda.cudart()
+            for a in self.arrays:  # flags 1 = cudaHostRegisterPortable: page-locked for every context
+                torch.cuda.check_error(cudart.cudaHostRegister(a.ctypes.data, a.nbytes, 1))
+            self.registered = True
+
+    def __del__(self):
+        if self.registered:
+            self.registered = False
+            try:
+                cudart = torch.cuda.cudart()
+                for a in self.arrays:
+                    cudart.cudaHostUnregister(a.ctypes.data)
+            except Exception:  # interpreter shutdown: CUDA may already be gone, and the process with it
+                pass
+
+
+class _Stream:
+    """CUDA inputs: everything enqueued on the current stream."""
+
+    def __init__(self, device: torch.device, staging: HostStaging):
+        staging.pin()
+        self.device, self.stream = device, torch.cuda.current_stream(device)
+        self.capturing = torch.cuda.is_current_stream_capturing()
+
+    def copy_in(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        dst.copy_(src.to(dst.dtype), non_blocking=True)  # converted on the GPU, then one async copy
+
+    def call(self, fn: int, job: np.ndarray) -> None:
+        launch_host_func(self.stream, fn, job.ctypes.data)
+
+    def copy_out(self, src: torch.Tensor) -> torch.Tensor:
+        return src.to(self.device, non_blocking=True)
+
+
+class _Host:
+    """CPU inputs: the calling thread does in order what the stream would."""
+
+    device, capturing = torch.device("cpu"), False
+
+    def copy_in(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        dst.copy_(src)
+
+    def call(self, fn: int, job: np.ndarray) -> None:
+        _NATIVE(fn)(job.ctypes.data)
+
+    def copy_out(self, src: torch.Tensor) -> torch.Tensor:
+        return src.clone()  # the buffer is the next layer's
+
+
+class HybridExperts(nn.Module):
+    """forward(hidden[T, H], topk_ids[T, k], topk_weights[T, k]) -> [T, H], or start(...) then finish()."""
+
+    def __init__(self, engine, staging: HostStaging):
+        super().__init__()
+        if engine.H != staging.hidden_size:
+            raise ValueError(f"engine hidden size {engine.H} != staging hidden size {staging.hidden_size}")
+        self.engine, self.staging = engine, staging
+        self._jobs: dict[int, np.ndarray] = {}  # token count -> this layer's job over the staging buffers
+        self._fns = (0, 0)  # native submit, wait
+        self._pending = None
+
+    def forward(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        self.start(hidden, topk_ids, topk_weights)
+        return self.finish()
+
+    def start(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> None:
+        assert self._pending is None, "start() twice without finish()"
+        lane = _Stream(hidden.device, self.staging) if hidden.device.type == "cuda" else _Host()
+        T, M = hidden.shape[0], self.staging.max_tokens
+        done = None
+        if T > M:  # a long prompt: all chunks but the last run to completion here
+            done = torch.empty(T, self.engine.H, dtype=torch.float32, device=hidden.device)
+            last = (T - 1) // M * M
+            for s in range(0, last, M):
+                done[s:s + M] = self._collect(lane, self._launch(lane, hidden[s:s + M], topk_ids[s:s + M],
+                                                                 topk_weights[s:s + M]))
+            hidden, topk_ids, topk_weights = hidden[last:], topk_ids[last:], topk_weights[last:]
+        self._pending = (lane, self._launch(lane, hidden, topk_ids, topk_weights), done, hidden.dtype)
+
+    def finish(self) -> torch.Tensor:
+        assert self._pending is not None, "finish() without start()"
+        lane, launched, done, dtype = self._pending
+        self._pending = None
+        out = self._collect(lane, launched)
+        if done is not None:
+            done[-out.shape[0]:] = out
+            out = done
+        return out.to(dtype)
+
+    def _launch(self, lane, hidden, topk_ids, topk_weights):
+        T = hidden.shape[0]
+        job = self._job(T, lane)
+        h, ids, w, _ = self.staging.tensors
+        lane.copy_in(h[:T], hidden.detach())
+        lane.copy_in(ids[:T], topk_ids)
+        lane.copy_in(w[:T], topk_weights.detach())
+        lane.call(self._fns[0], job)
+        return T, job
+
+    def _collect(self, lane, launched) -> torch.Tensor:
+        T, job = launched
+        lane.call(self._fns[1], job)
+        return lane.copy_out(self.staging.tensors[3][:T])
+
+    def _job(self, T: int, lane) -> np.ndarray:
+        """This layer's job for T tokens: a copy of the engine's job after bind(), so each token count
+        keeps its own static job and no launch rewrites a job that a queued host function reads."""
+        job = self._jobs.get(T)
+        if job is not None:
+            return job
+        if lane.capturing:
+            raise RuntimeError(f"HybridExperts: {T} tokens never ran before this CUDA graph capture; run the step "
+                               f"once without capture first (its job must exist before capture)")
+        if not self._jobs:  # scratch for the largest launch first: later binds never move it
+            self._bind(self.staging.max_tokens)
+        return self._bind(T)
+
+    def _bind(self, T: int) -> np.ndarray:
+        from cpu_experts.codegen.fields import J, JOB_FIELDS
+        from cpu_experts.pool import aligned_zeros
+
+        h, ids, w, out = self.staging.arrays
+        submit, wait, address = self.engine.bind(h[:T], ids[:T], w[:T], out[:T])
+        job = aligned_zeros(len(JOB_FIELDS), np.int64)
+        job[:] = np.ctypeslib.as_array((ctypes.c_int64 * len(JOB_FIELDS)).from_address(address))
+        fixed = np.ones(len(JOB_FIELDS), bool)
+        fixed[[J[n] for n in _PER_CALL_SLOTS if n in J]] = False
+        first = next(iter(self._jobs.values()), job)
+        if not np.array_equal(first[fixed], job[fixed]):
+            raise RuntimeError("the CPU experts' scratch memory moved under HybridExperts (the engine ran a batch "
+                               "larger than the staging buffers outside it); queued or captured launches would "
+                               "read freed memory")
+        self._jobs[T] = job
+        self._fns = (submit, wait)
+        return job
+
+
+def attach(model: nn.Module, *, max_tokens: int = 512, fmt: str = "bf16", threads: int | None = None,
+           numa: str = "interleave") -> int:
+    """Make every MoE layer's routed experts HybridExperts, all sharing one HostStaging; returns the
+    number of layers. Experts already on cpu_experts (anything with `.engine`) keep their engine;
+    torch reference experts are quantized to `fmt`."""
+    from cpu_experts.experts import CPUExperts
+    from runtime.moe import MoE, TorchExperts
+
+    cfg = model.cfg
+    staging = HostStaging(max_tokens=max_tokens, hidden=cfg.hidden_size, top_k=cfg.num_experts_per_tok)
+    count = 0
+    for layer in model.model.layers:
+        if not isinstance(layer.mlp, MoE):
+            continue
+        experts = layer.mlp.experts
+        engine = getattr(experts, "engine", None)
+        if engine is None:
+            if not isinstance(experts, TorchExperts):
+                raise TypeError(f"layer {layer.layer}: cannot take the routed experts of a {type(experts).__name__}")
+            with torch.no_grad():
+                engine = CPUExperts.from_tensors(*(p.detach().float().cpu() for p in
+                                                   (experts.gate_proj, experts.up_proj, experts.down_proj)),
+                                                 fmt=fmt, threads=threads, numa=numa)
+        layer.mlp.experts = HybridExperts(engine, staging)
+        count += 1
+    return count

@@ -1,0 +1,204 @@
+"""`hmoe bench`: prompt processing and generation rates of a whole model, llama-bench style, with the
+decode roofline of this model on this machine.
+
+Tests (llama-bench's names): `pp512` processes a 512-token prompt in one pass (ubatches of
+`ubatch` tokens), `tg128` generates 128 tokens one decode step at a time (greedy), and
+`... @ d8192` runs the same test after 8192 tokens already sit in the latent cache. The depth is
+filled by prefill and never timed. Each test runs `reps` times after one untimed warm-up; rates
+are mean ± sample standard deviation of the per-repetition tokens/s.
+
+Decode roofline: a decode step must read every routed expert it uses once, so tokens/s ≤ read
+bandwidth ÷ (MoE layers × top-k × bytes per expert in its format). The bandwidth is measured in
+the same run with cpu_experts' streaming read on the experts' threads.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .bench_common import csv_text, markdown_table
+from .errors import HmoeError
+from .moe import MoE, TorchExperts
+
+
+@dataclass(frozen=True)
+class BenchTest:
+    n_prompt: int
+    n_gen: int
+    n_depth: int
+
+    @property
+    def name(self) -> str:
+        base = f"pp{self.n_prompt}" if self.n_prompt else f"tg{self.n_gen}"
+        return base + (f" @ d{self.n_depth}" if self.n_depth else "")
+
+
+def make_tests(prompts: list[int], gens: list[int], depths: list[int]) -> list[BenchTest]:
+    """Depth by depth (ascending, so the cache fill is reused), prompt tests first (as llama-bench)."""
+    tests = []
+    for d in sorted(set(depths)):
+        tests += [BenchTest(p, 0, d) for p in prompts if p > 0]
+        tests += [BenchTest(0, n, d) for n in gens if n > 0]
+    if not tests:
+        raise HmoeError("nothing to run: -p and -n are all 0")
+    return tests
+
+
+def context_needed(tests: list[BenchTest]) -> int:
+    return max(t.n_depth + t.n_prompt + t.n_gen for t in tests)
+
+
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+class Runner:
+    """Runs tests on one model and one cache of batch 1. Positions [0, filled) of the cache hold
+    the depth tokens; a test at depth d overwrites positions from d on."""
+
+    def __init__(self, model, *, max_len: int, ubatch: int, seed: int = 0):
+        self.model, self.ubatch = model, ubatch
+        self.device = model.lm_head.weight.device
+        self.cache = model.new_cache(batch=1, max_len=max_len)
+        gen = torch.Generator().manual_seed(seed)
+        vocab = model.cfg.vocab_size
+        self.depth_ids = torch.randint(0, vocab, (max_len,), generator=gen)
+        self.test_ids = torch.randint(0, vocab, (max_len,), generator=gen)
+        self.filled = 0
+
+    def _prefill(self, ids: torch.Tensor, start: int) -> torch.Tensor:
+        logits = None
+        for s in range(0, len(ids), self.ubatch):
+            chunk = ids[s:s + self.ubatch].to(self.device)[None]
+            logits = self.model(chunk, cache=self.cache, start_pos=start + s, last_only=True)
+        return logits
+
+    def fill(self, depth: int, log) -> None:
+        if depth > self.filled:
+            log(f"filling the cache to depth {depth} (prefill, not timed)")
+            t0 = time.perf_counter()
+            self._prefill(self.depth_ids[self.filled:depth], self.filled)
+            _sync()
+            log(f"  filled in {time.perf_counter() - t0:.1f} s")
+        self.filled = depth
+
+    def run(self, test: BenchTest) -> float:
+        """Seconds of one repetition."""
+        _sync()
+        t0 = time.perf_counter()
+        if test.n_prompt:
+            self._prefill(self.test_ids[:test.n_prompt], test.n_depth)
+        else:
+            token = self.test_ids[:1].to(self.device)[None]
+            for i in range(test.n_gen):  # greedy, as generation does: one step, then the next token
+                logits = self.model(token, cache=self.cache, start_pos=test.n_depth + i, last_only=True)
+                token = logits[:, -1].argmax(-1, keepdim=True)
+        _sync()
+        self.filled = min(self.filled, test.n_depth)
+        return time.perf_counter() - t0
+
+
+def run_tests(runner: Runner, tests: list[BenchTest], *, reps: int, warmup: bool = True, log=print) -> list[dict]:
+    results = []
+    for test in tests:
+        runner.fill(test.n_depth, log)
+        if warmup:
+            runner.run(BenchTest(test.n_prompt, min(test.n_gen, 1), test.n_depth))
+        n = test.n_prompt or test.n_gen
+        samples = []
+        for r in range(reps):
+            seconds = runner.run(test)
+            samples.append(seconds)
+            log(f"{test.name}: repetition {r + 1}/{reps}: {n / seconds:.2f} t/s")
+        ts = [n / s for s in samples]
+        results.append({"test": test.name, "n_prompt": test.n_prompt, "n_gen": test.n_gen, "n_depth": test.n_depth,
+                        "reps": reps, "samples_ns": [round(s * 1e9) for s in samples], "samples_ts": ts,
+                        "avg_ns": round(statistics.fmean(samples) * 1e9),
+                        "stddev_ns": round(statistics.stdev(samples) * 1e9) if reps > 1 else 0,
+                        "avg_ts": statistics.fmean(ts), "stddev_ts": statistics.stdev(ts) if reps > 1 else 0.0})
+    return results
+
+
+def routed_experts(model) -> dict:
+    """What one decode token must read of the routed experts: per MoE layer top-k experts."""
+    cfg = model.cfg
+    layers, per_layer, kinds = 0, [], set()
+    for layer in model.model.layers:
+        if not isinstance(layer.mlp, MoE):
+            continue
+        experts = layer.mlp.experts
+        engine = getattr(experts, "engine", None)
+        if engine is not None:
+            per_expert, kind = engine.bytes_per_expert(), f"{engine.fmt} (cpu_experts)"
+        elif isinstance(experts, TorchExperts):
+            w = experts.gate_proj
+            per_expert = 3 * w.shape[1] * w.shape[2] * w.element_size()
+            kind = f"torch {str(w.dtype).removeprefix('torch.')} on {w.device.type}"
+        else:
+            raise HmoeError(f"hmoe bench cannot tell the bytes per expert of {type(experts).__name__} "
+                            f"(layer {layer.layer})")
+        layers += 1
+        per_layer.append(per_expert)
+        kinds.add(kind)
+    if not layers:
+        raise HmoeError("the model has no MoE layers: there is no routed-expert roofline")
+    k = cfg.num_experts_per_tok
+    return {"moe_layers": layers, "top_k": k, "bytes_per_expert": per_layer[0], "experts": ", ".join(sorted(kinds)),
+            "bytes_per_token": k * sum(per_layer)}
+
+
+def experts_threads(model) -> tuple[int, list[int] | None]:
+    """Threads (and CPUs) of the CPU expert workers; torch's thread count without cpu_experts."""
+    for layer in model.model.layers:
+        engine = getattr(getattr(layer.mlp, "experts", None), "engine", None)
+        if engine is not None:
+            return engine.threads, engine.pool.cpus
+    return torch.get_num_threads(), None
+
+
+def roofline(experts: dict, bandwidth_gbs: float, threads: int) -> dict:
+    return {**experts, "read_bandwidth_gbs": bandwidth_gbs, "bandwidth_threads": threads,
+            "tokens_per_s": bandwidth_gbs * 1e9 / experts["bytes_per_token"]}
+
+
+def attach_roofline(results: list[dict], roof: dict) -> None:
+    for r in results:
+        r["roofline_fraction"] = r["avg_ts"] / roof["tokens_per_s"] if r["n_gen"] else None
+
+
+# ---------------------------------------------------------------- output
+
+FIELDS = ["model", "experts", "test", "n_prompt", "n_gen", "n_depth", "reps", "avg_ts", "stddev_ts",
+          "roofline_fraction"]
+
+
+def as_markdown(result: dict) -> str:
+    roof = result["roofline"]
+    rows = [[result["model"], roof["experts"], r["test"], f"{r['avg_ts']:.2f} ± {r['stddev_ts']:.2f}",
+             f"{100 * r['roofline_fraction']:.1f}%" if r["roofline_fraction"] is not None else ""]
+            for r in result["results"]]
+    table = markdown_table(["model", "experts", "test", "t/s", "of roofline"], rows)
+    lines = [table, "",
+             f"decode roofline: {roof['moe_layers']} MoE layers × top-{roof['top_k']} × "
+             f"{_size(roof['bytes_per_expert'])} per expert = {_size(roof['bytes_per_token'])} of routed experts per "
+             f"token ÷ {roof['read_bandwidth_gbs']:.1f} GB/s read bandwidth ({roof['bandwidth_threads']} threads, "
+             f"measured in this run) = {roof['tokens_per_s']:.4g} t/s"]
+    return "\n".join(lines)
+
+
+def _size(nbytes: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.3g} {unit}"
+    return f"{nbytes:.0f} B"
+
+
+def as_csv(result: dict) -> str:
+    experts = result["roofline"]["experts"]
+    rows = [[result["model"], experts] + [r[f] for f in FIELDS[2:]] for r in result["results"]]
+    return csv_text(FIELDS, rows)

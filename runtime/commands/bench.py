@@ -1,0 +1,75 @@
+"""`hmoe bench`: llama-bench style rates of a whole model (pp, tg, at depths) and its decode roofline."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from ..session import add_model_args
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "bench", help="prompt and generation speed of a model (llama-bench style) against the decode roofline",
+        description="Runs llama-bench style tests on a model: ppN (an N-token prompt in one pass), tgN (N tokens "
+                    "generated one step at a time) and either at depth D ('tgN @ dD': D tokens already in the "
+                    "cache, filled by an untimed prefill). Each test runs -r times after one warm-up; t/s is mean "
+                    "± standard deviation. It also prints the decode roofline: routed-expert bytes each token must "
+                    "read (MoE layers × top-k × bytes per expert in its format) ÷ the read bandwidth measured in "
+                    "the same run, and each tg row's fraction of it. The context (--ctx) is set to what the tests "
+                    "need. Progress goes to stderr.")
+    add_model_args(p)
+    p.add_argument("-p", "--n-prompt", default="512", metavar="LIST", help="prompt lengths, comma-separated, 0 = none (default 512)")
+    p.add_argument("-n", "--n-gen", default="128", metavar="LIST", help="generation lengths, comma-separated, 0 = none (default 128)")
+    p.add_argument("-d", "--n-depth", default="0", metavar="LIST",
+                   help="cache depths to run every test at, comma-separated (default 0)")
+    p.add_argument("-r", "--repetitions", type=int, default=5, metavar="N", help="repetitions of each test (default 5)")
+    p.add_argument("-ub", "--ubatch", type=int, default=512, metavar="N",
+                   help="tokens per forward pass in prompts and the depth fill (default 512)")
+    p.add_argument("-o", "--output", choices=["md", "json", "csv"], default="md", help="output format (default md)")
+    p.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up run of each test")
+    p.add_argument("--bw-gib", type=float, default=2.0, help="buffer of the read-bandwidth test in GiB (default 2)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random prompt tokens (default 0)")
+    p.add_argument("--out", metavar="FILE", default=None, help="also write the JSON result to this file")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    from cpu_experts.bandwidth import measure_read_bandwidth
+
+    from ..bench_common import command_line, int_list, metadata
+    from ..bench_model import (Runner, as_csv, as_markdown, attach_roofline, context_needed, experts_threads,
+                               make_tests, roofline, routed_experts, run_tests)
+    from ..config import load_config
+    from ..errors import HmoeError
+    from ..session import open_model
+
+    tests = make_tests(int_list(args.n_prompt, "-p", 0), int_list(args.n_gen, "-n", 0), int_list(args.n_depth, "-d", 0))
+    if args.repetitions < 1 or args.ubatch < 1 or not args.bw_gib > 0:
+        raise HmoeError("-r and -ub must be >= 1 and --bw-gib > 0")
+    need = context_needed(tests)
+    limit = load_config(args.model).max_position_embeddings
+    if need > limit:
+        raise HmoeError(f"the tests need a context of {need} tokens (depth + test length); {args.model}/config.json "
+                        f"allows {limit} (max_position_embeddings)")
+    args.ctx = need
+    log = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
+    model = open_model(args.model, args)
+    experts = routed_experts(model)
+    threads, cpus = experts_threads(model)
+    log(f"measuring read bandwidth ({args.bw_gib:g} GiB, {threads} threads)...")
+    bw = measure_read_bandwidth(threads, int(args.bw_gib * 2**30), cpus=cpus)
+    roof = roofline(experts, bw, threads)
+    log(f"read bandwidth {bw:.1f} GB/s; decode roofline {roof['tokens_per_s']:.2f} t/s")
+    runner = Runner(model, max_len=need, ubatch=args.ubatch, seed=args.seed)
+    results = run_tests(runner, tests, reps=args.repetitions, warmup=not args.no_warmup, log=log)
+    attach_roofline(results, roof)
+    result = {**metadata(command_line("bench", args, skip=("output", "out", "ctx"))),
+              "model": Path(args.model).name, "roofline": roof, "results": results}
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    print({"md": as_markdown, "csv": as_csv, "json": lambda r: json.dumps(r, indent=1)}[args.output](result))
+    return 0

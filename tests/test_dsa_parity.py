@@ -1,0 +1,102 @@
+"""DeepSeek-V3.2 (DSA) parity with transformers' DeepseekV32ForCausalLM on random tiny models (fp32),
+with index_topk well below the sequence length so that the sparse paths decide the result."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from runtime.generate import Generator
+from runtime.loader import load_model
+from runtime.make_model import write_model, write_tokenizer
+from runtime.sampling import SamplingParams
+from runtime.tokenizer import Tokenizer
+
+from .conftest import V3_KWARGS, randomize_
+
+TOPK = 8
+# 16 indexer heads: an index score is exactly 0 only if all heads' ReLUs are 0 (odds 2**-16), so
+# top-k ties, which two implementations may break differently, stay improbable.
+V32_KWARGS = dict(V3_KWARGS, index_n_heads=16, index_head_dim=16, index_topk=TOPK)
+
+
+def rel_err(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def prompt(n, seed=1, vocab=256):
+    return torch.randint(2, vocab, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def hf_v32(tmp_path_factory):
+    from transformers import DeepseekV32Config, DeepseekV32ForCausalLM
+
+    path = tmp_path_factory.mktemp("hf_v32")
+    torch.manual_seed(0)
+    ref = DeepseekV32ForCausalLM(DeepseekV32Config(**V32_KWARGS)).eval()
+    randomize_(ref, seed=0)
+    ref.save_pretrained(path)
+    write_tokenizer(path, max_vocab=ref.config.vocab_size)
+    return ref, path
+
+
+def hf_logits(ref, ids):
+    with torch.no_grad():
+        return ref(ids).logits.float()
+
+
+def dense(model):
+    """The same model with the indexer selecting every key (plain MLA)."""
+    for layer in model.model.layers:
+        layer.self_attn.indexer.topk = 1 << 30
+    return model
+
+
+@pytest.mark.parametrize("form", ["absorbed", "decompressed"])
+def test_full_sequence_logits_match_transformers(hf_v32, form):
+    ref, path = hf_v32
+    model = load_model(path, dtype="float32")
+    ids = prompt(40)
+    expected = hf_logits(ref, ids)
+    ours = model(ids, cache=model.new_cache(batch=1, max_len=64), form=form)
+    assert rel_err(ours, expected) <= 1e-4
+    plain = dense(model)(ids, cache=model.new_cache(batch=1, max_len=64), form=form)
+    assert rel_err(plain[:, TOPK:], expected[:, TOPK:]) > 1e-2  # sparsity changed the result
+    assert rel_err(plain[:, :TOPK], expected[:, :TOPK]) <= 1e-4  # up to top-k keys: dense == DSA
+
+
+def test_chunked_prefill_then_decode_matches_transformers(hf_v32):
+    ref, path = hf_v32
+    model = load_model(path, dtype="float32")
+    ids = prompt(36, seed=2)
+    cache = model.new_cache(batch=1, max_len=64)
+    steps = [model(ids[:, :6], cache=cache, start_pos=0, form="decompressed"),  # within top-k: dense path
+             model(ids[:, 6:20], cache=cache, start_pos=6, form="decompressed"),  # masked prefill past a prefix
+             model(ids[:, 20:24], cache=cache, start_pos=20, form="absorbed")]  # gathered, several queries
+    steps += [model(ids[:, t:t + 1], cache=cache, start_pos=t) for t in range(24, 36)]  # decode
+    assert rel_err(torch.cat(steps, dim=1), hf_logits(ref, ids)) <= 1e-4
+
+
+def test_greedy_tokens_identical_to_transformers_generate(hf_v32):
+    ref, path = hf_v32
+    ids = prompt(12, seed=7)
+    with torch.no_grad():
+        expected = ref.generate(ids, max_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=0)[0, 12:]
+    model = load_model(path, dtype="float32")
+    gen = Generator(model, Tokenizer(path), max_context=128)
+    gen.tokenizer.eos_ids = frozenset()  # transformers was told not to stop either
+    list(gen.stream(ids[0].tolist(), SamplingParams(temperature=0, max_tokens=24)))
+    assert gen.stats.token_ids == expected.tolist()
+
+
+def test_make_model_tiny_v32_loads_in_transformers(tmp_path):
+    """make-model writes the indexer under transformers' names, and both agree past index_topk (64)."""
+    from transformers import DeepseekV32ForCausalLM
+
+    path = write_model(tmp_path, "tiny-v32", dtype="fp32", progress=False)
+    ref = DeepseekV32ForCausalLM.from_pretrained(Path(path), dtype=torch.float32).eval()
+    model = load_model(path, dtype="float32")
+    ids = prompt(80, seed=3, vocab=1024)
+    ours = model(ids, cache=model.new_cache(batch=1, max_len=96))
+    assert rel_err(ours, hf_logits(ref, ids)) <= 1e-4
