@@ -106,6 +106,8 @@ class _Host:
 class HybridExperts(nn.Module):
     """forward(hidden[T, H], topk_ids[T, k], topk_weights[T, k]) -> [T, H], or start(...) then finish()."""
 
+    moves_its_own_data = True  # takes GPU or CPU tensors and returns on their device (no assembly hooks)
+
     def __init__(self, engine, staging: HostStaging):
         super().__init__()
         if engine.H != staging.hidden_size:

@@ -83,6 +83,8 @@ def connect(model: nn.Module, plan: Plan) -> None:
         return
     for p in plan.placements:
         module = model.get_submodule(p.name)
+        if getattr(module, "moves_its_own_data", False):  # e.g. CPU experts called stream-ordered from a GPU
+            continue
         module.register_forward_pre_hook(functools.partial(_inputs_to, torch.device(p.device)), with_kwargs=True)
         module.register_forward_hook(_outputs_back)
     attention = {p.unit.layer: torch.device(p.device) for p in plan.placements if p.unit.kind == "attention"}

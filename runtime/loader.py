@@ -101,6 +101,7 @@ def load_model(model_dir: str | Path, *, dtype: str = "auto", device: str = "cpu
         for i, moe, reference in pending:
             moe.experts = _build_experts(ckpt, model_dir, cfg, placements[f"model.layers.{i}.mlp.experts"], i,
                                          reference, packed_cache, bar)
+    _overlap_on_gpu(model, cfg, plan, [(i, moe) for i, moe, _ in pending])
     connect(model, plan)
     model.cache_options = cache_options(plan)
     model.eval()
@@ -114,6 +115,24 @@ def open_weights(model_dir: str | Path, cfg: ModelConfig):
 
         return GGUFWeights(model_dir, cfg)
     return Checkpoint(model_dir, cfg.fp8_block_size)
+
+
+# Host buffers of the hybrid path hold this many tokens; longer prompts go through them in chunks.
+HYBRID_STAGING_TOKENS = 1024
+
+
+def _overlap_on_gpu(model, cfg: ModelConfig, plan, moe_layers) -> None:
+    """CPU experts of layers whose attention runs on a GPU: computed stream-ordered (HybridExperts),
+    overlapping the GPU's shared experts, instead of a synchronous copy to the CPU and back."""
+    attention = {p.unit.layer: p.device for p in plan.placements if p.unit.kind == "attention"}
+    hybrid = [(i, moe) for i, moe in moe_layers if attention[i].startswith("cuda") and hasattr(moe.experts, "engine")]
+    if not hybrid:
+        return
+    from orchestrator.hybrid import HostStaging, HybridExperts
+
+    staging = HostStaging(max_tokens=HYBRID_STAGING_TOKENS, hidden=cfg.hidden_size, top_k=cfg.num_experts_per_tok)
+    for _, moe in hybrid:
+        moe.experts = HybridExperts(moe.experts.engine, staging)
 
 
 def _build_experts(ckpt: Checkpoint, model_dir, cfg: ModelConfig, p, layer: int, reference: TorchExperts,
