@@ -75,3 +75,28 @@ def measure_read_bandwidth(threads: int, nbytes: int = 1 << 31, repeats: int = 3
             th.join()
         best = max(best, per * threads / dt / 1e9)
     return best
+
+
+class Flusher:
+    """Evicts the last-level cache between timed runs: a parallel streaming read of nbytes (default
+    512 MiB, more than the LLC of the machines measured here) on the given CPUs."""
+
+    def __init__(self, threads: int, cpus=None, nbytes: int = 1 << 29):
+        isa = host_isa()
+        self._read = _READ(Library(_read_ir(isa.vector_bytes, 0), isa).address("hmoe_read"))
+        self._buf = np.ones(nbytes // 8 + 512, np.int64)
+        self._base = self._buf.ctypes.data + (-self._buf.ctypes.data) % 4096
+        self._per = (nbytes // threads) // 4096 * 4096
+        self.threads, self.cpus = threads, cpus
+
+    def __call__(self):
+        def work(t):
+            if self.cpus:
+                os.sched_setaffinity(0, {self.cpus[t % len(self.cpus)]})
+            self._read(self._base + t * self._per, self._per)
+
+        ths = [threading.Thread(target=work, args=(t,)) for t in range(self.threads)]
+        for th in ths:
+            th.start()
+        for th in ths:
+            th.join()

@@ -8,14 +8,14 @@ out[t] = sum_j w[t, j] * down_e(silu(gate_e x_t) * up_e x_t), e = ids[t, j]. gat
 down: [E, H, I] (the checkpoint's [out, in] orientation).
 """
 import ctypes
+from dataclasses import replace
 from functools import lru_cache
 
 import numpy as np
 
 from . import numa as numa_mod
-from .codegen.amx import TOKENS as AMX_TOKENS
 from .codegen.fields import J, JOB_FIELDS
-from .codegen.moe import Tiles, build_ir, supports_amx
+from .codegen.moe import SLOT_PAD, Tiles, build_ir, supports_amx
 from .formats import get_format, quantize
 from .isa import Isa, host_isa
 from .jit import Library
@@ -34,6 +34,23 @@ def default_tiles(isa: Isa, geo: Geometry, amx: bool | None = None) -> Tiles:
     return Tiles(tokens=8 if isa.vector_bytes == 64 else 4, amx=use_amx)
 
 
+def _geometry(fmt: str, isa: Isa, tiles: Tiles | None) -> Geometry:
+    # AMX reads unsigned q8_0 codes (code+128), which the vector kernels read only with VNNI; an
+    # emulated-AMX test on a host without VNNI sends every expert to AMX (amx_min_slots=1)
+    unsigned = isa.vnni or bool(tiles and tiles.amx and tiles.amx_emulate)
+    return geometry(fmt, isa.vector_bytes, unsigned)
+
+
+def _check_amx(tiles: Tiles, isa: Isa, geo: Geometry):
+    """Real tile instructions need an AMX host, a supported layout and the kernel's permission."""
+    if not tiles.amx:
+        return
+    if not supports_amx(geo):
+        raise ValueError(f"AMX needs q8_0, q4_0 or q4_k weights with 16-row groups, got {geo.fmt} on {isa.name}")
+    if not tiles.amx_emulate and not (isa.amx and enable_amx()):
+        raise ValueError(f"AMX needs an AMX host that grants the tile state (host {isa.cpu})")
+
+
 @lru_cache(maxsize=None)
 def enable_amx() -> bool:
     """Ask Linux for the AMX tile state (once per process); without it the first tile op kills us."""
@@ -44,7 +61,7 @@ def enable_amx() -> bool:
 
 @lru_cache(maxsize=None)
 def library(fmt: str, isa: Isa, tiles: Tiles) -> Library:
-    return Library(build_ir(geometry(fmt, isa.vector_bytes, isa.vnni), isa, tiles), isa)
+    return Library(build_ir(_geometry(fmt, isa, tiles), isa, tiles), isa)
 
 
 _POOLS: dict = {}
@@ -108,8 +125,11 @@ class CPUExperts:
         get_format(fmt)
         self.fmt, self.E, self.H, self.I = fmt, num_experts, hidden, inter
         self.isa = host_isa(isa)
-        self.geo = geometry(fmt, self.isa.vector_bytes, self.isa.vnni)
+        self.geo = _geometry(fmt, self.isa, tiles)
         self.tiles = tiles or default_tiles(self.isa, self.geo, amx)
+        if tiles is None and hidden % self.tiles.rows_down and hidden % 32 == 0:
+            self.tiles = replace(self.tiles, rows_down=32)   # the default 64 rows per down task need H % 64 == 0
+        _check_amx(self.tiles, self.isa, self.geo)
         if inter % self.tiles.rows_up or hidden % self.tiles.rows_down:
             raise ValueError(f"inter {inter} must divide by {self.tiles.rows_up} and hidden {hidden} by "
                              f"{self.tiles.rows_down}")
@@ -123,9 +143,26 @@ class CPUExperts:
         self.job = aligned_zeros(len(JOB_FIELDS), np.int64)
         self._capacity = (0, 0)
         self._pending = None
+        self._owner = True
         self._write_static_fields()
 
     # ------------------------------------------------------------ construction
+    def retiled(self, tiles: Tiles) -> "CPUExperts":
+        """The same weights (shared memory, same layout) with another tiling: benchmarks compare
+        kernel variants on one copy of a layer. Close only the original."""
+        if _geometry(self.fmt, self.isa, tiles) != self.geo:
+            raise ValueError("retiled: that tiling needs another weight layout")
+        _check_amx(tiles, self.isa, self.geo)
+        other = object.__new__(CPUExperts)
+        other.__dict__.update(self.__dict__)
+        other.tiles = tiles
+        other.lib = library(self.fmt, self.isa, tiles)
+        other.pool = shared_pool(other.lib, self.threads)
+        other.job = aligned_zeros(len(JOB_FIELDS), np.int64)
+        other._capacity, other._pending, other._owner = (0, 0), None, False
+        other._write_static_fields()
+        return other
+
     @classmethod
     def from_tensors(cls, gate, up, down, *, fmt: str = "q8_0", threads: int | None = None,
                      numa: str = "interleave", isa: str | None = None, tiles: Tiles | None = None,
@@ -193,17 +230,21 @@ class CPUExperts:
             return
         T, S = max(T, self._capacity[0]), max(T * k, self._capacity[1])
         H, I, E = self.H, self.I, self.E
-        P = AMX_TOKENS  # AMX reads 16 rows from the first slot of a chunk: pad h by 16 rows
-        gather = -(-(P * H + 2 * P * (H // 32) * 4) // 64) * 64   # A, scale_a, term_a of 16 rows
-        s = self._scratch = {
-            "XQ": aligned_zeros(T * H, np.int8), "XD": aligned_zeros(T * H // 32, np.float32),
-            "XS": aligned_zeros(T * H // 16, np.int32), "XT": aligned_zeros(T * H // 32, np.float32), "HF": aligned_zeros(S * I, np.float32),
-            "HQ": aligned_zeros((S + P) * I, np.int8), "HD": aligned_zeros((S + P) * I // 32, np.float32),
-            "HS": aligned_zeros((S + P) * I // 16, np.int32), "HT": aligned_zeros((S + P) * I // 32, np.float32), "CNT": aligned_zeros(E, np.int32),
-            "OFF": aligned_zeros(E + 1, np.int32), "STOK": aligned_zeros(S, np.int32),
-            "SW": aligned_zeros(S, np.float32), "ACT": aligned_zeros(E, np.int32),
-            "GATHER": aligned_zeros(gather * self.threads if self.tiles.amx else 64, np.uint8)}
-        self.job[J["GATHER_STRIDE"]] = gather
+        P = SLOT_PAD  # AMX reads activation rows in chunks of 32 slots: pad past the last slot
+        s = self._scratch = {"HF": aligned_zeros(S * I, np.float32), "CNT": aligned_zeros(E, np.int32),
+                             "OFF": aligned_zeros(E + 1, np.int32), "STOK": aligned_zeros(S, np.int32),
+                             "SW": aligned_zeros(S, np.float32), "SPOS": aligned_zeros(S, np.int32),
+                             "ACT": aligned_zeros(E, np.int32)}
+        bf16_acts = self.tiles.amx and self.tiles.amx_mode == "bf16"
+        for pre, k in (("X", H), ("H", I)):   # slot-ordered int8 activations, scale, sums per 16, term
+            rows = (S + P) if self.fmt != "bf16" else 1
+            s.update({pre + "Q": aligned_zeros(rows * k, np.int8), pre + "D": aligned_zeros(rows * k // 32, np.float32),
+                      pre + "S": aligned_zeros(rows * k // 16, np.int32),
+                      pre + "T": aligned_zeros(rows * k // 32, np.float32),
+                      pre + "B": aligned_zeros(rows * k if bf16_acts else 32, np.uint16)})
+        stride = max(H, I) // 32 * 2048 if bf16_acts else 0   # AMX-BF16: a row group's dequantized blocks
+        s["AMXB"] = aligned_zeros(max(stride * self.threads, 64), np.uint8)
+        self.job[J["AMXB_STRIDE"]] = stride
         for name, arr in s.items():
             self.job[J[name]] = arr.ctypes.data
         self._capacity = (T, S)
@@ -287,5 +328,6 @@ class CPUExperts:
         return int(round(3 * self.H * self.I * repacked_bytes_per_weight(self.geo)))
 
     def close(self):
-        for m in (self.gate, self.up, self.down):
-            m.close()
+        if self._owner:   # a retiled() view shares the weights of its original
+            for m in (self.gate, self.up, self.down):
+                m.close()

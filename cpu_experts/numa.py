@@ -72,22 +72,46 @@ def effective_policy(policy: str) -> str:
     return policy
 
 
+HUGE_PAGE = 2 << 20
+MADV_HUGEPAGE = 14
+
+
+@lru_cache(maxsize=None)
+def _madvise():
+    fn = ctypes.CDLL(None, use_errno=True).madvise
+    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+    return fn
+
+
 class Buffer:
-    """Page-aligned weight memory placed by policy; .array(dtype) views it. Free with close()."""
+    """Page-aligned weight memory placed by policy; .array(dtype) views it. Free with close().
+
+    Buffers of 2 MiB or more start on a 2 MiB boundary and are marked MADV_HUGEPAGE before their
+    first touch: with transparent huge pages in 'madvise' mode (both machines here) the kernels'
+    streams then cross a TLB entry every 2 MiB instead of every 4 KiB (measured: +11% GB/s at one
+    token on the CI box, NOTES.md)."""
 
     def __init__(self, nbytes: int, policy: str):
         self.nbytes = max(int(nbytes), 1)
         self.policy = effective_policy(policy)
+        self.address, self._owner = 0, None
         lib = _libnuma()
+        huge = self.nbytes >= HUGE_PAGE
+        pad = HUGE_PAGE if huge else 4096
+        self._raw_bytes = self.nbytes + pad
         if self.policy == "none":
-            self._owner = np.empty(self.nbytes + 4096, np.uint8)
-            self.address = self._owner.ctypes.data + (-self._owner.ctypes.data) % 4096
+            self._owner = np.empty(self._raw_bytes, np.uint8)
+            raw = self._owner.ctypes.data
         elif self.policy == "interleave":
-            self.address = lib.numa_alloc_interleaved(self.nbytes)
+            raw = lib.numa_alloc_interleaved(self._raw_bytes)
         else:  # split / replicate on one node: the node's own memory
-            self.address = lib.numa_alloc_onnode(self.nbytes, next(iter(node_cpus())))
-        if not self.address:
+            raw = lib.numa_alloc_onnode(self._raw_bytes, next(iter(node_cpus())))
+        if not raw:
             raise MemoryError(f"could not allocate {self.nbytes} bytes of weight memory (policy {self.policy})")
+        self._raw = raw
+        self.address = raw + (-raw) % pad
+        if huge:   # advice only: a kernel without THP leaves 4 KiB pages, which is still correct
+            _madvise()(self.address, self.nbytes, MADV_HUGEPAGE)
 
     def array(self, dtype, offset: int = 0, count: int | None = None) -> np.ndarray:
         dtype = np.dtype(dtype)
@@ -98,7 +122,7 @@ class Buffer:
 
     def close(self):
         if self.address and self.policy != "none":
-            _libnuma().numa_free(self.address, self.nbytes)
+            _libnuma().numa_free(self._raw, self._raw_bytes)
         self.address = 0
         self._owner = None
 

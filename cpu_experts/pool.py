@@ -15,7 +15,7 @@ import threading
 
 import numpy as np
 
-from .codegen.fields import POOL_FIELDS, POOL_SLOTS
+from .codegen.fields import JOB_FIELDS, POOL_FIELDS, POOL_SLOTS
 
 _VOID_P = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
 _WORKER = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64)
@@ -48,6 +48,7 @@ class WorkerPool:
         self._wait = _VOID_P(self.wait_address)
         self._worker = _WORKER(lib.address("hmoe_worker"))
         self._lib = lib  # keeps the code alive as long as the pool
+        self._empty = aligned_zeros(len(JOB_FIELDS), np.int64)   # N0 = N1 = N2 = 0: no tasks
         self._threads = [threading.Thread(target=self._run, args=(t,), name=f"hmoe-worker-{t}", daemon=True)
                          for t in range(threads)]
         for th in self._threads:
@@ -67,6 +68,12 @@ class WorkerPool:
 
     def wait(self):
         self._wait(self.control_address)
+
+    def wake(self):
+        """Run an empty job: afterwards every worker is spinning (not asleep on the futex), as in a
+        decode loop where layers follow each other faster than the spin window."""
+        self.submit(self._empty)
+        self.wait()
 
     def close(self):
         if self.closed:

@@ -16,14 +16,14 @@ from cpu_experts.jit import cache_key
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def assembly(fmt: str, isa: str, cpu: str, tokens: int = 2, amx: bool = False) -> str:
+def assembly(fmt: str, isa: str, cpu: str, tokens: int = 2, amx: bool = False, amx_mode: str = "int8") -> str:
     code = textwrap.dedent(f"""
         from cpu_experts.codegen.moe import Tiles, build_ir
         from cpu_experts.isa import cross_isa
         from cpu_experts.jit import emit_assembly
         from cpu_experts.layout import geometry
         isa = cross_isa({isa!r}, {cpu!r}, amx={amx!r})
-        tiles = Tiles(tokens={tokens}, amx={amx!r})
+        tiles = Tiles(tokens={tokens}, amx={amx!r}, amx_mode={amx_mode!r})
         print(emit_assembly(build_ir(geometry({fmt!r}, isa.vector_bytes, isa.vnni), isa, tiles), isa))
     """)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
@@ -44,6 +44,15 @@ def test_sapphirerapids_amx_tiles(fmt):
     asm = assembly(fmt, "avx512vnni", "sapphirerapids", tokens=8, amx=True)
     for op in ("ldtilecfg", "tileloadd", "tdpbsud", "tilestored", "tilerelease", "vpdpbusd"):
         assert op in asm, op
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_k"])
+def test_sapphirerapids_amx_bf16_tiles(fmt):
+    """AMX-BF16 mode: tdpbf16ps accumulates over K in the tiles; no per-block tile store in its loop."""
+    asm = assembly(fmt, "avx512vnni", "sapphirerapids", tokens=8, amx=True, amx_mode="bf16")
+    for op in ("ldtilecfg", "tileloadd", "tdpbf16ps", "tilestored", "tilerelease", "vpdpbusd"):
+        assert op in asm, op
+    assert "tdpbsud" not in asm
 
 
 def test_sapphirerapids_avx_vnni_256():
@@ -81,3 +90,31 @@ def test_cache_key_depends_on_cpu_features_and_ir():
     b = isa_mod.make_isa("avx2", "znver3", "+avx2,+fma,+f16c")
     assert cache_key("x", a) != cache_key("x", b) != cache_key("y", b)
     assert cache_key("x", a) == cache_key("x", a)
+
+
+def test_vector_exp_and_silu_match_numpy():
+    """vmath.exp (Cephes expf in IR) over the range SiLU sees, run on this host."""
+    import ctypes
+
+    import numpy as np
+    from llvmlite import ir
+
+    from cpu_experts.codegen import vmath
+    from cpu_experts.codegen.irutil import F32, PTR, VOID, define, load, store, vec
+    from cpu_experts.isa import host_isa
+    from cpu_experts.jit import Library
+    m = ir.Module(name="vmath_test")
+    for name, f in (("v_exp", vmath.exp), ("v_silu", vmath.silu)):
+        fn, b = define(m, name, VOID, [PTR, PTR])
+        store(b, f(b, load(b, fn.args[0], vec(F32, 16), align=4)), fn.args[1], align=4)
+        b.ret_void()
+    lib = Library(str(m), host_isa("avx2"))
+    x = np.linspace(-100, 100, 16 * 400).astype(np.float32)
+    for name, ref in (("v_exp", lambda v: np.exp(np.clip(v, np.float32(-87.3), np.float32(88.3)).astype(np.float64))),
+                      ("v_silu", lambda v: v / (1 + np.exp(-v.astype(np.float64))))):
+        call = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p)(lib.address(name))
+        out = np.empty_like(x)
+        for i in range(0, x.size, 16):
+            call(x[i:].ctypes.data, out[i:].ctypes.data)
+        r = ref(x)
+        assert np.all(np.abs(out - r) <= 4e-7 * np.abs(r) + 1e-30), name

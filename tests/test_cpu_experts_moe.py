@@ -24,15 +24,24 @@ def _weights(seed=0):
     return [rng.standard_normal(s).astype(np.float32) * 0.06 for s in ((E, I, H), (E, I, H), (E, H, I))]
 
 
-_CACHE = {}
+_CACHE, _BLOCKS = {}, {}
 
 
-def experts(fmt, isa, threads, amx=False):
-    key = (fmt, isa, threads, amx)
+def blocks(fmt):
+    """GGUF blocks of _weights() (quantized once per format: the k-quant quantizers are slow) and
+    their dequantized values (what the reference multiplies by)."""
+    if fmt not in _BLOCKS:
+        q = [quantize(w, fmt) for w in _weights()]
+        _BLOCKS[fmt] = (q, [dequantize(b, fmt) for b in q])
+    return _BLOCKS[fmt]
+
+
+def experts(fmt, isa, threads, amx=False, tiles=None):
+    key = (fmt, isa, threads, amx, tiles)
     if key not in _CACHE:
-        g, u, d = _weights()
-        ex = CPUExperts.from_tensors(g, u, d, fmt=fmt, threads=threads, isa=isa, numa="none", amx=amx)
-        dq = [dequantize(quantize(w, fmt), fmt) for w in (g, u, d)]
+        q, dq = blocks(fmt)
+        ex = CPUExperts.from_blocks(*q, fmt=fmt, hidden=H, inter=I, threads=threads, isa=isa, numa="none", amx=amx,
+                                    tiles=tiles)
         _CACHE[key] = (ex, dq)
     return _CACHE[key]
 
@@ -72,16 +81,42 @@ HOST_AMX = isa_mod.host_isa().amx
 
 @pytest.mark.skipif(not HOST_AMX, reason="needs AMX (run on the GPU machine)")
 @pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q4_k"])
-@pytest.mark.parametrize("threads", [1, 2])
-def test_forward_amx_matches_reference(fmt, threads):
-    ex, (g, u, d) = experts(fmt, "avx512vnni", threads, amx=True)
+@pytest.mark.parametrize("threads,min_slots,mode", [(1, 16, "int8"), (2, 16, "int8"), (2, 1, "int8"),
+                                                    (1, 16, "bf16"), (2, 1, "bf16")])
+def test_forward_amx_matches_reference(fmt, threads, min_slots, mode):
+    from cpu_experts.codegen.moe import Tiles
+    tiles = Tiles(tokens=8, amx=True, amx_min_slots=min_slots, amx_mode=mode)
+    ex, (g, u, d) = experts(fmt, "avx512vnni", threads, tiles=tiles)
     assert ex.tiles.amx
     rng = np.random.default_rng(11)
-    for T in (3, 17, 300):  # 3: vector path (few slots per expert); 17, 300: AMX tiles, partial last tile
+    for T in (3, 17, 300):  # min_slots 16: 3 vector path, 17 mixed, 300 AMX (partial chunks); 1: all AMX
         x = rng.standard_normal((T, H)).astype(np.float32)
         ids = routing(rng, T)
         w = rng.uniform(0.05, 1.0, (T, K)).astype(np.float32)
         check(ex.forward(x, ids, w), moe_reference(x, ids, w, g, u, d), fmt)
+
+
+AVX512 = [i for i in HOST_ISAS if i.startswith("avx512")]
+
+
+@pytest.mark.skipif(not AVX512, reason="the AMX kernel needs 16-row groups (AVX-512)")
+@pytest.mark.parametrize("fmt,min_slots,max_slots,threads,mode", [
+    ("q8_0", 1, 128, 2, "int8"), ("q4_0", 1, 32, 1, "int8"), ("q4_0", 5, 128, 2, "int8"), ("q4_k", 1, 64, 1, "int8"),
+    ("q4_k", 40, 128, 2, "int8"), ("q8_0", 1, 64, 2, "bf16"), ("q4_0", 5, 32, 1, "bf16"), ("q4_k", 1, 128, 2, "bf16")])
+def test_forward_emulated_amx_matches_reference(fmt, min_slots, max_slots, threads, mode):
+    """The whole AMX path (int8: pipelined steps; bf16: dequantize once, accumulate in tiles; one- and
+    two-tile chunks, calls of up to max_slots slots, mixed with the vector path below min_slots) with
+    its tile instructions emulated in plain IR."""
+    from cpu_experts.codegen.moe import Tiles
+    tiles = Tiles(tokens=8, amx=True, amx_emulate=True, amx_min_slots=min_slots, amx_max_slots=max_slots,
+                  amx_mode=mode)
+    ex, dq = experts(fmt, AVX512[0], threads, tiles=tiles)
+    rng = np.random.default_rng(13)
+    for T in (3, 17, 300):
+        x = rng.standard_normal((T, H)).astype(np.float32)
+        ids = routing(rng, T)
+        w = rng.uniform(0.05, 1.0, (T, K)).astype(np.float32)
+        check(ex.forward(x, ids, w), moe_reference(x, ids, w, *dq), fmt)
 
 
 def test_amx_refused_without_hardware_or_for_unsupported_formats():
@@ -143,6 +178,22 @@ def test_bound_job_runs_through_native_submit_and_wait():
         fn(submit)(job)
         fn(wait)(job)
         check(out, moe_reference(x, ids, w, g, u, d), "q4_k")
+
+
+def test_retiled_shares_weights_and_matches():
+    """A retiled view (another tiling, same weight memory) gives the same numbers; closing it frees nothing."""
+    from dataclasses import replace
+    ex, (g, u, d) = experts("q4_0", HOST_ISAS[0], 2)
+    view = ex.retiled(replace(ex.tiles, prefetch_all=False, prefetch_next=False, rows_down=32, tokens=3))
+    assert view.gate is ex.gate and view.lib is not ex.lib
+    rng = np.random.default_rng(14)
+    x = rng.standard_normal((7, H)).astype(np.float32)
+    ids = routing(rng, 7)
+    w = rng.uniform(0.1, 1, (7, K)).astype(np.float32)
+    view.pool.wake()   # an empty job: no tasks, workers left spinning
+    np.testing.assert_allclose(view.forward(x, ids, w), ex.forward(x, ids, w), rtol=1e-5, atol=1e-6)
+    view.close()
+    check(ex.forward(x, ids, w), moe_reference(x, ids, w, g, u, d), "q4_0")
 
 
 def test_user_errors_are_one_line():

@@ -33,6 +33,16 @@ def test_buffer_is_page_aligned_and_writable():
     buf.close()
 
 
+@pytest.mark.parametrize("policy", ["interleave", "none"])
+def test_large_buffer_starts_on_a_huge_page_and_is_writable_to_its_end(policy):
+    buf = numa.Buffer(5 << 20, policy)
+    assert buf.address % numa.HUGE_PAGE == 0
+    a = buf.array(np.uint8)
+    a[:] = 7
+    assert a[0] == a[-1] == 7 and a.size == 5 << 20
+    buf.close()
+
+
 def test_missing_libnuma_degrades_to_none_with_one_warning(monkeypatch):
     monkeypatch.setattr(numa, "_libnuma", lambda: None)
     monkeypatch.setattr(numa, "_warned", False)

@@ -3,10 +3,16 @@
 Quantized formats (layout.py: R rows interleaved by 4-byte quads): for each 32-weight block and
 each token, 8 integer dot steps advance all R rows at once,
     acc_i[r] += sum_j w[r, 4q+j] * a[4q+j]          (vpdpbusd, or vpmaddubsw + vpmaddwd on AVX2)
-with the activation quad broadcast to every lane; then, per scale group,
-    acc[r] += float(acc_i[r] - offset * sum(a)) * (scale_w[r] * scale_a)   (+ bias_w[r] * scale_a * sum(a))
-so the float work is one convert and two FMAs per 32 (or 16) weights per token for R rows.
+with the activation quad broadcast to every lane; then, per block, with the activation "term" the
+quantizer stored (term = -offset*scale_a*sum(a), or scale_a*sum(a) for q4_k's bias):
+    offset formats: acc[r] += (float(acc_i[r]) * scale_a + term) * scale_w[r]
+    q4_k:           acc[r] += float(acc_i[r]) * scale_a * scale_w[r] + bias_w[r] * term
+so the float work is one convert and two FMAs per 32 weights per token for R rows. q6_k (a scale per
+16 weights) removes its offset in int32 per half block instead: acc_i - 32 * sum16(a).
 bf16: rows in groups of 4, weights widened to f32 (shift left 16) and FMA'd with f32 activations.
+
+Prefetch: `prefetch_all` touches every line of the streams (payload, scales, bias) `prefetch_bytes`
+ahead; otherwise one line per block of payload and of scales (the hardware streamer does the rest).
 """
 from llvmlite import ir
 
@@ -53,16 +59,19 @@ def quant_dot_name(nt):
     return f"dot_q_n{nt}"
 
 
-def emit_quant_dot(module, geo: Geometry, isa: Isa, nt: int, prefetch_bytes: int):
-    """void dot_q_n{nt}(pay, scale, bias, nblocks, aq[nt], ad[nt], asum[nt], out[nt][R]).
-    aq: int8 activations, ad: f32 scale per 32, asum: i32 sum of codes per 16."""
+def emit_quant_dot(module, geo: Geometry, isa: Isa, nt: int, prefetch_bytes: int, prefetch_all: bool = False,
+                   locality: int = 3):
+    """void dot_q_n{nt}(pay, scale, bias, nblocks, aq[nt], ad[nt], asum[nt], aterm[nt], out[nt][R]).
+    aq: int8 activations, ad: f32 scale per 32, asum: i32 sum of codes per 16, aterm: f32 per 32."""
     vb, R = geo.vector_bytes, geo.group_rows
     assert R == vb // 4
-    fn, b = define(module, quant_dot_name(nt), VOID, [PTR, PTR, PTR, I64] + [PTR] * (3 * nt) + [PTR],
+    fn, b = define(module, quant_dot_name(nt), VOID, [PTR, PTR, PTR, I64] + [PTR] * (4 * nt) + [PTR],
                    internal=True)
     pay, sc, bias, nblocks = fn.args[:4]
     aq, ad, asum = fn.args[4:4 + nt], fn.args[4 + nt:4 + 2 * nt], fn.args[4 + 2 * nt:4 + 3 * nt]
-    out = fn.args[4 + 3 * nt]
+    aterm = fn.args[4 + 3 * nt:4 + 4 * nt]
+    out = fn.args[4 + 4 * nt]
+    use_term = geo.scales_per_block == 1   # the quantizer's term is per 32
     vf, vi32 = vec(F32, R), vec(I32, R)
     spb = geo.scales_per_block
     quads_per_group = 8 // spb
@@ -70,7 +79,8 @@ def emit_quant_dot(module, geo: Geometry, isa: Isa, nt: int, prefetch_bytes: int
     bpb = geo.block_payload_bytes
     with for_range(b, 0, nblocks, name="blk") as blk:
         pbase = b.mul(blk, i64(bpb))
-        prefetch(b, gep(b, pay, b.add(pbase, i64(prefetch_bytes))))
+        for line in range(0, bpb if prefetch_all else 1, 64):
+            prefetch(b, gep(b, pay, b.add(pbase, i64(prefetch_bytes + line))), locality)
         nvec = bpb // vb
         raw = [load(b, pay, vec(I8, vb), b.add(pbase, i64(v * vb)), align=64) for v in range(nvec)]
         if geo.nibbles:   # quad q < 4: low nibbles of vector q; q >= 4: high nibbles of vector q-4
@@ -80,26 +90,43 @@ def emit_quant_dot(module, geo: Geometry, isa: Isa, nt: int, prefetch_bytes: int
         uq = [b.select(b.icmp_signed("<", w, splat(I8, vb, 0)), b.sub(splat(I8, vb, 0), w), w)
               for w in wq] if geo.signed else wq
         sbase = b.mul(blk, i64(spb * R))
-        prefetch(b, gep(b, sc, b.add(b.mul(sbase, i64(2)), i64(prefetch_bytes // 8))))
+        sc_ahead = prefetch_bytes // 8       # scales (and bias) advance 2*spb*R bytes per block
+        sc_every = 64 // (2 * spb * R) or 1   # blocks per line of scales
+        pf_sc = b.icmp_signed("==", b.urem(blk, i64(sc_every)), i64(0)) if prefetch_all and sc_every > 1 else None
+        streams = [sc] + ([bias] if geo.bias and prefetch_all else [])
+        if pf_sc is None:
+            for st in streams:
+                prefetch(b, gep(b, st, b.add(b.mul(sbase, i64(2)), i64(sc_ahead))), locality)
+        else:
+            with b.if_then(pf_sc):
+                for st in streams:
+                    prefetch(b, gep(b, st, b.add(b.mul(sbase, i64(2)), i64(sc_ahead))), locality)
         dw = [_to_f32(b, load(b, sc, vec(F16, R), b.add(sbase, i64(s * R)), align=2)) for s in range(spb)]
         bw = [_to_f32(b, load(b, bias, vec(F16, R), b.add(sbase, i64(s * R)), align=2))
               for s in range(spb)] if geo.bias else None
         for n in range(nt):
-            da = load(b, ad[n], F32, blk, align=4)
-            sums16 = [load(b, asum[n], I32, b.add(b.mul(blk, i64(2)), i64(h)), align=4) for h in range(2)]
+            da = _splat_scalar(b, load(b, ad[n], F32, blk, align=4), R)
+            if use_term:
+                term = _splat_scalar(b, load(b, aterm[n], F32, blk, align=4), R)
+            else:
+                sums16 = [load(b, asum[n], I32, b.add(b.mul(blk, i64(2)), i64(h)), align=4) for h in range(2)]
             for s in range(spb):
                 acc_i = splat(I32, R, 0)
                 for q in range(s * quads_per_group, (s + 1) * quads_per_group):
                     a4 = load(b, aq[n], I32, b.add(b.mul(blk, i64(BLOCK // 4)), i64(q)), align=1)
                     a = b.bitcast(_splat_scalar(b, a4, R), vec(I8, vb))
                     acc_i = _quad_dot(b, isa, geo, acc_i, wq[q], uq[q], a)
-                sa = sums16[s] if spb == 2 else b.add(sums16[0], sums16[1])
-                if geo.offset:
-                    acc_i = b.sub(acc_i, _splat_scalar(b, b.mul(sa, c(I32, geo.offset)), R))
                 prev = b.load(acc[n], typ=vf)
-                new = fma(b, b.sitofp(acc_i, vf), b.fmul(dw[s], _splat_scalar(b, da, R)), prev)
-                if geo.bias:
-                    new = fma(b, bw[s], _splat_scalar(b, b.fmul(da, b.sitofp(sa, F32)), R), new)
+                f = b.sitofp(acc_i, vf)
+                if use_term and geo.bias:
+                    new = fma(b, bw[s], term, fma(b, b.fmul(f, da), dw[s], prev))
+                elif use_term and geo.offset:
+                    new = fma(b, fma(b, f, da, term), dw[s], prev)
+                else:
+                    assert not geo.bias
+                    if geo.offset:
+                        f = b.sitofp(b.sub(acc_i, _splat_scalar(b, b.mul(sums16[s], c(I32, geo.offset)), R)), vf)
+                    new = fma(b, f, b.fmul(dw[s], da), prev)
                 b.store(new, acc[n])
     for n in range(nt):
         store(b, b.load(acc[n], typ=vf), out, n * R, align=4)
@@ -111,7 +138,8 @@ def bf16_dot_name(nt):
     return f"dot_bf16_n{nt}"
 
 
-def emit_bf16_dot(module, geo: Geometry, isa: Isa, nt: int, prefetch_bytes: int):
+def emit_bf16_dot(module, geo: Geometry, isa: Isa, nt: int, prefetch_bytes: int, prefetch_all: bool = False,
+                  locality: int = 3):
     """void dot_bf16_n{nt}(pay, nchunks, a[nt] (f32 rows), out[nt][4]); chunk = VB/2 weights."""
     G, vb = geo.group_rows, geo.vector_bytes
     lanes = vb // 4
@@ -127,8 +155,8 @@ def emit_bf16_dot(module, geo: Geometry, isa: Isa, nt: int, prefetch_bytes: int)
         xs = [[load(b, act[n], vf, b.add(e0, i64(h * lanes)), align=4) for h in range(2)] for n in range(nt)]
         for g in range(G):
             off = b.mul(b.add(base, i64(g)), i64(vb))
-            if g == 0:
-                prefetch(b, gep(b, pay, b.add(off, i64(prefetch_bytes))))
+            if g == 0 or prefetch_all:  # a chunk row is VB bytes: all lines = every row of the chunk
+                prefetch(b, gep(b, pay, b.add(off, i64(prefetch_bytes))), locality)
             raw = b.load(gep(b, pay, off), typ=vec(I16, ce), align=2)  # off is in bytes
             for h in range(2):
                 half = b.shuffle_vector(raw, ir.Constant(raw.type, ir.Undefined),

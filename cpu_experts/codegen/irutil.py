@@ -120,9 +120,10 @@ def pause(b):
     b.call(intrinsic(b.module, "llvm.x86.sse2.pause", VOID, []), [])
 
 
-def prefetch(b, ptr):
+def prefetch(b, ptr, locality=3):
+    """Read prefetch of ptr's line; locality 3 = prefetcht0 (L1), 2 = t1 (L2), 1 = t2, 0 = nta."""
     fn = intrinsic(b.module, "llvm.prefetch.p0", VOID, [PTR, I32, I32, I32])
-    b.call(fn, [ptr, c(I32, 0), c(I32, 3), c(I32, 1)])
+    b.call(fn, [ptr, c(I32, 0), c(I32, locality), c(I32, 1)])
 
 
 def syscall(b, args):

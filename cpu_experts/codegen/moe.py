@@ -3,13 +3,19 @@
 -> IR text.
 
 A job runs in three phases of tasks, claimed in order from one atomic counter:
-  0: task 0 groups the T*k (token, expert) slots by expert (counting sort); tasks 1.. quantize x rows
+  0: task 0 groups the T*k (token, expert) slots by expert (counting sort) and raises ROUTED; tasks
+     1.. wait for ROUTED, quantize x rows and write each row to its k slots (slot order: an expert's
+     activation rows are consecutive)
   1: (active expert, block of ROWS_UP rows of I): h = silu(gate.x) * (up.x) for the expert's slots,
      then those h columns quantized to int8 blocks (ROWS_UP is a multiple of 32)
   2: block of ROWS_DOWN rows of H: out[t, rows] = sum over slots of w * (down_e . h_slot)[rows];
      one task owns its output rows for every token, so no atomics on the output
 A task of phase p waits (spinning) until every task of phase p-1 is done; tasks are claimed in order,
 so the earlier tasks are already running and this cannot deadlock.
+
+Experts with at least `amx_min_slots` slots use the AMX kernel (amx.py: every slot of the expert
+against two 16-row weight groups per call); the others the vector kernels (dot.py, `tokens` slots
+per call).
 """
 from dataclasses import dataclass
 
@@ -17,21 +23,30 @@ from llvmlite import ir
 
 from ..isa import Isa
 from ..layout import BLOCK, Geometry
-from . import amx, dot, sched
-from .fields import J
-from .irutil import F32, I8, I32, I64, PTR, VOID, c, define, field, for_range, gep, i64, intrinsic, load, local, \
-    shuffle, store, vec
+from . import amx, amx_bf16, dot, sched, vmath
+from .fields import J, POOL_FIELDS
+from .irutil import F32, I1, I8, I16, I32, I64, PTR, VOID, c, define, field, fma, for_range, gep, i64, intrinsic, load, \
+    local, prefetch, shuffle, splat, store, vec
+
+SLOT_PAD = amx.CHUNK  # activation rows past the last slot that AMX may read (results discarded)
 
 
 @dataclass(frozen=True)
 class Tiles:
     rows_up: int = 32     # rows of I per phase-1 task (multiple of 32 and of G)
-    rows_down: int = 32   # rows of H per phase-2 task (multiple of G)
-    tokens: int = 2       # activation rows per microkernel call (register blocking)
+    rows_down: int = 64   # rows of H per phase-2 task (multiple of G; of 32 with AMX)
+    tokens: int = 2       # activation rows per vector microkernel call (register blocking)
     quant_rows: int = 8   # x rows quantized per phase-0 task
     prefetch: int = 2048  # software prefetch distance (bytes) along a row group's payload stream
+    prefetch_all: bool = True  # prefetch every line of every weight stream (else one per block)
+    prefetch_next: bool = True  # prefetch the head of the next vector call's weights before each call
+    prefetch_locality: int = 3  # weight prefetches: 3 = prefetcht0, 2 = prefetcht1 (L2), 0 = prefetchnta
     amx: bool = False     # AMX tiles for experts with at least amx_min_slots slots
-    amx_min_slots: int = 16  # measured on the GPU machine (NOTES.md): 16 best at 2048 tokens
+    amx_min_slots: int = 16  # tuned on the GPU machine (NOTES.md)
+    amx_max_slots: int = 128  # slots per AMX call (accumulators: 2 x 128 x 64 bytes on the stack)
+    amx_emulate: bool = False  # tests: the AMX kernel with tile instructions emulated in plain IR
+    amx_mode: str = "bf16"  # "int8": tdpbsud per 32-weight block + float epilogue; "bf16": blocks
+    #                         dequantized to bf16 once per call, tdpbf16ps accumulates over all K
 
 
 class _Builder:
@@ -44,20 +59,29 @@ class _Builder:
         self.quant = geo.fmt != "bf16"
         self.amx_on = tiles.amx
         self.m = ir.Module(name=f"hmoe_{geo.fmt}_{isa.name}")
+        pf, pfa, loc = tiles.prefetch, tiles.prefetch_all, tiles.prefetch_locality
         if self.quant:
-            self.dots = [dot.emit_quant_dot(self.m, geo, isa, nt, tiles.prefetch) for nt in range(1, tiles.tokens + 1)]
+            self.dots = [dot.emit_quant_dot(self.m, geo, isa, nt, pf, pfa, loc) for nt in range(1, tiles.tokens + 1)]
             self.qblock = self._emit_quant_block()
-            self.amx_dot = {n: amx.emit_amx_dot(self.m, geo, tiles.prefetch, n) for n in (1, 2)} if tiles.amx else None
-            if tiles.amx:
-                assert isa.amx and supports_amx(geo)
-                self.memcpy = intrinsic(self.m, "llvm.memcpy.p0.p0.i64", VOID, [PTR, PTR, I64, ir.IntType(1)])
+            self.memcpy = intrinsic(self.m, "llvm.memcpy.p0.p0.i64", VOID, [PTR, PTR, I64, I1])
         else:
-            self.dots = [dot.emit_bf16_dot(self.m, geo, isa, nt, tiles.prefetch) for nt in range(1, tiles.tokens + 1)]
+            self.dots = [dot.emit_bf16_dot(self.m, geo, isa, nt, pf, pfa, loc) for nt in range(1, tiles.tokens + 1)]
+        if tiles.amx:
+            assert supports_amx(geo) and tiles.rows_down % 32 == 0 and tiles.amx_max_slots % amx.CHUNK == 0
+            assert (isa.amx or tiles.amx_emulate) and (isa.vnni or geo.fmt != "q8_0" or tiles.amx_min_slots <= 1), \
+                "unsigned q8_0 codes need VNNI dots for experts below amx_min_slots"
+            assert tiles.amx_mode in ("int8", "bf16"), tiles.amx_mode
+            if tiles.amx_mode == "bf16":
+                self.amx_mm = amx_bf16.emit_amx_bf16_mm(self.m, geo, pf, emulate=tiles.amx_emulate)
+                self.to_bf16 = self._emit_to_bf16()
+            else:
+                self.amx_mm = amx.emit_amx_mm(self.m, geo, pf, emulate=tiles.amx_emulate)
+        self.bf16_acts = tiles.amx and tiles.amx_mode == "bf16"
 
     # ------------------------------------------------------------ activation quantization
     def _emit_quant_block(self):
         """void quant_block(src f32[32], q i8[32], d f32[1], s i32[2], t f32[1]): int8 codes with scale
-        amax/127, the sum of the codes of each half (vector kernels) and the AMX term (see amx.py)."""
+        amax/127, the sum of the codes of each half (q6_k) and the activation term (dot.py, amx.py)."""
         fn, b = define(self.m, "quant_block", VOID, [PTR] * 5, internal=True)
         src, q, dptr, sptr, tptr = fn.args
         v32 = vec(F32, 32)
@@ -77,7 +101,7 @@ class _Builder:
         halves = [b.call(radd, [shuffle(b, qi, list(range(16 * h, 16 * h + 16)))]) for h in range(2)]
         for h, sh in enumerate(halves):
             store(b, sh, sptr, h, align=4)
-        # the AMX epilogue's activation term: -offset*d*sum (offset formats) or d*sum (q4_k's bias)
+        # the activation term: -offset*d*sum (offset formats) or d*sum (q4_k's bias)
         term = b.fmul(d, b.sitofp(b.add(*halves), F32))
         if self.geo.offset:
             term = b.fmul(term, c(F32, -float(self.geo.offset)))
@@ -85,15 +109,25 @@ class _Builder:
         b.ret_void()
         return fn
 
+    def _emit_to_bf16(self):
+        """void to_bf16(src f32[32], dst bf16[32]) (AMX-BF16 activations)."""
+        fn, b = define(self.m, "to_bf16", VOID, [PTR, PTR], internal=True)
+        v = load(b, fn.args[0], vec(F32, 32), align=4)
+        bits = b.lshr(amx_bf16.round_bf16_bits(b, v), splat(I32, 32, 16))
+        store(b, b.trunc(bits, vec(I16, 32)), fn.args[1], align=2)
+        b.ret_void()
+        return fn
+
     # ------------------------------------------------------------ phase 0
     def _emit_route(self):
-        """Counting sort of slots by expert: OFF[E+1], STOK/SW in expert order, ACT list, N1."""
+        """Counting sort of slots by expert: OFF[E+1], STOK/SW in expert order, SPOS, ACT list, N1; then
+        ROUTED = 1 (the quantization tasks wait for it)."""
         fn, b = define(self.m, "task_route", VOID, [PTR], internal=True)
         job = fn.args[0]
         T, K, E, I = (field(b, job, J[n]) for n in ("T", "TOPK", "E", "I"))
         ids, w = field(b, job, J["IDS"], True), field(b, job, J["W"], True)
         cnt, off = field(b, job, J["CNT"], True), field(b, job, J["OFF"], True)
-        stok, sw, act = (field(b, job, J[n], True) for n in ("STOK", "SW", "ACT"))
+        stok, sw, spos, act = (field(b, job, J[n], True) for n in ("STOK", "SW", "SPOS", "ACT"))
         nslots = b.mul(T, K)
         with for_range(b, 0, E, name="z") as e:
             store(b, c(I32, 0), cnt, e, align=4)
@@ -119,51 +153,69 @@ class _Builder:
             b.store(b.add(pos, c(I32, 1)), p, align=4)
             store(b, b.trunc(b.udiv(s, K), I32), stok, pos, align=4)
             store(b, load(b, w, F32, s, align=4), sw, pos, align=4)
+            store(b, pos, spos, s, align=4)
         na = b.load(nact, typ=I64)
         store(b, na, job, J["NACT"], align=8)
         store(b, b.mul(na, b.udiv(I, i64(self.tiles.rows_up))), job, J["N1"], align=8)
+        sched.astore(b, field(b, job, J["POOL"], True), POOL_FIELDS["ROUTED"], 1)
         b.ret_void()
         return fn
 
     def _emit_quant_rows(self):
-        """Quantize x rows [r0, r1) into XQ/XD/XS."""
+        """Quantize x rows [r0, r1) into the slot-ordered XQ/XD/XS/XT rows of their k slots."""
         fn, b = define(self.m, "task_quant_x", VOID, [PTR, I64], internal=True)
         job, idx = fn.args
-        T, H, xstride = (field(b, job, J[n]) for n in ("T", "H", "XSTRIDE"))
-        x, xq, xd, xs, xt = (field(b, job, J[n], True) for n in ("X", "XQ", "XD", "XS", "XT"))
+        T, K, H, xstride = (field(b, job, J[n]) for n in ("T", "TOPK", "H", "XSTRIDE"))
+        x, xq, xd, xs, xt, xb, spos = (field(b, job, J[n], True) for n in ("X", "XQ", "XD", "XS", "XT", "XB", "SPOS"))
+        sched.spin_until_equal(b, field(b, job, J["POOL"], True), POOL_FIELDS["ROUTED"], i64(1), "routed")
         r0 = b.mul(idx, i64(self.tiles.quant_rows))
         r1 = b.add(r0, i64(self.tiles.quant_rows))
         r1 = b.select(b.icmp_signed("<", r1, T), r1, T)
         nblk = b.udiv(H, i64(32))
         with for_range(b, r0, r1, name="t") as t:
+            p0 = b.sext(load(b, spos, I32, b.mul(t, K), align=4), I64)
             with for_range(b, 0, nblk, name="blk") as k:
                 src = gep(b, x, b.add(b.mul(t, xstride), b.mul(k, i64(32))), F32)
-                row_blk = b.add(b.mul(t, nblk), k)
+                row_blk = b.add(b.mul(p0, nblk), k)
                 b.call(self.qblock, [src, gep(b, xq, b.mul(row_blk, i64(32))), gep(b, xd, row_blk, F32),
                                      gep(b, xs, b.mul(row_blk, i64(2)), I32), gep(b, xt, row_blk, F32)])
+                if self.bf16_acts:
+                    b.call(self.to_bf16, [src, gep(b, xb, b.mul(row_blk, i64(32)), I16)])
+            with for_range(b, 1, K, name="j") as j:   # the other k-1 slots of token t: copies
+                p = b.sext(load(b, spos, I32, b.add(b.mul(t, K), j), align=4), I64)
+                rows = [(xq, H), (xd, b.mul(nblk, i64(4))), (xs, b.mul(nblk, i64(8))), (xt, b.mul(nblk, i64(4)))]
+                if self.bf16_acts:
+                    rows.append((xb, b.mul(H, i64(2))))
+                for base, per_row in rows:
+                    b.call(self.memcpy, [gep(b, base, b.mul(p, per_row)), gep(b, base, b.mul(p0, per_row)),
+                                         per_row, c(I1, 0)])
         b.ret_void()
         return fn
 
-    # ------------------------------------------------------------ microkernel calls
-    def _call_dots(self, b, s, s_end, slot_act, pay, sc, bias, nchunks, outbuf, epilogue, amx_rows=None):
-        """For slot chunks [s, s_end): dot_n{m} into outbuf (f32[G*m]) then epilogue(b, slot, g, value)."""
+    # ------------------------------------------------------------ vector microkernel calls
+    def _dot_args(self, nt, acts, w, outbuf):
+        pay, sc, bias, nch = w
+        if self.quant:
+            return [pay, sc, bias, nch] + [a[i] for i in range(4) for a in acts] + [outbuf]
+        return [pay, nch] + acts + [outbuf]
+
+    def _prefetch_head(self, b, w):
+        """The first `prefetch` bytes of a vector call's weight streams (its software prefetch only
+        reaches that far ahead of the first block)."""
+        pay, sc, bias, _ = w
+        loc = self.tiles.prefetch_locality
+        for off in range(0, self.tiles.prefetch, 64):
+            prefetch(b, gep(b, pay, i64(off)), loc)
+        if self.quant:
+            for off in range(0, max(self.tiles.prefetch // 8, 64), 64):
+                prefetch(b, gep(b, sc, i64(off)), loc)
+                if self.geo.bias:
+                    prefetch(b, gep(b, bias, i64(off)), loc)
+
+    def _vec_calls(self, b, s, s_end, slot_act, mats, bufs, epilogue):
+        """For slot chunks [s, s_end) of `tokens` slots: for each weight group in mats, dot_n{m} into
+        its buf (f32[m][R]); then epilogue(b, s0, m)."""
         NT = self.tiles.tokens
-        if amx_rows is not None:
-            use_amx = b.icmp_signed(">=", b.sub(s_end, s), i64(self.tiles.amx_min_slots))
-            with b.if_else(use_amx) as (then, otherwise):
-                with then:
-                    with for_range(b, s, s_end, step=amx.TOKENS, name="amx") as s0:
-                        m = b.sub(s_end, s0)
-                        m = b.select(b.icmp_signed("<", m, i64(amx.TOKENS)), m, i64(amx.TOKENS))
-                        A, lda, D, Tm, ldd = amx_rows(b, s0)
-                        b.call(self.amx_dot[1], [nchunks, A, lda, D, Tm, ldd, pay, sc, bias, outbuf])
-                        with for_range(b, 0, m, name="amx_ep") as n:
-                            for g in range(self.R):
-                                v = load(b, outbuf, F32, b.add(b.mul(n, i64(self.R)), i64(g)), align=4)
-                                epilogue(b, b.add(s0, n), g, v)
-                with otherwise:
-                    self._call_dots(b, s, s_end, slot_act, pay, sc, bias, nchunks, outbuf, epilogue)
-            return
         with for_range(b, s, s_end, step=NT, name="sc") as s0:
             rem = b.sub(s_end, s0)
             m = b.select(b.icmp_signed("<", rem, i64(NT)), rem, i64(NT))
@@ -174,18 +226,11 @@ class _Builder:
                 sw.add_case(i64(nt), blk)
                 b.position_at_end(blk)
                 acts = [slot_act(b, b.add(s0, i64(n))) for n in range(nt)]
-                if self.quant:
-                    args = [pay, sc, bias, nchunks] + [a[0] for a in acts] + [a[1] for a in acts] + \
-                           [a[2] for a in acts] + [outbuf]
-                else:
-                    args = [pay, nchunks] + acts + [outbuf]
-                b.call(self.dots[nt - 1], args)
+                for w, buf in zip(mats, bufs):
+                    b.call(self.dots[nt - 1], self._dot_args(nt, acts, w, b.bitcast(buf, PTR)))
                 b.branch(end)
             b.position_at_end(end)
-            with for_range(b, 0, m, name="ep_n") as n:
-                for g in range(self.R):
-                    v = load(b, outbuf, F32, b.add(b.mul(n, i64(self.R)), i64(g)), align=4)
-                    epilogue(b, b.add(s0, n), g, v)
+            epilogue(b, s0, m)
 
     def _weights(self, b, job, prefix, e, grp, k):
         """Pointers of row group grp of expert e's matrix (prefix 'G', 'U' or 'D'), and its chunk count."""
@@ -208,21 +253,25 @@ class _Builder:
         return pay, sc, bias, nchunks
 
     def _act_rows(self, b, job, which):
-        """slot -> activation pointers: 'x' (by token of the slot) or 'h' (by slot)."""
-        stok = field(b, job, J["STOK"], True)
-        if which == "x":
-            k, names = field(b, job, J["H"]), ("XQ", "XD", "XS")
-        else:
-            k, names = field(b, job, J["I"]), ("HQ", "HD", "HS")
-        bases = [field(b, job, J[n], True) for n in names]
-        x, xstride, hf = field(b, job, J["X"], True), field(b, job, J["XSTRIDE"]), field(b, job, J["HF"], True)
+        """slot -> activation pointers of 'x' or 'h' (quantized: q, d, sums, term rows in slot order;
+        bf16: the f32 row of x by the slot's token, or of h by slot)."""
+        if not self.quant:
+            stok = field(b, job, J["STOK"], True)
+            x, xstride = field(b, job, J["X"], True), field(b, job, J["XSTRIDE"])
+            hf, I = field(b, job, J["HF"], True), field(b, job, J["I"])
+
+            def rows_f32(b, slot):
+                if which == "x":
+                    return gep(b, x, b.mul(b.sext(load(b, stok, I32, slot, align=4), I64), xstride), F32)
+                return gep(b, hf, b.mul(slot, I), F32)
+            return rows_f32
+        k = field(b, job, J["H" if which == "x" else "I"])
+        q, d, s, t = (field(b, job, J[("X" if which == "x" else "H") + n], True) for n in "QDST")
 
         def rows(b, slot):
-            r = b.sext(load(b, stok, I32, slot, align=4), I64) if which == "x" else slot
-            if not self.quant:
-                return gep(b, x, b.mul(r, xstride), F32) if which == "x" else gep(b, hf, b.mul(r, k), F32)
-            return (gep(b, bases[0], b.mul(r, k)), gep(b, bases[1], b.mul(r, b.udiv(k, i64(32))), F32),
-                    gep(b, bases[2], b.mul(r, b.udiv(k, i64(16))), I32))
+            nb = b.udiv(k, i64(32))
+            return (gep(b, q, b.mul(slot, k)), gep(b, d, b.mul(slot, nb), F32),
+                    gep(b, s, b.mul(slot, b.mul(nb, i64(2))), I32), gep(b, t, b.mul(slot, nb), F32))
         return rows
 
     # ------------------------------------------------------------ phase 1
@@ -237,153 +286,190 @@ class _Builder:
         off = field(b, job, J["OFF"], True)
         s_beg = b.sext(load(b, off, I32, e, align=4), I64)
         s_end = b.sext(load(b, off, I32, b.add(e, i64(1)), align=4), I64)
-        gbuf = local(b, ir.ArrayType(F32, self.R * self.tiles.tokens))
-        ubuf = local(b, ir.ArrayType(F32, self.R * self.tiles.tokens))
-        rows = self._act_rows(b, job, "x")
-        expf = intrinsic(self.m, "llvm.exp.f32", F32, [F32])
         if self.amx_on:
             use_amx = b.icmp_signed(">=", b.sub(s_end, s_beg), i64(self.tiles.amx_min_slots))
             with b.if_else(use_amx) as (then, otherwise):
                 with then:
-                    self._gateup_amx(b, job, tid, e, rb, s_beg, s_end, expf)
+                    self._gateup_amx(b, job, tid, e, rb, s_beg, s_end)
                 with otherwise:
-                    self._gateup_vec(b, job, e, rb, s_beg, s_end, rows, gbuf, ubuf, expf)
+                    self._gateup_vec(b, job, e, rb, s_beg, s_end)
         else:
-            self._gateup_vec(b, job, e, rb, s_beg, s_end, rows, gbuf, ubuf, expf)
+            self._gateup_vec(b, job, e, rb, s_beg, s_end)
         self._quantize_h(b, job, rb, s_beg, s_end)
         b.ret_void()
         return fn
 
-    def _store_h(self, b, job, gbuf, ubuf, expf, s0, m, row0):
-        """h[s0 + n, row0 + g] = silu(gate) * up for n < m, g < R (buffers [n][R])."""
+    def _store_h(self, b, job, g, u, slot, row0):
+        """h[slot, row0 : row0 + n] = silu(g) * u  (g, u: <n x float>)."""
         I, hf = field(b, job, J["I"]), field(b, job, J["HF"], True)
-        with for_range(b, 0, m, name="ep") as n:
-            for g in range(self.R):
-                idx = b.add(b.mul(n, i64(self.R)), i64(g))
-                gv = load(b, gbuf, F32, idx, align=4)
-                uv = load(b, ubuf, F32, idx, align=4)
-                silu = b.fdiv(gv, b.fadd(c(F32, 1.0), b.call(expf, [b.fsub(c(F32, 0.0), gv)])))
-                dst = b.add(b.mul(b.add(s0, n), I), b.add(row0, i64(g)))
-                store(b, b.fmul(silu, uv), hf, dst, align=4)
+        store(b, b.fmul(vmath.silu(b, g), u), hf, b.add(b.mul(slot, I), row0), align=4)
 
-    def _gateup_amx(self, b, job, tid, e, rb, s_beg, s_end, expf):
-        """16 slots at a time: gather their x rows (int8, scales, sums) into this worker's scratch, then
-        AMX gate and up products for each row group of the task."""
+    def _gateup_amx(self, b, job, tid, e, rb, s_beg, s_end):
+        """Up to amx_max_slots slots per call: for each 16-row group of the task, gate and up of every
+        slot in one AMX call, then h = silu(gate) * up from the accumulators."""
         H = field(b, job, J["H"])
-        T16 = amx.TOKENS
-        scratch = gep(b, field(b, job, J["GATHER"], True), b.mul(tid, field(b, job, J["GATHER_STRIDE"])))
-        nb32 = b.udiv(H, i64(32))
-        A = scratch
-        D = gep(b, A, b.mul(H, i64(T16)))
-        Tm = gep(b, D, b.mul(nb32, i64(4 * T16)))
-        stok = field(b, job, J["STOK"], True)
-        xq, xd, xt = (field(b, job, J[n], True) for n in ("XQ", "XD", "XT"))
-        gbuf = local(b, ir.ArrayType(F32, self.R * T16))
-        ubuf = local(b, ir.ArrayType(F32, self.R * T16))
-        RU = self.tiles.rows_up
-        with for_range(b, s_beg, s_end, step=T16, name="amx") as s0:
+        nb = b.udiv(H, i64(32))
+        xq, xd, xt, xb = (field(b, job, J[n], True) for n in ("XQ", "XD", "XT", "XB"))
+        bbuf = gep(b, field(b, job, J["AMXB"], True), b.mul(tid, field(b, job, J["AMXB_STRIDE"])))
+        MS, R = self.tiles.amx_max_slots, self.R
+        accbuf = local(b, ir.ArrayType(F32, 2 * MS * R), name="amx_acc")
+        accbuf.align = 64
+        vf = vec(F32, R)
+        with for_range(b, s_beg, s_end, step=MS, name="amxs") as s0:
             m = b.sub(s_end, s0)
-            m = b.select(b.icmp_signed("<", m, i64(T16)), m, i64(T16))
-            with for_range(b, 0, m, name="gather") as n:
-                t = b.sext(load(b, stok, I32, b.add(s0, n), align=4), I64)
-                for dst, src, nbytes in ((gep(b, A, b.mul(n, H)), gep(b, xq, b.mul(t, H)), H),
-                                         (gep(b, D, b.mul(n, b.mul(nb32, i64(4)))), gep(b, xd, b.mul(t, b.mul(nb32, i64(4)))),
-                                          b.mul(nb32, i64(4))),
-                                         (gep(b, Tm, b.mul(n, b.mul(nb32, i64(4)))), gep(b, xt, b.mul(t, b.mul(nb32, i64(4)))),
-                                          b.mul(nb32, i64(4)))):
-                    b.call(self.memcpy, [dst, src, nbytes, ir.Constant(ir.IntType(1), 0)])
-            with for_range(b, 0, RU // self.R, name="gi") as gi:
-                row0 = b.add(b.mul(rb, i64(RU)), b.mul(gi, i64(self.R)))
-                grp = b.udiv(row0, i64(self.R))
-                gp, gs, gb, nch = self._weights(b, job, "G", e, grp, H)
+            m = b.select(b.icmp_signed("<", m, i64(MS)), m, i64(MS))
+            with for_range(b, 0, self.tiles.rows_up // R, name="gi") as gi:
+                row0 = b.add(b.mul(rb, i64(self.tiles.rows_up)), b.mul(gi, i64(R)))
+                grp = b.udiv(row0, i64(R))
+                gp, gs, gb, _ = self._weights(b, job, "G", e, grp, H)
                 up, us, ub, _ = self._weights(b, job, "U", e, grp, H)
-                b.call(self.amx_dot[2], [nch, A, H, D, Tm, nb32, gp, gs, gb, gbuf, up, us, ub, ubuf])
-                self._store_h(b, job, gbuf, ubuf, expf, s0, m, row0)
+                if self.bf16_acts:
+                    b.call(self.amx_mm, [nb, m, gep(b, xb, b.mul(s0, H), I16), b.mul(H, i64(2)), gp, gs, gb,
+                                         up, us, ub, b.bitcast(accbuf, PTR), i64(MS * R * 4), bbuf])
+                else:
+                    b.call(self.amx_mm, [nb, m, gep(b, xq, b.mul(s0, H)), H, gep(b, xd, b.mul(s0, nb), F32),
+                                         gep(b, xt, b.mul(s0, nb), F32), nb, gp, gs, gb, up, us, ub,
+                                         b.bitcast(accbuf, PTR), i64(MS * R * 4)])
+                with for_range(b, 0, m, name="h") as n:
+                    g = load(b, accbuf, vf, b.mul(n, i64(R)), align=64)
+                    u = load(b, accbuf, vf, b.add(b.mul(n, i64(R)), i64(MS * R)), align=64)
+                    self._store_h(b, job, g, u, b.add(s0, n), row0)
 
-    def _gateup_vec(self, b, job, e, rb, s_beg, s_end, rows, gbuf, ubuf, expf):
+    def _gateup_vec(self, b, job, e, rb, s_beg, s_end):
         H = field(b, job, J["H"])
-        RU, NT = self.tiles.rows_up, self.tiles.tokens
-        with for_range(b, 0, RU // self.R, name="gi") as gi:
-            row0 = b.add(b.mul(rb, i64(RU)), b.mul(gi, i64(self.R)))
-            grp = b.udiv(row0, i64(self.R))
+        R, RU, NT = self.R, self.tiles.rows_up, self.tiles.tokens
+        rows = self._act_rows(b, job, "x")
+        gbuf = local(b, ir.ArrayType(F32, R * NT))
+        ubuf = local(b, ir.ArrayType(F32, R * NT))
+        vf = vec(F32, R)
+        with for_range(b, 0, RU // R, name="gi") as gi:
+            row0 = b.add(b.mul(rb, i64(RU)), b.mul(gi, i64(R)))
+            grp = b.udiv(row0, i64(R))
             gw = self._weights(b, job, "G", e, grp, H)
             uw = self._weights(b, job, "U", e, grp, H)
+            if self.tiles.prefetch_next:   # gate of the next group follows this one; up's head now
+                self._prefetch_head(b, uw)
 
-            # gate and up for the same slot chunk, then h = silu(g) * u
-            with for_range(b, s_beg, s_end, step=NT, name="sc") as s0:
-                rem = b.sub(s_end, s0)
-                m = b.select(b.icmp_signed("<", rem, i64(NT)), rem, i64(NT))
-                end = b.append_basic_block("gu.end")
-                sw = b.switch(m, end)
-                for nt in range(1, NT + 1):
-                    blk = b.append_basic_block(f"gu.n{nt}")
-                    sw.add_case(i64(nt), blk)
-                    b.position_at_end(blk)
-                    acts = [rows(b, b.add(s0, i64(n))) for n in range(nt)]
-                    for (pay, sc, bias, nch), buf in ((gw, gbuf), (uw, ubuf)):
-                        if self.quant:
-                            args = [pay, sc, bias, nch] + [x[0] for x in acts] + [x[1] for x in acts] + \
-                                   [x[2] for x in acts] + [b.bitcast(buf, PTR)]
-                        else:
-                            args = [pay, nch] + acts + [b.bitcast(buf, PTR)]
-                        b.call(self.dots[nt - 1], args)
-                    b.branch(end)
-                b.position_at_end(end)
-                self._store_h(b, job, gbuf, ubuf, expf, s0, m, row0)
+            def epilogue(b, s0, m):
+                with for_range(b, 0, m, name="ep") as n:
+                    g = load(b, gbuf, vf, b.mul(n, i64(R)), align=4)
+                    u = load(b, ubuf, vf, b.mul(n, i64(R)), align=4)
+                    self._store_h(b, job, g, u, b.add(s0, n), row0)
+            self._vec_calls(b, s_beg, s_end, rows, (gw, uw), (gbuf, ubuf), epilogue)
 
     def _quantize_h(self, b, job, rb, s_beg, s_end):
         """The task's ROWS_UP columns of h, for each of its slots, to int8 blocks."""
         if self.quant:
             I, hf, RU = field(b, job, J["I"]), field(b, job, J["HF"], True), self.tiles.rows_up
-            hq, hd, hs, ht = (field(b, job, J[n], True) for n in ("HQ", "HD", "HS", "HT"))
+            hq, hd, hs, ht, hb = (field(b, job, J[n], True) for n in ("HQ", "HD", "HS", "HT", "HB"))
             nblk_row = b.udiv(I, i64(32))
             with for_range(b, s_beg, s_end, name="qs") as s:
                 with for_range(b, 0, RU // 32, name="qb") as qb:
                     col = b.add(b.mul(rb, i64(RU)), b.mul(qb, i64(32)))
                     blk = b.add(b.mul(s, nblk_row), b.udiv(col, i64(32)))
-                    b.call(self.qblock, [gep(b, hf, b.add(b.mul(s, I), col), F32), gep(b, hq, b.mul(blk, i64(32))),
-                                         gep(b, hd, blk, F32), gep(b, hs, b.mul(blk, i64(2)), I32),
-                                         gep(b, ht, blk, F32)])
+                    src = gep(b, hf, b.add(b.mul(s, I), col), F32)
+                    b.call(self.qblock, [src, gep(b, hq, b.mul(blk, i64(32))), gep(b, hd, blk, F32),
+                                         gep(b, hs, b.mul(blk, i64(2)), I32), gep(b, ht, blk, F32)])
+                    if self.bf16_acts:
+                        b.call(self.to_bf16, [src, gep(b, hb, b.mul(blk, i64(32)), I16)])
 
     # ------------------------------------------------------------ phase 2
     def _emit_down(self):
-        fn, b = define(self.m, "task_down", VOID, [PTR, I64], internal=True)
-        job, j = fn.args
+        fn, b = define(self.m, "task_down", VOID, [PTR, I64, I64], internal=True)
+        job, j, tid = fn.args
         T, I, ostride = field(b, job, J["T"]), field(b, job, J["I"]), field(b, job, J["OSTRIDE"])
         out = field(b, job, J["OUT"], True)
         stok, sw_, act, off = (field(b, job, J[n], True) for n in ("STOK", "SW", "ACT", "OFF"))
         nact = field(b, job, J["NACT"])
-        RD = self.tiles.rows_down
+        R, RD, NT = self.R, self.tiles.rows_down, self.tiles.tokens
         r0 = b.mul(j, i64(RD))
         with for_range(b, 0, T, name="zt") as t:
             with for_range(b, 0, RD, name="zr") as r:
                 store(b, c(F32, 0.0), out, b.add(b.mul(t, ostride), b.add(r0, r)), align=4)
-        NT = self.tiles.tokens
-        buf = local(b, ir.ArrayType(F32, self.R * max(NT, amx.TOKENS if self.amx_on else 0)))
+        buf = local(b, ir.ArrayType(F32, R * NT))
         rows = self._act_rows(b, job, "h")
-        amx_rows = None
-        if self.amx_on:
-            hq, hd, ht = (field(b, job, J[n], True) for n in ("HQ", "HD", "HT"))
+        vf = vec(F32, R)
 
-            def amx_rows(b, s0):  # slots are consecutive rows of HQ/HD/HT (padded by 16 rows)
-                nb = b.udiv(I, i64(32))
-                return (gep(b, hq, b.mul(s0, I)), I, gep(b, hd, b.mul(s0, nb), F32), gep(b, ht, b.mul(s0, nb), F32), nb)
+        def add_out(b, slot, row0, v):
+            """out[token(slot), row0 : row0 + R] += w(slot) * v."""
+            t = b.sext(load(b, stok, I32, slot, align=4), I64)
+            dst = gep(b, out, b.add(b.mul(t, ostride), row0), F32)
+            w = vmath.splat_scalar(b, load(b, sw_, F32, slot, align=4), R)
+            b.store(fma(b, w, v, b.load(dst, typ=vf, align=4)), dst, align=4)
+
         with for_range(b, 0, nact, name="a") as a:
             e = b.sext(load(b, act, I32, a, align=4), I64)
             s_beg = b.sext(load(b, off, I32, e, align=4), I64)
             s_end = b.sext(load(b, off, I32, b.add(e, i64(1)), align=4), I64)
-            with for_range(b, 0, RD // self.R, name="gi") as gi:
-                row0 = b.add(r0, b.mul(gi, i64(self.R)))
-                pay, sc, bias, nch = self._weights(b, job, "D", e, b.udiv(row0, i64(self.R)), I)
 
-                def epilogue(b, slot, g, v):
-                    t = b.sext(load(b, stok, I32, slot, align=4), I64)
-                    dst = gep(b, out, b.add(b.mul(t, ostride), b.add(row0, i64(g))), F32)
-                    b.store(b.fadd(b.load(dst, typ=F32, align=4), b.fmul(load(b, sw_, F32, slot, align=4), v)),
-                            dst, align=4)
-                self._call_dots(b, s_beg, s_end, rows, pay, sc, bias, nch, buf, epilogue, amx_rows)
+            def vec_path(b):
+                with for_range(b, 0, RD // R, name="gi") as gi:
+                    row0 = b.add(r0, b.mul(gi, i64(R)))
+                    w = self._weights(b, job, "D", e, b.udiv(row0, i64(R)), I)
+                    if self.tiles.prefetch_next:
+                        self._prefetch_next_down(b, job, a, nact, gi, r0, I)
+
+                    def epilogue(b, s0, m):
+                        with for_range(b, 0, m, name="ep") as n:
+                            add_out(b, b.add(s0, n), row0, load(b, buf, vf, b.mul(n, i64(R)), align=4))
+                    self._vec_calls(b, s_beg, s_end, rows, (w,), (buf,), epilogue)
+
+            if self.amx_on:
+                use_amx = b.icmp_signed(">=", b.sub(s_end, s_beg), i64(self.tiles.amx_min_slots))
+                with b.if_else(use_amx) as (then, otherwise):
+                    with then:
+                        self._down_amx(b, job, tid, e, s_beg, s_end, r0, add_out)
+                    with otherwise:
+                        vec_path(b)
+            else:
+                vec_path(b)
         b.ret_void()
         return fn
+
+    def _prefetch_next_down(self, b, job, a, nact, gi, r0, I):
+        """Head of the weights the next vector call of this down task reads: the next row group of
+        this expert, or the first of the next active expert."""
+        R, groups = self.R, self.tiles.rows_down // self.R
+        last = b.icmp_signed("==", gi, i64(groups - 1))
+        with b.if_else(last) as (then, otherwise):
+            with then:
+                with b.if_then(b.icmp_signed("<", b.add(a, i64(1)), nact)):
+                    e2 = b.sext(load(b, field(b, job, J["ACT"], True), I32, b.add(a, i64(1)), align=4), I64)
+                    self._prefetch_head(b, self._weights(b, job, "D", e2, b.udiv(r0, i64(R)), I))
+            with otherwise:
+                e = b.sext(load(b, field(b, job, J["ACT"], True), I32, a, align=4), I64)
+                grp = b.add(b.udiv(r0, i64(R)), b.add(gi, i64(1)))
+                self._prefetch_head(b, self._weights(b, job, "D", e, grp, I))
+
+    def _down_amx(self, b, job, tid, e, s_beg, s_end, r0, add_out):
+        """Every slot of expert e against pairs of 16-row groups of down (rows r0 .. r0 + ROWS_DOWN)."""
+        I = field(b, job, J["I"])
+        nb = b.udiv(I, i64(32))
+        hq, hd, ht, hb = (field(b, job, J[n], True) for n in ("HQ", "HD", "HT", "HB"))
+        bbuf = gep(b, field(b, job, J["AMXB"], True), b.mul(tid, field(b, job, J["AMXB_STRIDE"])))
+        MS, R = self.tiles.amx_max_slots, self.R
+        accbuf = local(b, ir.ArrayType(F32, 2 * MS * R), name="amx_acc_d")
+        accbuf.align = 64
+        vf = vec(F32, R)
+        with for_range(b, s_beg, s_end, step=MS, name="amxs") as s0:
+            m = b.sub(s_end, s0)
+            m = b.select(b.icmp_signed("<", m, i64(MS)), m, i64(MS))
+            with for_range(b, 0, self.tiles.rows_down // 32, name="pair") as p:
+                row0 = b.add(r0, b.mul(p, i64(32)))
+                grp = b.udiv(row0, i64(R))
+                w0 = self._weights(b, job, "D", e, grp, I)[:3]
+                w1 = self._weights(b, job, "D", e, b.add(grp, i64(1)), I)[:3]
+                if self.bf16_acts:
+                    b.call(self.amx_mm, [nb, m, gep(b, hb, b.mul(s0, I), I16), b.mul(I, i64(2)), *w0, *w1,
+                                         b.bitcast(accbuf, PTR), i64(MS * R * 4), bbuf])
+                else:
+                    b.call(self.amx_mm, [nb, m, gep(b, hq, b.mul(s0, I)), I, gep(b, hd, b.mul(s0, nb), F32),
+                                         gep(b, ht, b.mul(s0, nb), F32), nb, *w0, *w1,
+                                         b.bitcast(accbuf, PTR), i64(MS * R * 4)])
+                with for_range(b, 0, m, name="dep") as n:
+                    for half in range(2):
+                        v = load(b, accbuf, vf, b.add(b.mul(n, i64(R)), i64(half * MS * R)), align=64)
+                        add_out(b, b.add(s0, n), b.add(row0, i64(half * R)), v)
 
     # ------------------------------------------------------------ pool
 

@@ -11,20 +11,25 @@ def _slot(b, base, idx):
     return gep(b, base, idx, I64)
 
 
-def _aload(b, base, idx):
+def aload(b, base, idx):
+    """Acquire load of the i64 slot base[idx]."""
     return b.load_atomic(_slot(b, base, idx), "acquire", 8, typ=I64)
 
 
-def _astore(b, base, idx, val):
-    # atomic xchg as the store: llvmlite's store_atomic cannot take an opaque pointer
+def astore(b, base, idx, val):
+    """Sequentially consistent store to base[idx] (an xchg: llvmlite's store_atomic cannot take an
+    opaque pointer)."""
     b.atomic_rmw("xchg", _slot(b, base, idx), val if not isinstance(val, int) else i64(val), "seq_cst")
+
+
+_aload, _astore = aload, astore
 
 
 def _aadd(b, base, idx, val=1):
     return b.atomic_rmw("add", _slot(b, base, idx), i64(val), "seq_cst")
 
 
-def _spin_until_equal(b, base, idx, value, name):
+def spin_until_equal(b, base, idx, value, name):
     """while (atomic load base[idx] != value) pause;"""
     head = b.append_basic_block(f"{name}.head")
     body = b.append_basic_block(f"{name}.body")
@@ -57,7 +62,7 @@ def emit_run_job(m, route, quant_x, gateup, down):
                         b.call(quant_x, [job, b.sub(idx, i64(1))])
             _aadd(b, pool, POOL_FIELDS["DONE0"])
         with rest:
-            _spin_until_equal(b, pool, POOL_FIELDS["DONE0"], n0, "bar0")
+            spin_until_equal(b, pool, POOL_FIELDS["DONE0"], n0, "bar0")
             n1 = b.load_atomic(_slot(b, job, J["N1"]), "acquire", 8, typ=I64)
             i1 = b.sub(idx, n0)
             with b.if_else(b.icmp_signed("<", i1, n1)) as (p1, rest2):
@@ -65,11 +70,11 @@ def emit_run_job(m, route, quant_x, gateup, down):
                     b.call(gateup, [job, i1, tid])
                     _aadd(b, pool, POOL_FIELDS["DONE1"])
                 with rest2:
-                    _spin_until_equal(b, pool, POOL_FIELDS["DONE1"], n1, "bar1")
+                    spin_until_equal(b, pool, POOL_FIELDS["DONE1"], n1, "bar1")
                     i2 = b.sub(i1, n1)
                     with b.if_then(b.icmp_signed(">=", i2, n2)):
                         b.branch(done)
-                    b.call(down, [job, i2])
+                    b.call(down, [job, i2, tid])
                     _aadd(b, pool, POOL_FIELDS["DONE2"])
     b.branch(loop)
     b.position_at_end(done)
@@ -136,7 +141,7 @@ def emit_submit_wait(m):
     P = POOL_FIELDS
     fn, b = define(m, "hmoe_submit", VOID, [PTR])
     pool = fn.args[0]
-    for name in ("CLAIM", "DONE0", "DONE1", "DONE2", "EXITED"):
+    for name in ("CLAIM", "DONE0", "DONE1", "DONE2", "EXITED", "ROUTED"):
         _astore(b, pool, P[name], 0)
     b.atomic_rmw("add", _slot(b, pool, P["GEN"]), i64(1), "seq_cst")
     with b.if_then(b.icmp_signed(">", b.load_atomic(_slot(b, pool, P["SLEEPERS"]), "seq_cst", 8, typ=I64),

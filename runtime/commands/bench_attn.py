@@ -13,7 +13,7 @@ def register(subparsers):
     p = subparsers.add_parser(
         "bench-attn", help="benchmark MLA attention (paged latent cache) on the GPU",
         description="DeepSeek's MLA shape (latent 512+64, heads of 128+64/128) on random data. Decode: µs per call "
-                    "of the Triton absorbed kernel, GB/s and %% of the HBM bandwidth measured in the same run, "
+                    "of the Triton absorbed kernel, GB/s and % of the HBM bandwidth measured in the same run, "
                     "TFLOP/s, times the roofline max(bytes/bandwidth, FLOPs/matmul rate), and the naive torch "
                     "version. Prefill: a chunk of new tokens in both forms.")
     p.add_argument("--heads", default="16,128", help="query head counts (default 16,128: V2-Lite, V3)")

@@ -1,0 +1,76 @@
+"""Fill the on-disk object cache in parallel: `python -m cpu_experts.precompile [--sweep VARIANTS]`.
+
+A module takes seconds to optimise and compile, one core each; the tests and a sweep need dozens. This
+compiles, in one process per core, the libraries they will ask for on this host (every usable ISA x
+format with the default tiling, the AMX tilings the tests use, and the named sweep variants); a later
+CPUExperts finds them in the cache (jit.py). A library nobody asks for costs only compile time.
+"""
+import argparse
+import dataclasses
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+from .codegen.moe import Tiles, build_ir, supports_amx
+from .experts import _geometry, default_tiles
+from .formats import FORMATS
+from .isa import host_cpu, host_isa, supported
+from .jit import object_code
+
+
+def _compile(job):
+    fmt, isa_name, tiles = job
+    isa = host_isa(isa_name)
+    object_code(build_ir(_geometry(fmt, isa, tiles), isa, tiles), isa)
+    return fmt, isa_name
+
+
+def jobs(sweep: list[str], sweep_fmts=FORMATS) -> list:
+    from .sweep import VARIANTS
+    out = []
+    names = supported(host_cpu()[1])
+    best = host_isa()
+    for isa_name in names:
+        isa = host_isa(isa_name)
+        for fmt in FORMATS:
+            out.append((fmt, isa_name, default_tiles(isa, _geometry(fmt, isa, None), False)))
+    emu = [n for n in names if n.startswith("avx512")][:1]   # tests: emulated AMX on the first AVX-512 ISA
+    for isa_name in emu:
+        for fmt, mn, mx, mode in (("q8_0", 1, 128, "int8"), ("q4_0", 1, 32, "int8"), ("q4_0", 5, 128, "int8"),
+                                  ("q4_k", 1, 64, "int8"), ("q4_k", 40, 128, "int8"), ("q8_0", 1, 64, "bf16"),
+                                  ("q4_0", 5, 32, "bf16"), ("q4_k", 1, 128, "bf16")):
+            out.append((fmt, isa_name, Tiles(tokens=8, amx=True, amx_emulate=True, amx_min_slots=mn, amx_max_slots=mx,
+                                             amx_mode=mode)))
+    if best.amx:
+        for fmt in ("q8_0", "q4_0", "q4_k"):
+            for mn in (1, 16):
+                for mode in ("int8", "bf16"):
+                    out.append((fmt, "avx512vnni", Tiles(tokens=8, amx=True, amx_min_slots=mn, amx_mode=mode)))
+    for fmt in sweep_fmts:
+        geo = _geometry(fmt, best, None)
+        base = default_tiles(best, geo, None) if not (best.amx and supports_amx(geo)) else \
+            Tiles(tokens=8 if best.vector_bytes == 64 else 4, amx=True)
+        for name in sweep:
+            fields = VARIANTS[name]
+            if any(f.startswith("amx") for f in fields) and not base.amx:
+                continue
+            out.append((fmt, best.name, dataclasses.replace(base, **fields)))
+    return list(dict.fromkeys(out))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m cpu_experts.precompile", description=__doc__.split("\n\n")[0])
+    p.add_argument("--sweep", default="", help="sweep variant names to compile too (comma-separated)")
+    p.add_argument("--sweep-fmts", default=",".join(FORMATS), help="formats of the sweep variants")
+    p.add_argument("--workers", type=int, default=os.cpu_count())
+    a = p.parse_args(argv)
+    todo = jobs([v for v in a.sweep.split(",") if v], [f for f in a.sweep_fmts.split(",") if f])
+    t0 = time.time()
+    with ProcessPoolExecutor(a.workers) as ex:
+        list(ex.map(_compile, todo))
+    print(f"precompiled {len(todo)} libraries in {time.time() - t0:.1f} s with {a.workers} workers")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

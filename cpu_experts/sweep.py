@@ -1,0 +1,144 @@
+"""Kernel variants on one copy of a layer: `python -m cpu_experts.sweep --shape v3 --fmt q4_k
+--variants base,pfall --tokens 1,8 [--out FILE]`.
+
+Each variant is the default tiling with a few fields changed (VARIANTS); all share the weights
+(CPUExperts.retiled) and are timed round-robin, so they see the same machine state. Every run gets
+fresh random routing, after a 512 MiB parallel read that evicts the LLC; then the workers are woken
+with an empty job (in a decode loop layers follow each other within their spin window), except for
+the "cold" variant, whose job finds them asleep. Per variant and token count: median ms, GB/s of
+weights touched, % of the read bandwidth measured in the same run (before and after the timed runs;
+the larger is the yardstick) and GFLOP/s, the same fields as `hmoe bench-moe --json`.
+"""
+import argparse
+import dataclasses
+import json
+import time
+
+import numpy as np
+
+from .bandwidth import Flusher, measure_read_bandwidth
+from .bench import SHAPES, _commit, cpu_model, routing
+from .experts import CPUExperts, default_threads
+
+VARIANTS = {   # changes to the default tiling (codegen/moe.py Tiles)
+    "base": {},
+    "cold": {},   # base, but the workers are asleep (futex) when the job arrives
+    "old_pf": {"prefetch_all": False, "prefetch_next": False, "rows_down": 32},   # session 1's vector tiling
+    "pf1k": {"prefetch": 1024},
+    "pf4k": {"prefetch": 4096},
+    "pf8k": {"prefetch": 8192},
+    "t1": {"prefetch_locality": 2},
+    "nta": {"prefetch_locality": 0},
+    "rd32": {"rows_down": 32},
+    "nonext": {"prefetch_next": False},
+    "int8": {"amx_mode": "int8"},
+    "int8_min1": {"amx_mode": "int8", "amx_min_slots": 1},
+    "min4": {"amx_min_slots": 4},
+    "min8": {"amx_min_slots": 8},
+    "min32": {"amx_min_slots": 32},
+    "max64": {"amx_max_slots": 64},
+}
+COLD = {"cold"}
+
+
+def run(shape: str, fmt: str, threads: int, tokens: list[int], variants: list[str], repeats: int = 20,
+        seed: int = 0, prefill_variants: list[str] | None = None, log=print, partial=None) -> dict:
+    """variants are timed at <= 64 tokens, prefill_variants (default: the same) above. partial(result)
+    is called after each token count (percentages against the first bandwidth reading until the end)."""
+    s = SHAPES[shape]
+    E, k, H, I = s["num_experts"], s["topk"], s["hidden"], s["inter"]
+    t0 = time.perf_counter()
+    base = CPUExperts.random(fmt=fmt, num_experts=E, hidden=H, inter=I, threads=threads, seed=seed)
+    build_s = time.perf_counter() - t0
+    engines = {}
+    prefill_variants = variants if prefill_variants is None else prefill_variants
+    for name in dict.fromkeys(variants + prefill_variants):
+        fields = VARIANTS[name]
+        if any(f.startswith("amx") for f in fields) and not base.tiles.amx:
+            continue
+        engines[name] = base.retiled(dataclasses.replace(base.tiles, **fields))
+    bw0 = measure_read_bandwidth(threads, cpus=base.pool.cpus)
+    log(f"# {shape} {fmt} threads={threads} isa={base.isa.name} amx={base.tiles.amx} read bandwidth {bw0:.1f} GB/s "
+        f"(weights {build_s:.1f} s, variants {', '.join(engines)})")
+    rng = np.random.default_rng(seed)
+    flush = Flusher(threads, base.pool.cpus)
+    rows = {name: [] for name in engines}
+    for T in tokens:
+        x = rng.standard_normal((T, H)).astype(np.float32)
+        w = rng.uniform(0.1, 1.0, (T, k)).astype(np.float32)
+        active = {n: e for n, e in engines.items() if n in (variants if T <= 64 else prefill_variants)}
+        for ex in active.values():
+            ex.forward(x, routing(rng, T, E, k), w)   # warm: scratch, pages, code
+        times = {name: [] for name in active}
+        touched = {name: [] for name in active}
+        for _ in range(repeats if T <= 64 else max(2, repeats // 6)):
+            for name, ex in active.items():   # fresh routing per run: no weights left in the LLC by the last
+                ids = routing(rng, T, E, k)
+                touched[name].append(len(np.unique(ids)))
+                flush()
+                if name not in COLD:
+                    ex.pool.wake()
+                t1 = time.perf_counter()
+                ex.forward(x, ids, w)
+                times[name].append(time.perf_counter() - t1)
+        for name, ts in times.items():
+            dt = float(np.median(ts))
+            nbytes = float(np.mean(touched[name])) * base.bytes_per_expert()
+            r = dict(tokens=T, ms=dt * 1e3, ms_min=min(ts) * 1e3, experts_touched=float(np.mean(touched[name])),
+                     weight_gb=nbytes / 1e9, gbs=nbytes / dt / 1e9, gflops=2.0 * 3 * T * k * H * I / dt / 1e9,
+                     pct_bandwidth=100 * nbytes / dt / 1e9 / bw0)
+            rows[name].append(r)
+            log(f"  {name:12s} tokens {T:5d} {r['ms']:9.3f} ms {r['gbs']:7.1f} GB/s {r['pct_bandwidth']:5.1f}% of "
+                f"the first reading  {r['gflops']:8.1f} GFLOP/s")
+        if partial:
+            partial(_result(base, engines, rows, shape, fmt, threads, [bw0]))
+    bw1 = measure_read_bandwidth(threads, cpus=base.pool.cpus)
+    bw = max(bw0, bw1)
+    for name, rs in rows.items():
+        for r in rs:
+            r["pct_bandwidth"] = 100 * r["gbs"] / bw
+            log(f"{name:12s} tokens {r['tokens']:5d} {r['ms']:9.3f} ms {r['gbs']:7.1f} GB/s {r['pct_bandwidth']:5.1f}% "
+                f"{r['gflops']:8.1f} GFLOP/s")
+    res = _result(base, engines, rows, shape, fmt, threads, [bw0, bw1])
+    base.close()
+    return res
+
+
+def _result(base, engines, rows, shape, fmt, threads, bws) -> dict:
+    out = {name: dict(tiles=dataclasses.asdict(engines[name].tiles), results=rs) for name, rs in rows.items()}
+    return dict(date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), device=cpu_model(), isa=base.isa.name,
+                cpu=base.isa.cpu, threads=threads, cpus=base.pool.cpus, numa=base.numa, shape=shape, fmt=fmt,
+                read_bandwidth_gbs=max(bws), read_bandwidth_before_after_gbs=bws,
+                bytes_per_expert=base.bytes_per_expert(), commit=_commit(), variants=out)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m cpu_experts.sweep", description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", choices=sorted(SHAPES), default="v2-lite")
+    p.add_argument("--fmt", default="q8_0")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--tokens", default="1,8")
+    p.add_argument("--variants", default="base", help=f"comma-separated, from: {', '.join(VARIANTS)}")
+    p.add_argument("--prefill-variants", default=None, help="variants above 64 tokens (default: --variants)")
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--out", default=None, help="write the JSON here too")
+    a = p.parse_args(argv)
+    names = [v for v in a.variants.split(",") if v]
+    pnames = names if a.prefill_variants is None else [v for v in a.prefill_variants.split(",") if v]
+    unknown = [v for v in names + pnames if v not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
+    command = "python -m cpu_experts.sweep " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(a).items() if v is not None and k != "out")
+
+    def write(res):
+        if a.out:
+            with open(a.out, "w") as f:
+                json.dump({**res, "command": command}, f, indent=1)
+    write(run(a.shape, a.fmt, a.threads or default_threads(), [int(t) for t in a.tokens.split(",")], names,
+              repeats=a.repeats, prefill_variants=pnames, partial=write))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
