@@ -52,6 +52,33 @@ def cpu_model() -> str:
     return platform.processor()
 
 
+def repeats_for(tokens: int, repeats: int) -> int:
+    """All repeats up to 64 tokens, a third of them (at least 2) above: big batches are slow and steady."""
+    return repeats if tokens <= 64 else max(2, repeats // 3)
+
+
+def time_layer(ex: CPUExperts, tokens: int, *, top_k: int, repeats: int, rng: np.random.Generator, flush) -> dict:
+    """One layer at `tokens`: random routing with distinct experts per token, a warm-up call, `flush()`
+    (evict the last-level cache) before each timed call, median of the calls. One row: tokens, ms,
+    ms_min, experts_touched, weight_gb, gbs, gflops."""
+    E, H, I = ex.E, ex.H, ex.I
+    x = rng.standard_normal((tokens, H)).astype(np.float32)
+    w = rng.uniform(0.1, 1.0, (tokens, top_k)).astype(np.float32)
+    ex.forward(x, routing(rng, tokens, E, top_k), w)  # warm: scratch allocation, page faults
+    times, touched = [], []
+    for _ in range(repeats):
+        ids = routing(rng, tokens, E, top_k)
+        flush()
+        t0 = time.perf_counter()
+        ex.forward(x, ids, w)
+        times.append(time.perf_counter() - t0)
+        touched.append(len(np.unique(ids)))
+    dt = float(np.median(times))
+    nbytes = float(np.mean(touched)) * ex.bytes_per_expert()
+    return dict(tokens=tokens, ms=dt * 1e3, ms_min=min(times) * 1e3, experts_touched=float(np.mean(touched)),
+                weight_gb=nbytes / 1e9, gbs=nbytes / dt / 1e9, gflops=2.0 * 3 * tokens * top_k * H * I / dt / 1e9)
+
+
 def run(shape: str, fmt: str, threads: int, tokens: list[int], numa: str = "interleave", isa: str | None = None,
         amx: bool | None = None, repeats: int = 10, seed: int = 0, log=print) -> dict:
     s = SHAPES[shape]
@@ -67,24 +94,7 @@ def run(shape: str, fmt: str, threads: int, tokens: list[int], numa: str = "inte
     flush = Flusher(threads, ex.pool.cpus)  # 512 MiB parallel read: evicts the LLC (300 MiB on the GPU machine)
     rows = []
     for T in tokens:
-        x = rng.standard_normal((T, H)).astype(np.float32)
-        w = rng.uniform(0.1, 1.0, (T, k)).astype(np.float32)
-        ex.forward(x, routing(rng, T, E, k), w)  # warm: scratch allocation, page faults
-        times, touched = [], []
-        for _ in range(repeats if T <= 64 else max(2, repeats // 3)):
-            ids = routing(rng, T, E, k)
-            flush()
-            t1 = time.perf_counter()
-            ex.forward(x, ids, w)
-            times.append(time.perf_counter() - t1)
-            touched.append(len(np.unique(ids)))
-        dt = float(np.median(times))
-        nbytes = float(np.mean(touched)) * ex.bytes_per_expert()
-        flops = 2.0 * 3 * T * k * H * I
-        row = dict(tokens=T, ms=dt * 1e3, ms_min=min(times) * 1e3, experts_touched=float(np.mean(touched)),
-                   weight_gb=nbytes / 1e9, gbs=nbytes / dt / 1e9, pct_bandwidth=100 * nbytes / dt / 1e9 / bw0,
-                   gflops=flops / dt / 1e9)
-        rows.append(row)
+        rows.append(time_layer(ex, T, top_k=k, repeats=repeats_for(T, repeats), rng=rng, flush=flush))
     # the yardstick is the larger of two readings, before and after the timed runs (the machines here
     # move by up to 10-20% between readings)
     bw1 = measure_read_bandwidth(threads, cpus=ex.pool.cpus)

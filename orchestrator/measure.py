@@ -40,10 +40,11 @@ def pinned_h2d(nbytes: int = 1 << 30, repeats: int = 5, device=None) -> dict:
 
 
 def cpu_curve(engine, tokens: list[int], *, top_k: int, repeats: int = 5, seed: int = 0, log=print):
-    """(CpuCurve, rows): median seconds of the engine's layer at each token count (runtime.bench_layer)."""
-    from runtime.bench_layer import flush_buffer, repeats_for, time_layer
+    """(CpuCurve, rows): median seconds of the engine's layer at each token count, timed as bench-moe does."""
+    from cpu_experts.bandwidth import Flusher
+    from cpu_experts.bench import repeats_for, time_layer
 
-    rng, flush, rows = np.random.default_rng(seed), flush_buffer(), []
+    rng, flush, rows = np.random.default_rng(seed), Flusher(engine.threads, engine.pool.cpus), []
     for T in sorted(tokens):
         row = time_layer(engine, T, top_k=top_k, repeats=repeats_for(T, repeats), rng=rng, flush=flush)
         rows.append(row)

@@ -1,7 +1,7 @@
 """`hmoe sweep`: one MoE layer's routed experts on the CPU over threads × NUMA policy × token count.
 
 Each setting builds the layer with random weights (cpu_experts' `CPUExperts.random`) and times it
-the way `hmoe bench-moe` does (runtime/bench_layer.py). The read bandwidth of all physical cores,
+the way `hmoe bench-moe` does (cpu_experts.bench.time_layer). The read bandwidth of all physical cores,
 measured once in the same run, is the yardstick of every setting. Settings this machine cannot
 run (more threads than cores, a NUMA policy refused here) are reported as skipped with the reason.
 """
@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 
 from .bench_common import markdown_table
-from .bench_layer import flush_buffer, repeats_for, time_layer
 from .errors import HmoeError
 
 
@@ -63,7 +62,8 @@ def skip_reason(threads: int, policy: str, cores: int) -> str | None:
 def run_sweep(shape: Shape, fmt: str, threads: list[int], policies: list[str], tokens: list[int], *,
               repeats: int = 10, bw_bytes: int = 2 << 30, isa: str | None = None, amx: bool | None = None,
               seed: int = 0, log=print) -> dict:
-    from cpu_experts.bandwidth import measure_read_bandwidth
+    from cpu_experts.bandwidth import Flusher, measure_read_bandwidth
+    from cpu_experts.bench import repeats_for, time_layer
     from cpu_experts.experts import CPUExperts
     from cpu_experts.numa import physical_cpus, worker_cpus
 
@@ -71,7 +71,7 @@ def run_sweep(shape: Shape, fmt: str, threads: list[int], policies: list[str], t
     log(f"measuring read bandwidth ({bw_bytes / 2**30:.2f} GiB, {cores} threads)...")
     bw = measure_read_bandwidth(cores, bw_bytes, cpus=worker_cpus(None))
     log(f"read bandwidth {bw:.1f} GB/s")
-    flush = flush_buffer()
+    flush = Flusher(cores, worker_cpus(None))  # evicts the last-level cache before each timed call
     settings = []
     for policy in policies:
         for n in threads:
