@@ -22,7 +22,7 @@ from torch import nn
 from runtime.errors import HmoeError
 
 from .ops import FEATURES_TODAY, OPS, runs_today
-from .plan import Placement, Plan
+from .plan import Plan
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -61,8 +61,8 @@ def check_runnable(plan: Plan) -> None:
 
 def materialize(model: nn.Module, plan: Plan) -> None:
     """Storage for every module the torch op runs, on its device and in its dtype (uninitialised).
-    Modules of other ops (the routed experts' `jit`) are built by the loader instead."""
-    check_runnable(plan)
+    Modules of other ops (the routed experts' `jit`) are built by the loader instead; the loader
+    has run `check_runnable` before reading anything."""
     for p in plan.placements:
         if p.op != "torch":
             continue
@@ -78,19 +78,26 @@ def materialize(model: nn.Module, plan: Plan) -> None:
 
 
 def connect(model: nn.Module, plan: Plan) -> None:
-    """Hooks that carry activations between the plan's devices (none when it uses one device)."""
+    """Hooks that carry activations between the plan's devices, only where they change device: each
+    decoder layer's residual stream lives on its attention's device, so a module there needs none
+    (the decode step pays for no hook it does not need); a one-device plan gets no hooks at all."""
     if len({p.device for p in plan.placements}) == 1:
         return
+    attention = {p.unit.layer: p.device for p in plan.placements if p.unit.kind == "attention"}
     for p in plan.placements:
         module = model.get_submodule(p.name)
+        if p.unit.layer is not None and p.device == attention[p.unit.layer]:
+            continue  # its inputs are on its device already
         if getattr(module, "moves_its_own_data", False):  # e.g. CPU experts called stream-ordered from a GPU
             continue
         module.register_forward_pre_hook(functools.partial(_inputs_to, torch.device(p.device)), with_kwargs=True)
         module.register_forward_hook(_outputs_back)
-    attention = {p.unit.layer: torch.device(p.device) for p in plan.placements if p.unit.kind == "attention"}
+    previous = None
     for i, layer in enumerate(model.model.layers):
-        layer.register_forward_pre_hook(functools.partial(_inputs_to, attention[i], remember=False),
-                                        with_kwargs=True)
+        if attention[i] != previous:  # the first layer (the embedding answers on its caller's device) and each change
+            layer.register_forward_pre_hook(functools.partial(_inputs_to, torch.device(attention[i]), remember=False),
+                                            with_kwargs=True)
+        previous = attention[i]
 
 
 def cache_options(plan: Plan) -> dict:
@@ -114,10 +121,6 @@ def allocated_bytes(model: nn.Module) -> dict[str, int]:
             for device, n in module.nbytes_by_device().items():
                 add(device, n)
     return out
-
-
-def placement_of(plan: Plan, name: str) -> Placement:
-    return next(p for p in plan.placements if p.name == name)
 
 
 def _tensors(module: nn.Module, recurse: bool = True):

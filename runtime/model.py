@@ -127,14 +127,15 @@ class DeepseekForCausalLM(nn.Module):
                 form: str = "auto", last_only: bool = False) -> torch.Tensor:
         """input_ids [B, T] at positions start_pos.. -> logits [B, T, V] fp32 ([B, 1, V] if last_only)."""
         B, T = input_ids.shape
-        if form == "auto":  # the crossover measured for the backend this device runs
-            form = choose_form(T, backend_for(input_ids.device), self.cfg.num_attention_heads)
         index_cache = None
         if isinstance(cache, DSACache):
             cache, index_cache = cache.latent, cache.index_keys
             index_cache.prepare(start_pos, T, B)
         cache.prepare(start_pos, T, B)  # pages and lengths for this step, shared by all layers
-        attn_args = dict(rope=self.rope, cos_sin=self.rope.cos_sin(start_pos, T, input_ids.device), cache=cache,
+        attention_device = cache.page_table.device  # where every attention layer runs (placement keeps them together)
+        if form == "auto":  # the crossover measured for the backend the attention runs on
+            form = choose_form(T, backend_for(attention_device), self.cfg.num_attention_heads)
+        attn_args = dict(rope=self.rope, cos_sin=self.rope.cos_sin(start_pos, T, attention_device), cache=cache,
                          start_pos=start_pos, form=form, index_cache=index_cache)
         h = self.model.embed_tokens(input_ids)
         for layer in self.model.layers:

@@ -72,7 +72,7 @@ def sampling_params(args) -> SamplingParams:
                           max_tokens=args.max_tokens, stop=tuple(args.stop))
 
 
-def make_plan(model_dir: str | Path, args, *, quiet: bool = False) -> Plan:
+def make_plan(model_dir: str | Path, args) -> Plan:
     """The placement plan for this model, these options and this machine, checked to fit (nothing read yet)."""
     from placement import preflight
     from placement.defaults import default_rules, open_rules
@@ -92,14 +92,11 @@ def make_plan(model_dir: str | Path, args, *, quiet: bool = False) -> Plan:
     auto = None if args.dtype == "auto" else auto_format(args.dtype)
     ctx = min(args.ctx, cfg.max_position_embeddings)  # the Generator clamps the same way
     plan = build_plan(rules, cfg, ctx=ctx, numa_nodes=inventory.numa_nodes, auto_dtype=auto)
-    if not quiet:
-        for w in plan.warnings:
-            print(f"hmoe: warning: {w}", file=sys.stderr)
+    for w in plan.warnings:
+        print(f"hmoe: warning: {w}", file=sys.stderr)
     fits = preflight.check(plan, inventory)
-    if not quiet:
-        print(f"hmoe: placement {rules.source}: " + ", ".join(f"{f.device} {preflight.gib(f.weights + f.cache)}"
-                                                             for f in fits) + "; " + experts_summary(plan),
-              file=sys.stderr)
+    used = ", ".join(f"{f.device} {preflight.gib(f.weights + f.cache)}" for f in fits)
+    print(f"hmoe: placement {rules.source}: {used}; {experts_summary(plan)}", file=sys.stderr)
     overrides = {k: v for k, v in (("threads", args.experts_threads), ("numa", args.numa)) if v is not None}
     if overrides:
         plan = dataclasses.replace(plan, placements=tuple(

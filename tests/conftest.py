@@ -69,3 +69,17 @@ def tiny_v3(tmp_path_factory):
     from runtime.make_model import write_model
 
     return write_model(tmp_path_factory.mktemp("tiny_v3"), "tiny-v3", dtype="fp32", seed=0, progress=False)
+
+
+def rel_err(a, b) -> float:
+    """Relative L2 error of a against the reference b (computed in fp32)."""
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def prompt(n=24, seed=1, vocab=256):
+    return torch.randint(2, vocab, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def hf_logits(ref, ids):
+    with torch.no_grad():
+        return ref(ids).logits.float()

@@ -8,12 +8,10 @@ from gpu_attention.dsa_torch import (indexer_scores, indexer_topk, mla_masked_de
                                      mla_sparse_absorbed, sparse_mask)
 from gpu_attention.mla_torch import mla_absorbed, mla_decompressed
 
+from .conftest import rel_err
+
 B, H, NOPE, ROPE, V, R = 2, 4, 16, 8, 16, 32
 HI, DI = 4, 16
-
-
-def rel_err(a, b):
-    return float((a - b).norm() / b.norm())
 
 
 def rand(*shape, seed):

@@ -12,20 +12,13 @@ from runtime.make_model import write_model, write_tokenizer
 from runtime.sampling import SamplingParams
 from runtime.tokenizer import Tokenizer
 
-from .conftest import V3_KWARGS, randomize_
+from .conftest import V3_KWARGS, hf_logits, prompt, randomize_, rel_err
+from .test_parity_hf import greedy_tokens
 
 TOPK = 8
 # 16 indexer heads: an index score is exactly 0 only if all heads' ReLUs are 0 (odds 2**-16), so
 # top-k ties, which two implementations may break differently, stay improbable.
 V32_KWARGS = dict(V3_KWARGS, index_n_heads=16, index_head_dim=16, index_topk=TOPK)
-
-
-def rel_err(a, b):
-    return float((a - b).norm() / b.norm())
-
-
-def prompt(n, seed=1, vocab=256):
-    return torch.randint(2, vocab, (1, n), generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.fixture(scope="module")
@@ -39,11 +32,6 @@ def hf_v32(tmp_path_factory):
     ref.save_pretrained(path)
     write_tokenizer(path, max_vocab=ref.config.vocab_size)
     return ref, path
-
-
-def hf_logits(ref, ids):
-    with torch.no_grad():
-        return ref(ids).logits.float()
 
 
 def dense(model):
@@ -80,14 +68,8 @@ def test_chunked_prefill_then_decode_matches_transformers(hf_v32):
 
 def test_greedy_tokens_identical_to_transformers_generate(hf_v32):
     ref, path = hf_v32
-    ids = prompt(12, seed=7)
-    with torch.no_grad():
-        expected = ref.generate(ids, max_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=0)[0, 12:]
-    model = load_model(path, dtype="float32")
-    gen = Generator(model, Tokenizer(path), max_context=128)
-    gen.tokenizer.eos_ids = frozenset()  # transformers was told not to stop either
-    list(gen.stream(ids[0].tolist(), SamplingParams(temperature=0, max_tokens=24)))
-    assert gen.stats.token_ids == expected.tolist()
+    ours, theirs = greedy_tokens(ref, path, prompt(12, seed=7), 24)
+    assert ours == theirs
 
 
 def test_make_model_tiny_v32_loads_in_transformers(tmp_path):

@@ -11,12 +11,10 @@ from gpu_attention.latent_cache import (FP8_GROUP, CacheFullError, LatentCache, 
                                         dequantize_fp8, quantize_fp8)
 from gpu_attention.mla_torch import absorb_weights, mla_absorbed, mla_decompressed
 
+from .conftest import rel_err
+
 R, ROPE, H, NOPE, VD = 32, 16, 4, 16, 24
 SCALE = 0.3
-
-
-def rel_err(a, b):
-    return float((a.float() - b.float()).norm() / b.float().norm())
 
 
 def fragmented_cache(lens, *, page_size=16, dtype=torch.float32, layers=2, seed=0):

@@ -15,6 +15,8 @@ from gpu_attention.attention import mla_attention
 from gpu_attention.latent_cache import LatentCache
 from gpu_attention.mla_torch import absorb_weights, mla_absorbed
 
+from .conftest import rel_err
+
 pytestmark = pytest.mark.gpu
 
 RANK, ROPE, NOPE, VD = 512, 64, 128, 128
@@ -37,10 +39,6 @@ if DEVICE is None:
 real_gpu = pytest.mark.skipif(DEVICE != "cuda", reason="too slow for the Triton interpreter")
 # Triton 3.9's interpreter multiplies bf16 tiles as raw bits; it checks the kernels' logic in fp32
 BF16 = torch.bfloat16 if DEVICE == "cuda" else torch.float32
-
-
-def rel_err(a, b):
-    return float((a.float() - b.float()).norm() / b.float().norm())
 
 
 def make_cache(lens, *, heads, page_size, layout, dtype=BF16, seed=0):

@@ -8,20 +8,7 @@ from runtime.loader import load_model
 from runtime.sampling import SamplingParams
 from runtime.tokenizer import Tokenizer
 
-from .conftest import make_hf_model
-
-
-def rel_err(a, b):
-    return float((a - b).norm() / b.norm())
-
-
-def prompt(n=24, seed=1, vocab=256):
-    return torch.randint(2, vocab, (1, n), generator=torch.Generator().manual_seed(seed))
-
-
-def hf_logits(ref, ids):
-    with torch.no_grad():
-        return ref(ids).logits.float()
+from .conftest import hf_logits, make_hf_model, prompt, rel_err
 
 
 @pytest.mark.parametrize("form", ["absorbed", "decompressed"])
@@ -65,14 +52,18 @@ def test_batched_rows_are_independent(hf_v3):
 @pytest.mark.parametrize("fixture", ["hf_v3", "hf_v2"])
 def test_32_greedy_tokens_identical_to_transformers_generate(fixture, request):
     ref, path = request.getfixturevalue(fixture)
-    ids = prompt(10, seed=7)
+    ours, theirs = greedy_tokens(ref, path, prompt(10, seed=7), 32)
+    assert ours == theirs
+
+
+def greedy_tokens(ref, path, ids: torch.Tensor, n: int) -> tuple[list[int], list[int]]:
+    """n greedy tokens after `ids` from hmoe's Generator and from transformers' generate (no EOS stop)."""
     with torch.no_grad():
-        expected = ref.generate(ids, max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0)[0, 10:]
-    model = load_model(path, dtype="float32")
-    gen = Generator(model, Tokenizer(path), max_context=128)
+        expected = ref.generate(ids, max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+    gen = Generator(load_model(path, dtype="float32"), Tokenizer(path), max_context=128)
     gen.tokenizer.eos_ids = frozenset()  # transformers was told not to stop either
-    list(gen.stream(ids[0].tolist(), SamplingParams(temperature=0, max_tokens=32)))
-    assert gen.stats.token_ids == expected.tolist()
+    list(gen.stream(ids[0].tolist(), SamplingParams(temperature=0, max_tokens=n)))
+    return gen.stats.token_ids, expected[0, ids.shape[1]:].tolist()
 
 
 def test_bf16_model_stays_close_to_fp32(hf_v3):
