@@ -30,6 +30,10 @@ class DSACache:
     latent: LatentCache
     index_keys: LatentCache
 
+    @property
+    def nbytes(self) -> int:
+        return self.latent.nbytes + self.index_keys.nbytes
+
 
 def gather_rows(cache: LatentCache, layer: int, indices: torch.Tensor) -> torch.Tensor:
     """Rows at positions indices [B, T, K] of sequences 0..B-1 -> [B, T, K, D] in the cache's compute

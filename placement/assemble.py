@@ -24,6 +24,7 @@ from runtime.errors import HmoeError
 from .ops import FEATURES_TODAY, OPS, runs_today
 from .plan import Plan
 
+TORCH_MODULE_OPS = ("torch", "mla")  # ops the runtime's torch modules implement (mla: their GPU kernels)
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -33,16 +34,6 @@ class AssemblyError(HmoeError):
 
 def check_runnable(plan: Plan) -> None:
     """Refuse, by rule and module, any placement whose op or feature the runtime cannot run yet."""
-    attention = [p for p in plan.placements if p.unit.kind == "attention"]
-    split = [p for p in attention if (p.device, p.cache_dtype, p.page_size) != (attention[0].device,
-                                                                                 attention[0].cache_dtype,
-                                                                                 attention[0].page_size)]
-    if split:
-        p, q = attention[0], split[0]
-        raise AssemblyError(f"{plan.rules.source}: {q.name} is on {q.device} with a {q.cache_dtype} cache in pages of "
-                            f"{q.page_size} and {p.name} on {p.device} with {p.cache_dtype} in pages of {p.page_size}; "
-                            f"the runtime keeps one latent cache for all layers, so attention layers must share "
-                            f"device and cache options (per-device caches are not built yet)")
     for p in plan.placements:
         missing = []
         if not runs_today(p.op, p.device, p.format):
@@ -60,11 +51,11 @@ def check_runnable(plan: Plan) -> None:
 
 
 def materialize(model: nn.Module, plan: Plan) -> None:
-    """Storage for every module the torch op runs, on its device and in its dtype (uninitialised).
+    """Storage for every module a torch-module op (torch, mla) runs, on its device and in its dtype (uninitialised).
     Modules of other ops (the routed experts' `jit`) are built by the loader instead; the loader
     has run `check_runnable` before reading anything."""
     for p in plan.placements:
-        if p.op != "torch":
+        if p.op not in TORCH_MODULE_OPS:
             continue
         module = model.get_submodule(p.name)
         module.to_empty(device=p.device)
@@ -72,7 +63,7 @@ def materialize(model: nn.Module, plan: Plan) -> None:
         bias = getattr(module, "e_score_correction_bias", None)
         if bias is not None:  # router math stays fp32 whatever the module's dtype
             module.e_score_correction_bias = bias.float()
-    torch_units = [p.name for p in plan.placements if p.op == "torch"]
+    torch_units = [p.name for p in plan.placements if p.op in TORCH_MODULE_OPS]
     left = [f"{unit}.{n}" for unit in torch_units for n, t in _tensors(model.get_submodule(unit)) if t.is_meta]
     assert not left, f"the plan left tensors on the meta device: {left[:3]}"
 
@@ -100,10 +91,10 @@ def connect(model: nn.Module, plan: Plan) -> None:
         previous = attention[i]
 
 
-def cache_options(plan: Plan) -> dict:
-    """The latent cache's storage dtype and page size, as the attention rules set them."""
-    p = next(p for p in plan.placements if p.unit.kind == "attention")
-    return {"dtype": p.cache_dtype, "page_size": p.page_size}
+def cache_options(plan: Plan) -> list[dict]:
+    """Per layer, the latent cache's storage dtype and page size, as the attention rules set them."""
+    attention = sorted((p.unit.layer, p) for p in plan.placements if p.unit.kind == "attention")
+    return [{"dtype": p.cache_dtype, "page_size": p.page_size} for _, p in attention]
 
 
 def allocated_bytes(model: nn.Module) -> dict[str, int]:

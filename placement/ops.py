@@ -34,8 +34,9 @@ OPS = {
                 today={"cpu": _FLOATS, "cuda": _FLOATS}),
     "jit": Op("jit", "cpu_experts: the fused routed-experts kernels, JIT-compiled for this CPU", ("experts",),
               formats={"cpu": ("bf16",) + _BLOCKS}, today={"cpu": ("bf16",) + _BLOCKS}),
+    # the attention module on a GPU: Triton kernels over the paged latent cache (fp8 weights: not yet)
     "mla": Op("mla", "gpu_attention: MLA kernels over the latent cache", ("attention",),
-              formats={"cuda": ("bf16", "fp8")}, today={}),
+              formats={"cuda": ("bf16", "fp8")}, today={"cuda": ("bf16",)}),
     "stream": Op("stream", "routed experts kept in host RAM, streamed to the GPU layer by layer (double-buffered)",
                  ("experts",), formats={"cuda": ("bf16", "fp8") + _BLOCKS}, today={}, weights_on_host=True),
 }

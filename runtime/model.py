@@ -74,6 +74,18 @@ class MLA(nn.Module):
         return self.o_proj(out.reshape(B, T, -1))
 
 
+class LayerCaches:
+    """Latent caches of a model whose attention layers sit on several devices (or use other cache
+    options): `parts` lists (cache, model layer indices); layer layers[j] is layer j of its cache."""
+
+    def __init__(self, parts: list[tuple[LatentCache | DSACache, list[int]]]):
+        self.parts = parts
+
+    @property
+    def nbytes(self) -> int:
+        return sum(cache.nbytes for cache, _ in self.parts)
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
@@ -83,8 +95,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, h, **attn_args) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), layer=self.layer, **attn_args)
+    def forward(self, h, **attn_args) -> torch.Tensor:  # attn_args name the layer's cache and its index there
+        h = h + self.self_attn(self.input_layernorm(h), **attn_args)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -103,19 +115,29 @@ class DeepseekForCausalLM(nn.Module):
         self.model = DeepseekModel(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rope = RotaryTables(cfg.rope, cfg.qk_rope_head_dim, interleave=cfg.rope_interleave)
-        self.cache_options: dict = {}  # {"dtype": "bf16" | "fp8" | ..., "page_size": N}: set by the loader's plan
+        # per layer {"dtype": "bf16" | "fp8" | ..., "page_size": N}: set by the loader from the plan
+        self.cache_options: list[dict] = []
 
     def new_cache(self, *, batch: int, max_len: int, dtype: torch.dtype | str | None = None,
-                  page_size: int | None = None) -> LatentCache | DSACache:
+                  page_size: int | None = None) -> LatentCache | DSACache | LayerCaches:
         """Paged latent cache for `batch` sequences of up to max_len tokens, on the attention's device.
         dtype: the storage ("fp8" = e4m3 with per-128 scales), read back in the attention's dtype;
-        dtype and page_size default to `cache_options` (the placement plan's) or the attention's dtype
-        and DEFAULT_PAGE_SIZE."""
-        weight = self.model.layers[0].self_attn.kv_a_proj_with_mqa.weight
-        dtype = dtype or self.cache_options.get("dtype") or weight.dtype
-        page_size = page_size or self.cache_options.get("page_size") or DEFAULT_PAGE_SIZE
-        args = dict(num_layers=self.cfg.num_hidden_layers, batch=batch, max_len=max_len, page_size=page_size,
-                    dtype=dtype, compute_dtype=weight.dtype, device=weight.device)
+        dtype and page_size default to `cache_options` (the placement plan's, per layer) or the
+        attention's dtype and DEFAULT_PAGE_SIZE. Attention layers on several devices (or with other
+        cache options) get one cache per group of layers that share them (`LayerCaches`)."""
+        groups: dict[tuple, list[int]] = {}
+        for i, layer in enumerate(self.model.layers):
+            weight = layer.self_attn.kv_a_proj_with_mqa.weight
+            options = self.cache_options[i] if i < len(self.cache_options) else {}
+            key = (weight.device, weight.dtype, dtype or options.get("dtype") or weight.dtype,
+                   page_size or options.get("page_size") or DEFAULT_PAGE_SIZE)
+            groups.setdefault(key, []).append(i)
+        parts = [(self._cache_for(len(layers), batch, max_len, *key), layers) for key, layers in groups.items()]
+        return parts[0][0] if len(parts) == 1 else LayerCaches(parts)
+
+    def _cache_for(self, num_layers, batch, max_len, device, compute_dtype, dtype, page_size):
+        args = dict(num_layers=num_layers, batch=batch, max_len=max_len, page_size=page_size, dtype=dtype,
+                    compute_dtype=compute_dtype, device=device)
         latent = LatentCache.for_batch(latent_dim=self.cfg.latent_dim, **args)
         if not self.cfg.has_indexer:
             return latent
@@ -123,23 +145,30 @@ class DeepseekForCausalLM(nn.Module):
         return DSACache(latent, LatentCache.for_batch(latent_dim=self.cfg.index_head_dim, **args))
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, *, cache: LatentCache | DSACache, start_pos: int = 0,
+    def forward(self, input_ids: torch.Tensor, *, cache: LatentCache | DSACache | LayerCaches, start_pos: int = 0,
                 form: str = "auto", last_only: bool = False) -> torch.Tensor:
         """input_ids [B, T] at positions start_pos.. -> logits [B, T, V] fp32 ([B, 1, V] if last_only)."""
         B, T = input_ids.shape
+        parts = cache.parts if isinstance(cache, LayerCaches) else [(cache, range(self.cfg.num_hidden_layers))]
+        layer_args = {}
+        for part, layers in parts:  # per cache: this step's pages, and the attention arguments on its device
+            args = self._attention_args(part, B, T, start_pos, form)
+            layer_args.update({layer: dict(args, layer=local) for local, layer in enumerate(layers)})
+        h = self.model.embed_tokens(input_ids)
+        for i, layer in enumerate(self.model.layers):
+            h = layer(h, **layer_args[i])
+        if last_only:
+            h = h[:, -1:]
+        return self.lm_head(self.model.norm(h)).float()
+
+    def _attention_args(self, cache: LatentCache | DSACache, B: int, T: int, start_pos: int, form: str) -> dict:
         index_cache = None
         if isinstance(cache, DSACache):
             cache, index_cache = cache.latent, cache.index_keys
             index_cache.prepare(start_pos, T, B)
-        cache.prepare(start_pos, T, B)  # pages and lengths for this step, shared by all layers
-        attention_device = cache.page_table.device  # where every attention layer runs (placement keeps them together)
+        cache.prepare(start_pos, T, B)  # pages and lengths for this step, shared by the cache's layers
+        device = cache.page_table.device  # where the attention of the cache's layers runs
         if form == "auto":  # the crossover measured for the backend the attention runs on
-            form = choose_form(T, backend_for(attention_device), self.cfg.num_attention_heads)
-        attn_args = dict(rope=self.rope, cos_sin=self.rope.cos_sin(start_pos, T, attention_device), cache=cache,
-                         start_pos=start_pos, form=form, index_cache=index_cache)
-        h = self.model.embed_tokens(input_ids)
-        for layer in self.model.layers:
-            h = layer(h, **attn_args)
-        if last_only:
-            h = h[:, -1:]
-        return self.lm_head(self.model.norm(h)).float()
+            form = choose_form(T, backend_for(device), self.cfg.num_attention_heads)
+        return dict(rope=self.rope, cos_sin=self.rope.cos_sin(start_pos, T, device), cache=cache,
+                    start_pos=start_pos, form=form, index_cache=index_cache)
