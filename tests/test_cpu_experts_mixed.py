@@ -7,10 +7,10 @@ import pytest
 from cpu_experts import isa as isa_mod
 from cpu_experts.codegen.moe import Tiles
 from cpu_experts.experts import CPUExperts
+from cpu_experts.precompile import MIXED_AMX, MIXED_EMULATED, MIXED_PAIRS
 from cpu_experts.reference import moe_reference
 from tests.test_cpu_experts_moe import AVX512, E, H, HOST_AMX, HOST_ISAS, I, K, blocks, check, routing
 
-PAIRS = [("q4_k", "q6_k"), ("q4_0", "q8_0"), ("q8_0", "q6_k"), ("bf16", "q4_k"), ("q6_k", "bf16")]
 _CACHE = {}
 
 
@@ -40,7 +40,7 @@ ISAS = [i for i in ("avx2", "avx512") if i in HOST_ISAS] + [
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("fmt,down_fmt", PAIRS)
+@pytest.mark.parametrize("fmt,down_fmt", MIXED_PAIRS)
 def test_mixed_formats_match_reference(fmt, down_fmt, isa):
     ex, dq = mixed(fmt, down_fmt, isa, 2)
     assert (ex.fmt, ex.down_fmt) == (fmt, down_fmt)
@@ -48,10 +48,7 @@ def test_mixed_formats_match_reference(fmt, down_fmt, isa):
 
 
 @pytest.mark.skipif(not AVX512, reason="the AMX kernel needs 16-row groups (AVX-512)")
-@pytest.mark.parametrize("fmt,down_fmt,mode,min_slots", [
-    ("q4_k", "q6_k", "bf16", 1), ("q4_k", "q6_k", "int8", 5), ("q4_0", "q8_0", "bf16", 1),
-    ("q4_0", "q8_0", "int8", 1), ("q8_0", "q6_k", "bf16", 1), ("q6_k", "q4_k", "bf16", 1),
-    ("bf16", "q4_k", "int8", 1)])
+@pytest.mark.parametrize("fmt,down_fmt,mode,min_slots", MIXED_EMULATED)
 def test_mixed_formats_emulated_amx_match_reference(fmt, down_fmt, mode, min_slots):
     """AMX in the phase whose format it runs (tile instructions emulated in plain IR), the vector
     kernels in the other."""
@@ -61,7 +58,7 @@ def test_mixed_formats_emulated_amx_match_reference(fmt, down_fmt, mode, min_slo
 
 
 @pytest.mark.skipif(not HOST_AMX, reason="needs AMX (run on the GPU machine)")
-@pytest.mark.parametrize("fmt,down_fmt", [("q4_k", "q6_k"), ("q4_0", "q8_0"), ("q8_0", "q6_k"), ("q6_k", "q4_k")])
+@pytest.mark.parametrize("fmt,down_fmt", MIXED_AMX)
 @pytest.mark.parametrize("mode", ["bf16", "int8"])
 def test_mixed_formats_amx_match_reference(fmt, down_fmt, mode):
     tiles = Tiles(tokens=8, amx=True, amx_min_slots=16, amx_mode=mode)
