@@ -1,11 +1,13 @@
 """CPUExperts: one MoE layer's routed experts on the CPU (the fused op the model calls).
 
     experts = CPUExperts.from_tensors(gate, up, down, fmt="q4_k", threads=16, numa="interleave")
+    experts = CPUExperts.from_blocks(gate, up, down, fmt="q4_k", down_fmt="q6_k", hidden=H, inter=I)
     out = experts.forward(hidden, topk_ids, topk_weights)   # hidden [T, H] -> out [T, H]
     experts.submit(hidden, topk_ids, topk_weights); ...; out = experts.wait()
 
 out[t] = sum_j w[t, j] * down_e(silu(gate_e x_t) * up_e x_t), e = ids[t, j]. gate/up: [E, I, H],
-down: [E, H, I] (the checkpoint's [out, in] orientation).
+down: [E, H, I] (the checkpoint's [out, in] orientation). gate and up share one format (`fmt`); down
+may have its own (`down_fmt`, default fmt), as llama.cpp's Q4_K_M files do (Q4_K gate/up, Q6_K down).
 """
 import ctypes
 from dataclasses import replace
@@ -23,11 +25,14 @@ from .layout import Geometry, geometry, repack, repacked_bytes_per_weight
 from .pool import WorkerPool, aligned_zeros
 
 
-def default_tiles(isa: Isa, geo: Geometry, amx: bool | None = None) -> Tiles:
-    """amx: None = use AMX where the host and format allow it."""
-    use_amx = isa.amx and supports_amx(geo) if amx is None else amx
-    if use_amx and not (isa.amx and supports_amx(geo)):
-        raise ValueError(f"AMX needs an AMX host and q8_0, q4_0 or q4_k weights (host {isa.cpu}, format {geo.fmt})")
+def default_tiles(isa: Isa, geo: Geometry, amx: bool | None = None, down_geo: Geometry | None = None) -> Tiles:
+    """amx: None = use AMX where the host and a format allow it (a phase whose format AMX cannot run
+    takes the vector kernels)."""
+    fmt_ok = supports_amx(geo) or supports_amx(down_geo or geo)
+    use_amx = isa.amx and fmt_ok if amx is None else amx
+    if use_amx and not (isa.amx and fmt_ok):
+        raise ValueError(f"AMX needs an AMX host and q8_0, q4_0 or q4_k weights (host {isa.cpu}, format "
+                         f"{_fmt_name(geo, down_geo)})")
     if use_amx and not enable_amx():
         use_amx = False
     # accumulators: one vector of R rows per token; AVX2 has 16 vector registers, AVX-512 32
@@ -41,12 +46,20 @@ def _geometry(fmt: str, isa: Isa, tiles: Tiles | None) -> Geometry:
     return geometry(fmt, isa.vector_bytes, unsigned)
 
 
-def _check_amx(tiles: Tiles, isa: Isa, geo: Geometry):
-    """Real tile instructions need an AMX host, a supported layout and the kernel's permission."""
+def _fmt_name(geo: Geometry, down_geo: Geometry | None) -> str:
+    return geo.fmt if down_geo is None or down_geo.fmt == geo.fmt else f"{geo.fmt} gate/up, {down_geo.fmt} down"
+
+
+def _check_amx(tiles: Tiles, isa: Isa, geo: Geometry, down_geo: Geometry):
+    """Real tile instructions need an AMX host, a supported layout (in at least one phase) and the
+    kernel's permission."""
     if not tiles.amx:
         return
-    if not supports_amx(geo):
-        raise ValueError(f"AMX needs q8_0, q4_0 or q4_k weights with 16-row groups, got {geo.fmt} on {isa.name}")
+    if not (supports_amx(geo) or supports_amx(down_geo)):
+        raise ValueError(f"AMX needs q8_0, q4_0 or q4_k weights with 16-row groups, got "
+                         f"{_fmt_name(geo, down_geo)} on {isa.name}")
+    if supports_amx(down_geo) and tiles.rows_down % 32:
+        raise ValueError(f"AMX down tasks need rows_down divisible by 32, got {tiles.rows_down}")
     if not tiles.amx_emulate and not (isa.amx and enable_amx()):
         raise ValueError(f"AMX needs an AMX host that grants the tile state (host {isa.cpu})")
 
@@ -60,8 +73,9 @@ def enable_amx() -> bool:
 
 
 @lru_cache(maxsize=None)
-def library(fmt: str, isa: Isa, tiles: Tiles) -> Library:
-    return Library(build_ir(_geometry(fmt, isa, tiles), isa, tiles), isa)
+def library(fmt: str, isa: Isa, tiles: Tiles, down_fmt: str | None = None) -> Library:
+    down_geo = _geometry(down_fmt, isa, tiles) if down_fmt and down_fmt != fmt else None
+    return Library(build_ir(_geometry(fmt, isa, tiles), isa, tiles, down_geo), isa)
 
 
 _POOLS: dict = {}
@@ -121,23 +135,26 @@ def _as_numpy(x, dtype, name):
 class CPUExperts:
     def __init__(self, *, fmt: str, num_experts: int, hidden: int, inter: int, threads: int | None = None,
                  numa: str = "interleave", isa: str | None = None, tiles: Tiles | None = None,
-                 amx: bool | None = None):
+                 amx: bool | None = None, down_fmt: str | None = None):
         get_format(fmt)
-        self.fmt, self.E, self.H, self.I = fmt, num_experts, hidden, inter
+        down_fmt = down_fmt or fmt
+        get_format(down_fmt)
+        self.fmt, self.down_fmt, self.E, self.H, self.I = fmt, down_fmt, num_experts, hidden, inter
         self.isa = host_isa(isa)
         self.geo = _geometry(fmt, self.isa, tiles)
-        self.tiles = tiles or default_tiles(self.isa, self.geo, amx)
+        self.down_geo = _geometry(down_fmt, self.isa, tiles)
+        self.tiles = tiles or default_tiles(self.isa, self.geo, amx, self.down_geo)
         if tiles is None and hidden % self.tiles.rows_down and hidden % 32 == 0:
             self.tiles = replace(self.tiles, rows_down=32)   # the default 64 rows per down task need H % 64 == 0
-        _check_amx(self.tiles, self.isa, self.geo)
+        _check_amx(self.tiles, self.isa, self.geo, self.down_geo)
         if inter % self.tiles.rows_up or hidden % self.tiles.rows_down:
             raise ValueError(f"inter {inter} must divide by {self.tiles.rows_up} and hidden {hidden} by "
                              f"{self.tiles.rows_down}")
         self.numa = numa_mod.effective_policy(numa)
         self.gate = _Matrix(self.geo, num_experts, inter, hidden, self.numa, "gate")
         self.up = _Matrix(self.geo, num_experts, inter, hidden, self.numa, "up")
-        self.down = _Matrix(self.geo, num_experts, hidden, inter, self.numa, "down")
-        self.lib = library(fmt, self.isa, self.tiles)
+        self.down = _Matrix(self.down_geo, num_experts, hidden, inter, self.numa, "down")
+        self.lib = library(fmt, self.isa, self.tiles, down_fmt)
         self.threads = threads or default_threads()
         self.pool = shared_pool(self.lib, self.threads)
         self.job = aligned_zeros(len(JOB_FIELDS), np.int64)
@@ -150,13 +167,13 @@ class CPUExperts:
     def retiled(self, tiles: Tiles) -> "CPUExperts":
         """The same weights (shared memory, same layout) with another tiling: benchmarks compare
         kernel variants on one copy of a layer. Close only the original."""
-        if _geometry(self.fmt, self.isa, tiles) != self.geo:
+        if (_geometry(self.fmt, self.isa, tiles), _geometry(self.down_fmt, self.isa, tiles)) != (self.geo, self.down_geo):
             raise ValueError("retiled: that tiling needs another weight layout")
-        _check_amx(tiles, self.isa, self.geo)
+        _check_amx(tiles, self.isa, self.geo, self.down_geo)
         other = object.__new__(CPUExperts)
         other.__dict__.update(self.__dict__)
         other.tiles = tiles
-        other.lib = library(self.fmt, self.isa, tiles)
+        other.lib = library(self.fmt, self.isa, tiles, self.down_fmt)
         other.pool = shared_pool(other.lib, self.threads)
         other.job = aligned_zeros(len(JOB_FIELDS), np.int64)
         other._capacity, other._pending, other._owner = (0, 0), None, False
@@ -166,7 +183,7 @@ class CPUExperts:
     @classmethod
     def from_tensors(cls, gate, up, down, *, fmt: str = "q8_0", threads: int | None = None,
                      numa: str = "interleave", isa: str | None = None, tiles: Tiles | None = None,
-                     amx: bool | None = None):
+                     amx: bool | None = None, down_fmt: str | None = None):
         """gate, up: [E, I, H]; down: [E, H, I]; numpy arrays or CPU torch tensors (fp32/bf16)."""
         gate, up, down = (_as_numpy(w, np.float32, n)[0] for w, n in ((gate, "gate"), (up, "up"), (down, "down")))
         if gate.ndim != 3 or gate.shape != up.shape or down.shape != (gate.shape[0], gate.shape[2], gate.shape[1]):
@@ -174,21 +191,24 @@ class CPUExperts:
                              f"{down.shape}")
         E, I, H = gate.shape
         self = cls(fmt=fmt, num_experts=E, hidden=H, inter=I, threads=threads, numa=numa, isa=isa, tiles=tiles,
-                   amx=amx)
+                   amx=amx, down_fmt=down_fmt)
         for e in range(E):
-            for mat, w in ((self.gate, gate[e]), (self.up, up[e]), (self.down, down[e])):
-                mat.fill(e, repack(quantize(w, fmt), fmt, *w.shape, self.geo))
+            for mat, w, f, geo in ((self.gate, gate[e], fmt, self.geo), (self.up, up[e], fmt, self.geo),
+                                   (self.down, down[e], self.down_fmt, self.down_geo)):
+                mat.fill(e, repack(quantize(w, f), f, *w.shape, geo))
         return self
 
     @classmethod
     def from_blocks(cls, gate, up, down, *, fmt: str, hidden: int, inter: int, **kw):
-        """GGUF blocks as a loader reads them: gate/up uint8 [E, I, row_bytes(H)], down [E, H, row_bytes(I)]."""
+        """GGUF blocks as a loader reads them: gate/up uint8 [E, I, row_bytes(H)] in fmt, down
+        [E, H, row_bytes(I)] in down_fmt (keyword; default fmt)."""
         E = gate.shape[0]
         self = cls(fmt=fmt, num_experts=E, hidden=hidden, inter=inter, **kw)
         for e in range(E):
-            for mat, w, n, k in ((self.gate, gate[e], inter, hidden), (self.up, up[e], inter, hidden),
-                                 (self.down, down[e], hidden, inter)):
-                mat.fill(e, repack(np.asarray(w, np.uint8), fmt, n, k, self.geo))
+            for mat, w, n, k, f, geo in ((self.gate, gate[e], inter, hidden, fmt, self.geo),
+                                         (self.up, up[e], inter, hidden, fmt, self.geo),
+                                         (self.down, down[e], hidden, inter, self.down_fmt, self.down_geo)):
+                mat.fill(e, repack(np.asarray(w, np.uint8), f, n, k, geo))
         return self
 
     @classmethod
@@ -196,14 +216,18 @@ class CPUExperts:
         """Random weights written straight into the repacked layout (benchmarks: no quantize pass)."""
         self = cls(fmt=fmt, num_experts=num_experts, hidden=hidden, inter=inter, **kw)
         rng = np.random.default_rng(seed)
-        pool = rng.integers(0, 256, 1 << 24, dtype=np.uint8)
-        if fmt == "q6_k":
-            pool &= 0x3F
-        if fmt == "bf16":  # |w| in [2^-8, 2^0): sign, exponent 119..126, random mantissa
-            v = pool.view(np.uint16)
-            pool = (((v & 0x8000) | ((119 + (v & 7)) << 7) | (v >> 9)).astype(np.uint16)).view(np.uint8)
+        raw = rng.integers(0, 256, 1 << 24, dtype=np.uint8)
+
+        def payload_pool(f):
+            if f == "q6_k":
+                return raw & 0x3F
+            if f == "bf16":  # |w| in [2^-8, 2^0): sign, exponent 119..126, random mantissa
+                v = raw.view(np.uint16)
+                return (((v & 0x8000) | ((119 + (v & 7)) << 7) | (v >> 9)).astype(np.uint16)).view(np.uint8)
+            return raw
         scales = (rng.uniform(0.001, 0.01, 1 << 20)).astype(np.float16).view(np.uint8)
-        for mat in (self.gate, self.up, self.down):
+        for mat, f in ((self.gate, fmt), (self.up, fmt), (self.down, self.down_fmt)):
+            pool = payload_pool(f)
             for buf, src in ((mat.payload, pool), (mat.scale, scales), (mat.bias, scales)):
                 dst = buf.array(np.uint8)
                 for s in range(0, dst.size, src.size):
@@ -236,8 +260,8 @@ class CPUExperts:
                              "SW": aligned_zeros(S, np.float32), "SPOS": aligned_zeros(S, np.int32),
                              "ACT": aligned_zeros(E, np.int32)}
         bf16_acts = self.tiles.amx and self.tiles.amx_mode == "bf16"
-        for pre, k in (("X", H), ("H", I)):   # slot-ordered int8 activations, scale, sums per 16, term
-            rows = (S + P) if self.fmt != "bf16" else 1
+        for pre, k, f in (("X", H, self.fmt), ("H", I, self.down_fmt)):   # slot-ordered int8 activations,
+            rows = (S + P) if f != "bf16" else 1                            # scale, sums per 16, term
             s.update({pre + "Q": aligned_zeros(rows * k, np.int8), pre + "D": aligned_zeros(rows * k // 32, np.float32),
                       pre + "S": aligned_zeros(rows * k // 16, np.int32),
                       pre + "T": aligned_zeros(rows * k // 32, np.float32),
@@ -325,7 +349,8 @@ class CPUExperts:
     # ------------------------------------------------------------ facts
     def bytes_per_expert(self) -> int:
         """Bytes the kernels stream for one expert (gate + up + down, repacked)."""
-        return int(round(3 * self.H * self.I * repacked_bytes_per_weight(self.geo)))
+        gate_up = 2 * self.H * self.I * repacked_bytes_per_weight(self.geo)
+        return int(round(gate_up + self.H * self.I * repacked_bytes_per_weight(self.down_geo)))
 
     def close(self):
         if self._owner:   # a retiled() view shares the weights of its original

@@ -32,8 +32,9 @@ def _buffers(experts: CPUExperts):
 
 
 def _header(experts: CPUExperts) -> dict:
-    return {"magic": MAGIC, "fmt": experts.fmt, "E": experts.E, "H": experts.H, "I": experts.I,
-            "geometry": dataclasses.asdict(experts.geo),
+    return {"magic": MAGIC, "fmt": experts.fmt, "down_fmt": experts.down_fmt, "E": experts.E, "H": experts.H,
+            "I": experts.I, "geometry": dataclasses.asdict(experts.geo),
+            "down_geometry": dataclasses.asdict(experts.down_geo),
             "buffers": [[name, buf.nbytes] for name, buf in _buffers(experts)]}
 
 

@@ -18,11 +18,41 @@ from .isa import host_cpu, host_isa, supported
 from .jit import object_code
 
 
+# (gate/up, down) format pairs the per-projection tests use (tests/test_cpu_experts_mixed.py)
+MIXED_PAIRS = (("q4_k", "q6_k"), ("q4_0", "q8_0"), ("q8_0", "q6_k"), ("bf16", "q4_k"), ("q6_k", "bf16"))
+# their AMX tilings: (gate/up, down, amx_mode, amx_min_slots), emulated on the first AVX-512 ISA
+MIXED_EMULATED = (("q4_k", "q6_k", "bf16", 1), ("q4_k", "q6_k", "int8", 5), ("q4_0", "q8_0", "bf16", 1),
+                  ("q4_0", "q8_0", "int8", 1), ("q8_0", "q6_k", "bf16", 1), ("q6_k", "q4_k", "bf16", 1),
+                  ("bf16", "q4_k", "int8", 1))
+MIXED_AMX = (("q4_k", "q6_k"), ("q4_0", "q8_0"), ("q8_0", "q6_k"), ("q6_k", "q4_k"))
+
+
 def _compile(job):
-    fmt, isa_name, tiles = job
+    fmt, isa_name, tiles, *down = job
     isa = host_isa(isa_name)
-    object_code(build_ir(_geometry(fmt, isa, tiles), isa, tiles), isa)
+    down_geo = _geometry(down[0], isa, tiles) if down else None
+    object_code(build_ir(_geometry(fmt, isa, tiles), isa, tiles, down_geo), isa)
     return fmt, isa_name
+
+
+def mixed_jobs() -> list:
+    """The libraries of the per-projection (gate/up vs down format) tests on this host."""
+    names = supported(host_cpu()[1])
+    out = []
+    for isa_name in names:
+        isa = host_isa(isa_name)
+        for fmt, down in MIXED_PAIRS:
+            out.append((fmt, isa_name, default_tiles(isa, _geometry(fmt, isa, None), False,
+                                                     _geometry(down, isa, None)), down))
+    for isa_name in [n for n in names if n.startswith("avx512")][:1]:
+        for fmt, down, mode, mn in MIXED_EMULATED:
+            out.append((fmt, isa_name, Tiles(tokens=8, amx=True, amx_emulate=True, amx_min_slots=mn, amx_max_slots=64,
+                                             amx_mode=mode), down))
+    if host_isa().amx:
+        for fmt, down in MIXED_AMX:
+            for mode in ("bf16", "int8"):
+                out.append((fmt, "avx512vnni", Tiles(tokens=8, amx=True, amx_min_slots=16, amx_mode=mode), down))
+    return out
 
 
 def jobs(sweep: list[str], sweep_fmts=FORMATS) -> list:
@@ -55,7 +85,7 @@ def jobs(sweep: list[str], sweep_fmts=FORMATS) -> list:
             if any(f.startswith("amx") for f in fields) and not base.amx:
                 continue
             out.append((fmt, best.name, dataclasses.replace(base, **fields)))
-    return list(dict.fromkeys(out))
+    return list(dict.fromkeys(out + mixed_jobs()))
 
 
 def main(argv=None) -> int:

@@ -28,7 +28,7 @@ class Run:
 
 
 def _signature(p: Placement) -> tuple:
-    return (p.device, p.op, p.format, p.home, p.rule and p.rule.index, p.gpu_experts, p.prefill, p.cache_dtype,
+    return (p.device, p.op, p.format_text, p.home, p.rule and p.rule.index, p.gpu_experts, p.prefill, p.cache_dtype,
             p.page_size, p.threads, p.numa, p.replicas)
 
 
@@ -76,7 +76,7 @@ def render(plan: Plan, result: list[Fit], model_label: str) -> str:
     for run in runs(plan):
         p = run.first
         rule = f"{p.rule.index} (line {p.rule.line})" if p.rule else "defaults"
-        rows.append((run.layer_text, run.suffix, p.device, p.op, p.format, gib(run.bytes), rule, _notes(run)))
+        rows.append((run.layer_text, run.suffix, p.device, p.op, p.format_text, gib(run.bytes), rule, _notes(run)))
     lines = [f"{plan.rules.name}", f"  rules: {plan.rules.source}   model: {model_label}   context: {plan.ctx} tokens", ""]
     lines += _table(rows)
     lines.append("")
@@ -110,7 +110,7 @@ def to_json(plan: Plan, result: list[Fit], model_label: str) -> dict:
         g = p.gpu_experts
         return {
             "name": p.name, "kind": p.unit.kind, "layer": p.unit.layer, "device": p.device, "op": p.op,
-            "format": p.format, "home": p.home, "bytes": p.bytes, "replicas": p.replicas,
+            "format": p.format, "down_format": p.down_format, "home": p.home, "bytes": p.bytes, "replicas": p.replicas,
             "rule": p.rule.index if p.rule else None, "line": p.rule.line if p.rule else None,
             "gpu_experts": {"count": g.count, "device": g.device, "format": g.format, "bytes": p.gpu_bytes} if g else None,
             "prefill": {"device": p.prefill.device, "op": p.prefill.op, "min_tokens": p.prefill.min_tokens or "auto"}

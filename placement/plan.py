@@ -8,6 +8,7 @@ are RulesErrors at the rule's line; rules that place nothing are warnings.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import defaultdict
 from dataclasses import dataclass
@@ -46,10 +47,15 @@ class Placement:
     cache_bytes: int = 0  # latent cache (and V3.2 indexer keys) of this attention layer, on `device`
     threads: int | None = None
     numa: str | None = None
+    down_format: str | None = None  # jit experts whose source keeps down_proj in another kernel format
 
     @property
     def name(self) -> str:
         return self.unit.name
+
+    @property
+    def format_text(self) -> str:
+        return f"{self.format}/{self.down_format}" if self.down_format else self.format
 
 
 @dataclass(frozen=True)
@@ -88,14 +94,19 @@ class Plan:
         return sum(p.bytes + p.gpu_bytes for p in self.placements)
 
 
-def build_plan(rules: RuleSet, cfg: ModelConfig, *, ctx: int, numa_nodes: int = 1, auto_dtype: str | None = None) -> Plan:
-    """auto_dtype: what `dtype: auto` means (default: the checkpoint's dtype; bf16 for FP8 ones)."""
+def build_plan(rules: RuleSet, cfg: ModelConfig, *, ctx: int, numa_nodes: int = 1, auto_dtype: str | None = None,
+               stored_experts: dict[int, tuple[str, str]] | None = None) -> Plan:
+    """auto_dtype: what `dtype: auto` means (default: the checkpoint's dtype; bf16 for FP8 ones).
+    stored_experts: layer -> (gate/up, down) formats of a weight source (a GGUF) that stores routed
+    experts' down_proj in another format the kernels run: a `jit` placement in the gate/up format
+    keeps that down format (no requantization), and its bytes count it."""
     if ctx < 1 or ctx > cfg.max_position_embeddings:
         raise HmoeError(f"--ctx {ctx} is outside the model's context of 1-{cfg.max_position_embeddings} tokens")
     units = model_units(cfg)
     assigned = assign(rules, units)
     base = auto_dtype or auto_format(cfg.torch_dtype)  # norms, biases of quantized modules: the compute dtype
-    placements = tuple(_place(rules, cfg, unit, rule, base, ctx, numa_nodes) for unit, rule in assigned)
+    placements = tuple(_place(rules, cfg, unit, rule, base, ctx, numa_nodes, stored_experts or {})
+                       for unit, rule in assigned)
     _check_fields_apply(rules, assigned)
     staging: dict[str, int] = defaultdict(int)
     for p in placements:
@@ -107,7 +118,7 @@ def build_plan(rules: RuleSet, cfg: ModelConfig, *, ctx: int, numa_nodes: int = 
 
 
 def _place(rules: RuleSet, cfg: ModelConfig, unit: Unit, rule: Rule | None, base: str, ctx: int,
-           numa_nodes: int) -> Placement:
+           numa_nodes: int, stored_experts: dict[int, tuple[str, str]]) -> Placement:
     d = rules.defaults
     device = (rule and rule.device) or d.device
     op = (rule and rule.op) or d.op
@@ -121,6 +132,8 @@ def _place(rules: RuleSet, cfg: ModelConfig, unit: Unit, rule: Rule | None, base
         problem = format_problem(op, device, fmt)
         if problem:
             where.fail("dtype", f"dtype auto is {fmt} for this checkpoint and {problem}; set 'quant' or 'dtype'")
+    stored = stored_experts.get(unit.layer) if unit.kind == "experts" and op == "jit" else None
+    down_fmt = stored[1] if stored and stored[0] == fmt and stored[1] != fmt else None
     gpu = rule.gpu_experts if rule and unit.kind == "experts" else None
     prefill = rule.prefill if rule else None
     if prefill and unit.kind not in OPS[prefill.op].kinds:
@@ -128,14 +141,14 @@ def _place(rules: RuleSet, cfg: ModelConfig, unit: Unit, rule: Rule | None, base
                               f"{where.who} places {unit.name} (kind {unit.kind})")
 
     if gpu is None:
-        weight_bytes = unit_bytes(unit, fmt, base, where, "quant", op)
+        weight_bytes = unit_bytes(unit, fmt, base, where, "quant", op, down_fmt)
         gpu_bytes = 0
     else:
         experts = cfg.n_routed_experts
         if gpu.count >= experts:
             where.fail("gpu_experts", f"gpu_experts {gpu.count} is every one of the layer's {experts} experts; "
                                       f"place the experts on {gpu.device} with 'device' instead")
-        per_expert = unit_bytes(unit, fmt, base, where, "quant", op) // experts
+        per_expert = unit_bytes(unit, fmt, base, where, "quant", op, down_fmt) // experts
         weight_bytes = per_expert * (experts - gpu.count)
         gpu_bytes = unit_bytes(unit, gpu.format, base, where, "gpu_experts") // experts * gpu.count
 
@@ -151,12 +164,19 @@ def _place(rules: RuleSet, cfg: ModelConfig, unit: Unit, rule: Rule | None, base
         cache_bytes = rows * cache_bytes_per_token(cfg, cache_dtype)
     return Placement(unit, rule, device, op, fmt, weights_home(op, device), weight_bytes * replicas, replicas,
                      gpu, gpu_bytes, prefill, streamed, cache_dtype, page_size, cache_bytes,
-                     rule.threads if rule else None, rule.numa if rule else None)
+                     rule.threads if rule else None, rule.numa if rule else None, down_fmt)
 
 
-def raw_bytes(unit: Unit, fmt: str, base: str, op: str = "torch") -> int | None:
-    """Weight bytes of `unit` stored in `fmt` by `op` (vectors in `base`); None if a row does not fill
-    whole blocks. The `jit` op stores cpu_experts' repacked layout, not GGUF blocks."""
+def raw_bytes(unit: Unit, fmt: str, base: str, op: str = "torch", down_fmt: str | None = None) -> int | None:
+    """Weight bytes of `unit` stored in `fmt` by `op` (vectors in `base`; experts' down_proj in
+    down_fmt when given); None if a row does not fill whole blocks. The `jit` op stores cpu_experts'
+    repacked layout, not GGUF blocks."""
+    if down_fmt and down_fmt != fmt:
+        down = [t for t in unit.tensors if t.name.startswith("down_proj")]
+        rest = dataclasses.replace(unit, tensors=tuple(t for t in unit.tensors if t not in down))
+        parts = (raw_bytes(rest, fmt, base, op), raw_bytes(dataclasses.replace(unit, tensors=tuple(down)), down_fmt,
+                                                          base, op))
+        return None if None in parts else sum(parts)
     f = FORMATS[fmt]
     per_weight = jit_bytes_per_weight(fmt) if op == "jit" else None
     total = 0
@@ -174,9 +194,10 @@ def raw_bytes(unit: Unit, fmt: str, base: str, op: str = "torch") -> int | None:
     return total
 
 
-def unit_bytes(unit: Unit, fmt: str, base: str, blame: "Blame", key: str, op: str = "torch") -> int:
+def unit_bytes(unit: Unit, fmt: str, base: str, blame: "Blame", key: str, op: str = "torch",
+               down_fmt: str | None = None) -> int:
     """raw_bytes, or a RulesError at the rule's `key` naming the tensor whose rows do not fit the blocks."""
-    total = raw_bytes(unit, fmt, base, op)
+    total = raw_bytes(unit, fmt, base, op, down_fmt)
     if total is None:
         t = next(t for t in unit.tensors if len(t.shape) > 1 and not fits_rows(fmt, t.shape[-1]))
         ok = [name for name in FORMATS if fits_rows(name, t.shape[-1]) and name != fmt]

@@ -4,7 +4,8 @@
 
 llama.cpp names the pre-tokenizer (`tokenizer.ggml.pre`) instead of storing its regexes; the
 regexes below are llama.cpp's (llama-vocab.cpp) for the names DeepSeek models use, which are
-the Split patterns of the models' own tokenizer.json files.
+the Split patterns of the models' own tokenizer.json files, and Kimi-K2's tiktoken pattern
+('kimi-k2'). Another name is a one-line error naming the ones hmoe knows.
 """
 
 from __future__ import annotations
@@ -35,8 +36,27 @@ _LETTERS = "".join(f"{chr(a)}-{chr(b)}" if a != b else chr(a) for a, b in (
     (0xFB00, 0xFB06), (0xFB13, 0xFB17), (0xFF21, 0xFF3A), (0xFF41, 0xFF5A), (0x10400, 0x1044F), (0x104B0, 0x104D3),
     (0x104D8, 0x104FB), (0x10C80, 0x10CB2), (0x10CC0, 0x10CF2), (0x118A0, 0x118DF), (0x1E900, 0x1E943)))
 
+# Kimi-K2's tiktoken pattern (Moonshot's tokenization_kimi.py `pat_str`): Han runs on their own,
+# Han removed from the letter classes (`&&`, which Oniguruma, the `tokenizers` regex engine, reads
+# as class intersection), cased words split at case changes with optional contractions, digits in
+# threes. llama.cpp matches it with a hand-written splitter; we run the pattern itself.
+_KIMI_LETTERS_UPPER = r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]"
+_KIMI_LETTERS_LOWER = r"[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]"
+_CONTRACTIONS = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+KIMI_K2_PATTERN = "|".join([
+    r"[\p{Han}]+",
+    rf"[^\r\n\p{{L}}\p{{N}}]?{_KIMI_LETTERS_UPPER}*{_KIMI_LETTERS_LOWER}+{_CONTRACTIONS}",
+    rf"[^\r\n\p{{L}}\p{{N}}]?{_KIMI_LETTERS_UPPER}+{_KIMI_LETTERS_LOWER}*{_CONTRACTIONS}",
+    r"\p{N}{1,3}",
+    r" ?[^\s\p{L}\p{N}]+[\r\n]*",
+    r"\s*[\r\n]+",
+    r"\s+(?!\S)",
+    r"\s+",
+])
+
 # tokenizer.ggml.pre -> Split regexes (each "Isolated"), followed by byte-level without its own regex
 PRE_TOKENIZERS = {
+    "kimi-k2": [KIMI_K2_PATTERN],
     "deepseek-v3": [
         "\\p{N}{1,3}",
         "[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+",

@@ -5,7 +5,8 @@ Tensors are dequantized with `gguf.quants` in row chunks straight into the desti
 so no full fp32 copy of a large tensor exists. Routed experts also come out as GGUF blocks
 (`expert_blocks`): a projection already in the format asked for is handed over as the file's
 own bytes (a memory-mapped view), byte-identical; any other type is dequantized and quantized
-to that format, with one warning line per model saying what was requantized.
+to that format, with one warning line per model saying what was requantized. down_proj may keep
+its own kernel format (Q4_K_M: Q4_K gate/up, Q6_K down in some layers): `stored_formats`.
 """
 
 from __future__ import annotations
@@ -57,6 +58,18 @@ def natural_format(types: tuple[GGMLQuantizationType, ...], hidden: int, inter: 
         if bits_per_weight(GGML_TYPE[fmt]) >= bits and fits(fmt):
             return fmt
     return "bf16"
+
+
+def natural_formats(types: tuple[GGMLQuantizationType, ...], hidden: int, inter: int) -> tuple[str, str]:
+    """(gate/up, down) CPU formats for one layer's experts: the stored ones when gate and up share a
+    type and both types are kernel formats the shapes allow (the kernels take a down format of its
+    own); else natural_format for all three."""
+    gate, up, down = (FORMAT_OF.get(t) for t in types)
+    block = {f: GGML_QUANT_SIZES[GGML_TYPE[f]][0] for f in GGML_TYPE}
+    if gate == up and gate and down and hidden % block[gate] == 0 and inter % block[down] == 0:
+        return gate, down
+    fmt = natural_format(types, hidden, inter)
+    return fmt, fmt
 
 
 def dequantize_rows(data: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
@@ -130,18 +143,25 @@ class GGUFWeights:
         return tuple(self._tensor(experts_name(layer, p), f"model.layers.{layer}.mlp.experts").tensor_type
                      for p in PROJECTIONS)
 
-    def natural_format(self, layer: int) -> str:
-        return natural_format(self.expert_types(layer), self.cfg.hidden_size, self.cfg.moe_intermediate_size)
+    def natural_formats(self, layer: int) -> tuple[str, str]:
+        return natural_formats(self.expert_types(layer), self.cfg.hidden_size, self.cfg.moe_intermediate_size)
+
+    def stored_formats(self) -> dict[int, tuple[str, str]]:
+        """MoE layer -> (gate/up, down) formats, for the layers whose down_proj keeps a format of its
+        own (what placement's build_plan takes as stored_experts)."""
+        pairs = {i: self.natural_formats(i) for i in self._moe_layers()}
+        return {i: p for i, p in pairs.items() if p[0] != p[1]}
 
     def expert_format(self) -> str | None:
-        """The CPU format most MoE layers' experts are stored in (or nearest to): the default for this file."""
+        """The gate/up format most MoE layers' experts are stored in (or nearest to): the default for this file."""
         layers = self._moe_layers()
         if not layers:
             return None
-        return Counter(self.natural_format(i) for i in layers).most_common(1)[0][0]
+        return Counter(self.natural_formats(i)[0] for i in layers).most_common(1)[0][0]
 
-    def expert_blocks(self, layer: int, fmt: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """gate, up uint8 [E, I, row_bytes(H)] and down [E, H, row_bytes(I)] in `fmt`'s GGUF blocks."""
+    def expert_blocks(self, layer: int, fmt: str, down_fmt: str | None = None) -> tuple[np.ndarray, ...]:
+        """gate, up uint8 [E, I, row_bytes(H)] in `fmt`'s GGUF blocks and down [E, H, row_bytes(I)] in
+        down_fmt's (default fmt)."""
         cfg = self.cfg
         E, H, I = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
         out = []
@@ -149,25 +169,31 @@ class GGUFWeights:
             name = experts_name(layer, proj)
             t = self._tensor(name, f"model.layers.{layer}.mlp.experts.*.{proj}.weight")
             self._check_shape(name, shape_of(t), (E, rows, cols))
-            if t.tensor_type == GGML_TYPE[fmt]:
+            want = (down_fmt or fmt) if proj == "down_proj" else fmt
+            if t.tensor_type == GGML_TYPE[want]:
                 out.append(t.data)  # the file's own bytes
             else:
-                self._warn_requantized(fmt)
-                out.append(_requantize(t, fmt))
+                self._warn_requantized(want)
+                out.append(_requantize(t, want))
         return tuple(out)
 
     def _moe_layers(self) -> list[int]:
         return [i for i in range(self.cfg.num_hidden_layers) if self.cfg.is_moe_layer(i)]
 
     def _warn_requantized(self, fmt: str) -> None:
-        """One line for the whole model: which stored types become `fmt`."""
+        """One line for the whole model: the stored types that are not a layer's natural formats."""
         if self._warned:
             return
         self._warned = True
-        counts = Counter(t.name for i in self._moe_layers() for t in self.expert_types(i) if t != GGML_TYPE[fmt])
+        counts = Counter()
+        for i in self._moe_layers():   # a layer loaded as its stored gate/up format keeps its down format
+            gate_up, down = self.natural_formats(i)
+            for t, want in zip(self.expert_types(i), (fmt, fmt, down if gate_up == fmt else fmt)):
+                if t != GGML_TYPE[want]:
+                    counts[t.name] += 1
         stored = ", ".join(f"{name} ({n} tensor{'s' * (n > 1)})" for name, n in counts.most_common())
         print(f"hmoe: warning: {self.path.name}: routed experts stored as {stored} are requantized to {fmt} at load "
-              f"(the CPU kernels run {', '.join(GGML_TYPE)}, one format per layer)", file=sys.stderr)
+              f"(the CPU kernels run {', '.join(GGML_TYPE)}, one format for gate and up)", file=sys.stderr)
 
 
 def _requantize(t: ReaderTensor, fmt: str) -> np.ndarray:

@@ -52,23 +52,25 @@ def build(layer: int, fmt: str, reference: TorchExperts, *, threads: int | None 
 
 
 def build_from_blocks(layer: int, fmt: str, gate, up, down, *, hidden: int, inter: int, threads: int | None = None,
-                      numa: str | None = None) -> JitExperts:
-    """Pack a layer's experts given as GGUF blocks in `fmt` (e.g. a GGUF's own bytes): no requantization."""
+                      numa: str | None = None, down_fmt: str | None = None) -> JitExperts:
+    """Pack a layer's experts given as GGUF blocks, gate/up in `fmt` and down in `down_fmt` (default
+    fmt), e.g. a GGUF's own bytes: no requantization."""
     from cpu_experts.experts import CPUExperts
 
     try:
-        engine = CPUExperts.from_blocks(gate, up, down, fmt=fmt, hidden=hidden, inter=inter, threads=threads,
-                                        numa=numa or "interleave")
+        engine = CPUExperts.from_blocks(gate, up, down, fmt=fmt, down_fmt=down_fmt, hidden=hidden, inter=inter,
+                                        threads=threads, numa=numa or "interleave")
     except ValueError as e:
-        raise HmoeError(f"routed experts of layer {layer} cannot run as {fmt}: {e}") from None
+        what = fmt if down_fmt in (None, fmt) else f"{fmt} (down {down_fmt})"
+        raise HmoeError(f"routed experts of layer {layer} cannot run as {what}: {e}") from None
     return JitExperts(engine)
 
 
 class PackedCache:
     """Packed expert layers of one checkpoint under $HMOE_CACHE_DIR/packed (or ~/.cache/hmoe/packed).
 
-    A layer's file name hashes its checkpoint tensors (file, size, modification time), the format
-    and the sources of cpu_experts' quantizer and layout: any change makes a new file. Writing is
+    A layer's file name hashes its checkpoint tensors (file, size, modification time), the formats
+    (gate/up and down) and the sources of cpu_experts' quantizer and layout: any change makes a new file. Writing is
     skipped, with one notice, when the disk would keep less than 10% free."""
 
     def __init__(self, root: str | Path | None = None):
@@ -76,15 +78,17 @@ class PackedCache:
         self.root = Path(root) if root else Path(base) / "packed"
         self._warned = False
 
-    def path(self, fingerprint: str, layer: int, fmt: str) -> Path:
-        key = hashlib.sha256(json.dumps([fingerprint, layer, fmt, _code_version()]).encode()).hexdigest()[:32]
-        return self.root / f"layer{layer}-{fmt}-{key}.bin"
+    def path(self, fingerprint: str, layer: int, fmt: str, down_fmt: str | None = None) -> Path:
+        formats = [fmt] if down_fmt in (None, fmt) else [fmt, down_fmt]
+        key = hashlib.sha256(json.dumps([fingerprint, layer, *formats, _code_version()]).encode()).hexdigest()[:32]
+        return self.root / f"layer{layer}-{'-'.join(formats)}-{key}.bin"
 
-    def load(self, path: Path, *, fmt: str, num_experts: int, hidden: int, inter: int, threads, numa):
+    def load(self, path: Path, *, fmt: str, num_experts: int, hidden: int, inter: int, threads, numa,
+             down_fmt: str | None = None):
         from cpu_experts import packed_cache
 
-        engine = packed_cache.load(path, fmt=fmt, num_experts=num_experts, hidden=hidden, inter=inter,
-                                   threads=threads, numa=numa or "interleave")
+        engine = packed_cache.load(path, fmt=fmt, down_fmt=down_fmt, num_experts=num_experts, hidden=hidden,
+                                   inter=inter, threads=threads, numa=numa or "interleave")
         return JitExperts(engine) if engine is not None else None
 
     def save(self, path: Path, experts: JitExperts) -> None:

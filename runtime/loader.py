@@ -143,18 +143,20 @@ def _build_experts(ckpt: Checkpoint, model_dir, cfg: ModelConfig, p, layer: int,
     prefix = f"model.layers.{layer}.mlp.experts"
     targets = list(module_tensors(reference, prefix))
     path = None
+    down_fmt = p.down_format or p.format
     if cache is not None:
-        path = cache.path(ckpt.fingerprint([name for name, _ in targets]), layer, p.format)
-        cached = cache.load(path, fmt=p.format, num_experts=cfg.n_routed_experts, hidden=cfg.hidden_size,
-                            inter=cfg.moe_intermediate_size, threads=p.threads, numa=p.numa)
+        path = cache.path(ckpt.fingerprint([name for name, _ in targets]), layer, p.format, down_fmt)
+        cached = cache.load(path, fmt=p.format, down_fmt=down_fmt, num_experts=cfg.n_routed_experts,
+                            hidden=cfg.hidden_size, inter=cfg.moe_intermediate_size, threads=p.threads, numa=p.numa)
         if cached is not None:
             bar.update(len(targets))
             return cached
     if hasattr(ckpt, "expert_blocks"):  # GGUF: the file's blocks, requantized only if not in p.format
         from .jit_experts import build_from_blocks
 
-        experts = build_from_blocks(layer, p.format, *ckpt.expert_blocks(layer, p.format), hidden=cfg.hidden_size,
-                                    inter=cfg.moe_intermediate_size, threads=p.threads, numa=p.numa)
+        experts = build_from_blocks(layer, p.format, *ckpt.expert_blocks(layer, p.format, down_fmt),
+                                    hidden=cfg.hidden_size, inter=cfg.moe_intermediate_size, threads=p.threads,
+                                    numa=p.numa, down_fmt=down_fmt)
         bar.update(len(targets))
     else:
         reference = reference.to_empty(device="cpu").to(resolve_dtype(cfg, "auto"))

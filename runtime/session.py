@@ -91,7 +91,8 @@ def make_plan(model_dir: str | Path, args) -> Plan:
                               expert_quant=default_expert_quant(model_dir, args.experts))
     auto = None if args.dtype == "auto" else auto_format(args.dtype)
     ctx = min(args.ctx, cfg.max_position_embeddings)  # the Generator clamps the same way
-    plan = build_plan(rules, cfg, ctx=ctx, numa_nodes=inventory.numa_nodes, auto_dtype=auto)
+    plan = build_plan(rules, cfg, ctx=ctx, numa_nodes=inventory.numa_nodes, auto_dtype=auto,
+                      stored_experts=stored_expert_formats(model_dir))
     for w in plan.warnings:
         print(f"hmoe: warning: {w}", file=sys.stderr)
     fits = preflight.check(plan, inventory)
@@ -113,8 +114,17 @@ def default_expert_quant(model_dir: str | Path, experts: str) -> str:
     return experts
 
 
+def stored_expert_formats(model_dir: str | Path | None) -> dict[int, tuple[str, str]] | None:
+    """A GGUF's layers whose routed experts keep down_proj in a format of its own (Q4_K_M's Q6_K)."""
+    if model_dir and Path(model_dir).suffix.lower() == ".gguf":
+        from .gguf_weights import GGUFWeights
+
+        return GGUFWeights(model_dir).stored_formats()
+    return None
+
+
 def experts_summary(plan: Plan) -> str:
-    kinds = sorted({(p.op, p.format, p.device) for p in plan.placements if p.unit.kind == "experts"})
+    kinds = sorted({(p.op, p.format_text, p.device) for p in plan.placements if p.unit.kind == "experts"})
     return "routed experts " + ", ".join(f"{op} {fmt} on {device}" for op, fmt, device in kinds)
 
 

@@ -43,8 +43,9 @@ def _quantize(x: np.ndarray, qtype) -> np.ndarray:
 
 
 def llama_cpp_gguf(hf_dir, path, *, mla="split", experts=Q.F32, dense=Q.F32, split_max_tensors=0, arch="deepseek2",
-                   skip=(), drop_keys=()):
-    """A GGUF of an HF DeepSeek directory as llama.cpp's converter writes it (tensor by tensor)."""
+                   skip=(), drop_keys=(), projection_types=None):
+    """A GGUF of an HF DeepSeek directory as llama.cpp's converter writes it (tensor by tensor).
+    projection_types: e.g. {"down": Q.Q6_K} overrides `experts` for ffn_{proj}_exps (Q4_K_M's mix)."""
     from safetensors import safe_open
 
     hp = json.loads((hf_dir / "config.json").read_text())
@@ -132,6 +133,8 @@ def llama_cpp_gguf(hf_dir, path, *, mla="split", experts=Q.F32, dense=Q.F32, spl
             continue
         x = data.contiguous().numpy()
         qtype = Q.F32 if x.ndim == 1 or "ffn_gate_inp" in gname else experts if "_exps" in gname else dense
+        for proj, t in (projection_types or {}).items():
+            qtype = t if f"ffn_{proj}_exps" in gname else qtype
         if x.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
             qtype = Q.F16  # llama.cpp's fallback for rows its blocks cannot hold
         if qtype == Q.F32:
@@ -252,14 +255,15 @@ def test_missing_keys_take_llama_cpp_defaults_and_required_ones_are_named(models
 
 # ---------------------------------------------------------------- routed experts
 
-def _spy_blocks(monkeypatch):
+def _spy_blocks(monkeypatch, down_format=False):
     from cpu_experts.experts import CPUExperts
 
     seen = []
     original = CPUExperts.from_blocks.__func__
 
     def spy(cls, gate, up, down, **kw):
-        seen.append((kw["fmt"], gate, up, down))
+        fmt = (kw["fmt"], kw.get("down_fmt") or kw["fmt"]) if down_format else kw["fmt"]
+        seen.append((fmt, gate, up, down))
         return original(cls, gate, up, down, **kw)
 
     monkeypatch.setattr(CPUExperts, "from_blocks", classmethod(spy))

@@ -33,7 +33,8 @@ def intrinsic(module, name, ret, args):
 
 
 def define(module, name, ret, args, internal=False):
-    fn = ir.Function(module, ir.FunctionType(ret, args), name=name)
+    # a module with two weight formats (gate/up vs down) emits each microkernel twice: name.1, ...
+    fn = ir.Function(module, ir.FunctionType(ret, args), name=module.get_unique_name(name))
     if internal:
         fn.linkage = "internal"
     return fn, ir.IRBuilder(fn.append_basic_block("entry"))

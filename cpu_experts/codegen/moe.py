@@ -49,40 +49,82 @@ class Tiles:
     #                         dequantized to bf16 once per call, tdpbf16ps accumulates over all K
 
 
-class _Builder:
-    """Emits one module for one (format, ISA, tiles)."""
+@dataclass
+class _Side:
+    """One phase's weights: gate/up (activations x) or down (activations h), each with its own format."""
+    geo: Geometry
+    quant: bool
+    amx: bool            # experts with >= amx_min_slots slots take the AMX kernel in this phase
+    dots: list = None    # vector microkernels, dots[nt - 1] for nt activation rows
+    qblock: object = None  # quantizer of this phase's activations (its term follows geo.offset)
+    amx_mm: object = None
 
-    def __init__(self, geo: Geometry, isa: Isa, tiles: Tiles):
-        self.R = R = geo.group_rows
-        assert tiles.rows_up % 32 == 0 and tiles.rows_up % R == 0 and tiles.rows_down % R == 0
+    @property
+    def R(self) -> int:
+        return self.geo.group_rows
+
+
+class _Builder:
+    """Emits one module for one (gate/up format, down format, ISA, tiles)."""
+
+    def __init__(self, geo: Geometry, isa: Isa, tiles: Tiles, down_geo: Geometry | None = None):
+        down_geo = down_geo or geo
+        assert geo.vector_bytes == down_geo.vector_bytes
+        assert tiles.rows_up % 32 == 0 and tiles.rows_up % geo.group_rows == 0
+        assert tiles.rows_down % down_geo.group_rows == 0
         self.geo, self.isa, self.tiles = geo, isa, tiles
-        self.quant = geo.fmt != "bf16"
-        self.amx_on = tiles.amx
-        self.m = ir.Module(name=f"hmoe_{geo.fmt}_{isa.name}")
-        pf, pfa, loc = tiles.prefetch, tiles.prefetch_all, tiles.prefetch_locality
-        if self.quant:
-            self.dots = [dot.emit_quant_dot(self.m, geo, isa, nt, pf, pfa, loc) for nt in range(1, tiles.tokens + 1)]
-            self.qblock = self._emit_quant_block()
-            self.memcpy = intrinsic(self.m, "llvm.memcpy.p0.p0.i64", VOID, [PTR, PTR, I64, I1])
-        else:
-            self.dots = [dot.emit_bf16_dot(self.m, geo, isa, nt, pf, pfa, loc) for nt in range(1, tiles.tokens + 1)]
+        name = geo.fmt if down_geo.fmt == geo.fmt else f"{geo.fmt}_{down_geo.fmt}"
+        self.m = ir.Module(name=f"hmoe_{name}_{isa.name}")
+        self.gu = self._side(geo)
+        self.dn = self._side(down_geo)
+        self.amx_on = self.gu.amx or self.dn.amx
         if tiles.amx:
-            assert supports_amx(geo) and tiles.rows_down % 32 == 0 and tiles.amx_max_slots % amx.CHUNK == 0
-            assert (isa.amx or tiles.amx_emulate) and (isa.vnni or geo.fmt != "q8_0" or tiles.amx_min_slots <= 1), \
+            assert self.amx_on, "AMX tiles need q8_0, q4_0 or q4_k weights in at least one phase"
+            assert tiles.amx_max_slots % amx.CHUNK == 0 and tiles.amx_mode in ("int8", "bf16"), tiles
+            assert isa.amx or tiles.amx_emulate
+        if self.dn.amx:
+            assert tiles.rows_down % 32 == 0
+        self.bf16_acts = self.amx_on and tiles.amx_mode == "bf16"
+        if self.bf16_acts:
+            self.to_bf16 = self._emit_to_bf16()
+        if self.gu.quant or self.dn.quant:
+            self.memcpy = intrinsic(self.m, "llvm.memcpy.p0.p0.i64", VOID, [PTR, PTR, I64, I1])
+        # x's term follows the gate/up offset, h's the down offset: one quantizer per distinct term
+        qblocks = {}
+        for side in (self.gu, self.dn):
+            if side.quant:
+                off = side.geo.offset
+                if off not in qblocks:
+                    qblocks[off] = self._emit_quant_block(off, f"quant_block_{len(qblocks)}")
+                side.qblock = qblocks[off]
+
+    def _side(self, geo: Geometry) -> _Side:
+        tiles, isa = self.tiles, self.isa
+        quant = geo.fmt != "bf16"
+        side = _Side(geo, quant, tiles.amx and supports_amx(geo))
+        pf, pfa, loc = tiles.prefetch, tiles.prefetch_all, tiles.prefetch_locality
+        emit = dot.emit_quant_dot if quant else dot.emit_bf16_dot
+        existing = getattr(self, "gu", None)
+        if existing is not None and existing.geo == geo:   # one format for both phases: share the code
+            side.dots = existing.dots
+            side.amx_mm = existing.amx_mm
+            return side
+        side.dots = [emit(self.m, geo, isa, nt, pf, pfa, loc) for nt in range(1, tiles.tokens + 1)]
+        if side.amx:
+            assert isa.vnni or geo.fmt != "q8_0" or tiles.amx_min_slots <= 1, \
                 "unsigned q8_0 codes need VNNI dots for experts below amx_min_slots"
-            assert tiles.amx_mode in ("int8", "bf16"), tiles.amx_mode
             if tiles.amx_mode == "bf16":
-                self.amx_mm = amx_bf16.emit_amx_bf16_mm(self.m, geo, pf, emulate=tiles.amx_emulate)
-                self.to_bf16 = self._emit_to_bf16()
+                side.amx_mm = amx_bf16.emit_amx_bf16_mm(self.m, geo, pf, emulate=tiles.amx_emulate)
             else:
-                self.amx_mm = amx.emit_amx_mm(self.m, geo, pf, emulate=tiles.amx_emulate)
-        self.bf16_acts = tiles.amx and tiles.amx_mode == "bf16"
+                side.amx_mm = amx.emit_amx_mm(self.m, geo, pf, emulate=tiles.amx_emulate)
+        return side
 
     # ------------------------------------------------------------ activation quantization
-    def _emit_quant_block(self):
+    def _emit_quant_block(self, offset: int, name: str):
         """void quant_block(src f32[32], q i8[32], d f32[1], s i32[2], t f32[1]): int8 codes with scale
-        amax/127, the sum of the codes of each half (q6_k) and the activation term (dot.py, amx.py)."""
-        fn, b = define(self.m, "quant_block", VOID, [PTR] * 5, internal=True)
+        amax/127, the sum of the codes of each half (q6_k) and the activation term (dot.py, amx.py) for
+        weights with integer offset `offset`."""
+        fn, b = define(self.m, name, VOID, [PTR] * 5, internal=True)
         src, q, dptr, sptr, tptr = fn.args
         v32 = vec(F32, 32)
         v = load(b, src, v32, align=4)
@@ -103,8 +145,8 @@ class _Builder:
             store(b, sh, sptr, h, align=4)
         # the activation term: -offset*d*sum (offset formats) or d*sum (q4_k's bias)
         term = b.fmul(d, b.sitofp(b.add(*halves), F32))
-        if self.geo.offset:
-            term = b.fmul(term, c(F32, -float(self.geo.offset)))
+        if offset:
+            term = b.fmul(term, c(F32, -float(offset)))
         store(b, term, tptr, align=4)
         b.ret_void()
         return fn
@@ -177,14 +219,14 @@ class _Builder:
             with for_range(b, 0, nblk, name="blk") as k:
                 src = gep(b, x, b.add(b.mul(t, xstride), b.mul(k, i64(32))), F32)
                 row_blk = b.add(b.mul(p0, nblk), k)
-                b.call(self.qblock, [src, gep(b, xq, b.mul(row_blk, i64(32))), gep(b, xd, row_blk, F32),
-                                     gep(b, xs, b.mul(row_blk, i64(2)), I32), gep(b, xt, row_blk, F32)])
-                if self.bf16_acts:
+                b.call(self.gu.qblock, [src, gep(b, xq, b.mul(row_blk, i64(32))), gep(b, xd, row_blk, F32),
+                                        gep(b, xs, b.mul(row_blk, i64(2)), I32), gep(b, xt, row_blk, F32)])
+                if self.bf16_acts and self.gu.amx:
                     b.call(self.to_bf16, [src, gep(b, xb, b.mul(row_blk, i64(32)), I16)])
             with for_range(b, 1, K, name="j") as j:   # the other k-1 slots of token t: copies
                 p = b.sext(load(b, spos, I32, b.add(b.mul(t, K), j), align=4), I64)
                 rows = [(xq, H), (xd, b.mul(nblk, i64(4))), (xs, b.mul(nblk, i64(8))), (xt, b.mul(nblk, i64(4)))]
-                if self.bf16_acts:
+                if self.bf16_acts and self.gu.amx:
                     rows.append((xb, b.mul(H, i64(2))))
                 for base, per_row in rows:
                     b.call(self.memcpy, [gep(b, base, b.mul(p, per_row)), gep(b, base, b.mul(p0, per_row)),
@@ -193,26 +235,26 @@ class _Builder:
         return fn
 
     # ------------------------------------------------------------ vector microkernel calls
-    def _dot_args(self, nt, acts, w, outbuf):
+    def _dot_args(self, side, nt, acts, w, outbuf):
         pay, sc, bias, nch = w
-        if self.quant:
+        if side.quant:
             return [pay, sc, bias, nch] + [a[i] for i in range(4) for a in acts] + [outbuf]
         return [pay, nch] + acts + [outbuf]
 
-    def _prefetch_head(self, b, w):
+    def _prefetch_head(self, b, side, w):
         """The first `prefetch` bytes of a vector call's weight streams (its software prefetch only
         reaches that far ahead of the first block)."""
         pay, sc, bias, _ = w
         loc = self.tiles.prefetch_locality
         for off in range(0, self.tiles.prefetch, 64):
             prefetch(b, gep(b, pay, i64(off)), loc)
-        if self.quant:
+        if side.quant:
             for off in range(0, max(self.tiles.prefetch // 8, 64), 64):
                 prefetch(b, gep(b, sc, i64(off)), loc)
-                if self.geo.bias:
+                if side.geo.bias:
                     prefetch(b, gep(b, bias, i64(off)), loc)
 
-    def _vec_calls(self, b, s, s_end, slot_act, mats, bufs, epilogue):
+    def _vec_calls(self, b, side, s, s_end, slot_act, mats, bufs, epilogue):
         """For slot chunks [s, s_end) of `tokens` slots: for each weight group in mats, dot_n{m} into
         its buf (f32[m][R]); then epilogue(b, s0, m)."""
         NT = self.tiles.tokens
@@ -227,26 +269,27 @@ class _Builder:
                 b.position_at_end(blk)
                 acts = [slot_act(b, b.add(s0, i64(n))) for n in range(nt)]
                 for w, buf in zip(mats, bufs):
-                    b.call(self.dots[nt - 1], self._dot_args(nt, acts, w, b.bitcast(buf, PTR)))
+                    b.call(side.dots[nt - 1], self._dot_args(side, nt, acts, w, b.bitcast(buf, PTR)))
                 b.branch(end)
             b.position_at_end(end)
             epilogue(b, s0, m)
 
     def _weights(self, b, job, prefix, e, grp, k):
         """Pointers of row group grp of expert e's matrix (prefix 'G', 'U' or 'D'), and its chunk count."""
-        geo = self.geo
+        side = self.dn if prefix == "D" else self.gu
+        geo, R = side.geo, side.R
         pe = field(b, job, J["D_PAY_E" if prefix == "D" else "GU_PAY_E"])
         se = field(b, job, J["D_SC_E" if prefix == "D" else "GU_SC_E"])
-        if self.quant:  # nchunks counts 32-weight blocks
+        if side.quant:  # nchunks counts 32-weight blocks
             nchunks = b.udiv(k, i64(BLOCK))
             grp_pay = b.mul(nchunks, i64(geo.block_payload_bytes))
         else:
             nchunks = b.udiv(k, i64(geo.k_align))
-            grp_pay = b.mul(nchunks, i64(self.R * geo.vector_bytes))
+            grp_pay = b.mul(nchunks, i64(R * geo.vector_bytes))
         pay = gep(b, field(b, job, J[prefix + "P"], True), b.add(b.mul(e, pe), b.mul(grp, grp_pay)))
-        if not self.quant:
+        if not side.quant:
             return pay, None, None, nchunks
-        grp_sc = b.mul(nchunks, i64(self.R * geo.scales_per_block * 2))
+        grp_sc = b.mul(nchunks, i64(R * geo.scales_per_block * 2))
         soff = b.add(b.mul(e, se), b.mul(grp, grp_sc))
         sc = gep(b, field(b, job, J[prefix + "S"], True), soff)
         bias = gep(b, field(b, job, J[prefix + "B"], True), soff)
@@ -255,7 +298,7 @@ class _Builder:
     def _act_rows(self, b, job, which):
         """slot -> activation pointers of 'x' or 'h' (quantized: q, d, sums, term rows in slot order;
         bf16: the f32 row of x by the slot's token, or of h by slot)."""
-        if not self.quant:
+        if not (self.gu if which == "x" else self.dn).quant:
             stok = field(b, job, J["STOK"], True)
             x, xstride = field(b, job, J["X"], True), field(b, job, J["XSTRIDE"])
             hf, I = field(b, job, J["HF"], True), field(b, job, J["I"])
@@ -286,7 +329,7 @@ class _Builder:
         off = field(b, job, J["OFF"], True)
         s_beg = b.sext(load(b, off, I32, e, align=4), I64)
         s_end = b.sext(load(b, off, I32, b.add(e, i64(1)), align=4), I64)
-        if self.amx_on:
+        if self.gu.amx:
             use_amx = b.icmp_signed(">=", b.sub(s_end, s_beg), i64(self.tiles.amx_min_slots))
             with b.if_else(use_amx) as (then, otherwise):
                 with then:
@@ -311,7 +354,7 @@ class _Builder:
         nb = b.udiv(H, i64(32))
         xq, xd, xt, xb = (field(b, job, J[n], True) for n in ("XQ", "XD", "XT", "XB"))
         bbuf = gep(b, field(b, job, J["AMXB"], True), b.mul(tid, field(b, job, J["AMXB_STRIDE"])))
-        MS, R = self.tiles.amx_max_slots, self.R
+        MS, R = self.tiles.amx_max_slots, self.gu.R
         accbuf = local(b, ir.ArrayType(F32, 2 * MS * R), name="amx_acc")
         accbuf.align = 64
         vf = vec(F32, R)
@@ -324,10 +367,10 @@ class _Builder:
                 gp, gs, gb, _ = self._weights(b, job, "G", e, grp, H)
                 up, us, ub, _ = self._weights(b, job, "U", e, grp, H)
                 if self.bf16_acts:
-                    b.call(self.amx_mm, [nb, m, gep(b, xb, b.mul(s0, H), I16), b.mul(H, i64(2)), gp, gs, gb,
-                                         up, us, ub, b.bitcast(accbuf, PTR), i64(MS * R * 4), bbuf])
+                    b.call(self.gu.amx_mm, [nb, m, gep(b, xb, b.mul(s0, H), I16), b.mul(H, i64(2)), gp, gs, gb,
+                                            up, us, ub, b.bitcast(accbuf, PTR), i64(MS * R * 4), bbuf])
                 else:
-                    b.call(self.amx_mm, [nb, m, gep(b, xq, b.mul(s0, H)), H, gep(b, xd, b.mul(s0, nb), F32),
+                    b.call(self.gu.amx_mm, [nb, m, gep(b, xq, b.mul(s0, H)), H, gep(b, xd, b.mul(s0, nb), F32),
                                          gep(b, xt, b.mul(s0, nb), F32), nb, gp, gs, gb, up, us, ub,
                                          b.bitcast(accbuf, PTR), i64(MS * R * 4)])
                 with for_range(b, 0, m, name="h") as n:
@@ -337,7 +380,7 @@ class _Builder:
 
     def _gateup_vec(self, b, job, e, rb, s_beg, s_end):
         H = field(b, job, J["H"])
-        R, RU, NT = self.R, self.tiles.rows_up, self.tiles.tokens
+        R, RU, NT = self.gu.R, self.tiles.rows_up, self.tiles.tokens
         rows = self._act_rows(b, job, "x")
         gbuf = local(b, ir.ArrayType(F32, R * NT))
         ubuf = local(b, ir.ArrayType(F32, R * NT))
@@ -348,18 +391,19 @@ class _Builder:
             gw = self._weights(b, job, "G", e, grp, H)
             uw = self._weights(b, job, "U", e, grp, H)
             if self.tiles.prefetch_next:   # gate of the next group follows this one; up's head now
-                self._prefetch_head(b, uw)
+                self._prefetch_head(b, self.gu, uw)
 
             def epilogue(b, s0, m):
                 with for_range(b, 0, m, name="ep") as n:
                     g = load(b, gbuf, vf, b.mul(n, i64(R)), align=4)
                     u = load(b, ubuf, vf, b.mul(n, i64(R)), align=4)
                     self._store_h(b, job, g, u, b.add(s0, n), row0)
-            self._vec_calls(b, s_beg, s_end, rows, (gw, uw), (gbuf, ubuf), epilogue)
+            self._vec_calls(b, self.gu, s_beg, s_end, rows, (gw, uw), (gbuf, ubuf), epilogue)
 
     def _quantize_h(self, b, job, rb, s_beg, s_end):
-        """The task's ROWS_UP columns of h, for each of its slots, to int8 blocks."""
-        if self.quant:
+        """The task's ROWS_UP columns of h, for each of its slots, to int8 blocks (the down format's
+        activations: its offset term; bf16 too when down runs on AMX-BF16)."""
+        if self.dn.quant:
             I, hf, RU = field(b, job, J["I"]), field(b, job, J["HF"], True), self.tiles.rows_up
             hq, hd, hs, ht, hb = (field(b, job, J[n], True) for n in ("HQ", "HD", "HS", "HT", "HB"))
             nblk_row = b.udiv(I, i64(32))
@@ -368,9 +412,9 @@ class _Builder:
                     col = b.add(b.mul(rb, i64(RU)), b.mul(qb, i64(32)))
                     blk = b.add(b.mul(s, nblk_row), b.udiv(col, i64(32)))
                     src = gep(b, hf, b.add(b.mul(s, I), col), F32)
-                    b.call(self.qblock, [src, gep(b, hq, b.mul(blk, i64(32))), gep(b, hd, blk, F32),
-                                         gep(b, hs, b.mul(blk, i64(2)), I32), gep(b, ht, blk, F32)])
-                    if self.bf16_acts:
+                    b.call(self.dn.qblock, [src, gep(b, hq, b.mul(blk, i64(32))), gep(b, hd, blk, F32),
+                                            gep(b, hs, b.mul(blk, i64(2)), I32), gep(b, ht, blk, F32)])
+                    if self.bf16_acts and self.dn.amx:
                         b.call(self.to_bf16, [src, gep(b, hb, b.mul(blk, i64(32)), I16)])
 
     # ------------------------------------------------------------ phase 2
@@ -381,7 +425,7 @@ class _Builder:
         out = field(b, job, J["OUT"], True)
         stok, sw_, act, off = (field(b, job, J[n], True) for n in ("STOK", "SW", "ACT", "OFF"))
         nact = field(b, job, J["NACT"])
-        R, RD, NT = self.R, self.tiles.rows_down, self.tiles.tokens
+        R, RD, NT = self.dn.R, self.tiles.rows_down, self.tiles.tokens
         r0 = b.mul(j, i64(RD))
         with for_range(b, 0, T, name="zt") as t:
             with for_range(b, 0, RD, name="zr") as r:
@@ -412,9 +456,9 @@ class _Builder:
                     def epilogue(b, s0, m):
                         with for_range(b, 0, m, name="ep") as n:
                             add_out(b, b.add(s0, n), row0, load(b, buf, vf, b.mul(n, i64(R)), align=4))
-                    self._vec_calls(b, s_beg, s_end, rows, (w,), (buf,), epilogue)
+                    self._vec_calls(b, self.dn, s_beg, s_end, rows, (w,), (buf,), epilogue)
 
-            if self.amx_on:
+            if self.dn.amx:
                 use_amx = b.icmp_signed(">=", b.sub(s_end, s_beg), i64(self.tiles.amx_min_slots))
                 with b.if_else(use_amx) as (then, otherwise):
                     with then:
@@ -429,17 +473,17 @@ class _Builder:
     def _prefetch_next_down(self, b, job, a, nact, gi, r0, I):
         """Head of the weights the next vector call of this down task reads: the next row group of
         this expert, or the first of the next active expert."""
-        R, groups = self.R, self.tiles.rows_down // self.R
+        R, groups = self.dn.R, self.tiles.rows_down // self.dn.R
         last = b.icmp_signed("==", gi, i64(groups - 1))
         with b.if_else(last) as (then, otherwise):
             with then:
                 with b.if_then(b.icmp_signed("<", b.add(a, i64(1)), nact)):
                     e2 = b.sext(load(b, field(b, job, J["ACT"], True), I32, b.add(a, i64(1)), align=4), I64)
-                    self._prefetch_head(b, self._weights(b, job, "D", e2, b.udiv(r0, i64(R)), I))
+                    self._prefetch_head(b, self.dn, self._weights(b, job, "D", e2, b.udiv(r0, i64(R)), I))
             with otherwise:
                 e = b.sext(load(b, field(b, job, J["ACT"], True), I32, a, align=4), I64)
                 grp = b.add(b.udiv(r0, i64(R)), b.add(gi, i64(1)))
-                self._prefetch_head(b, self._weights(b, job, "D", e, grp, I))
+                self._prefetch_head(b, self.dn, self._weights(b, job, "D", e, grp, I))
 
     def _down_amx(self, b, job, tid, e, s_beg, s_end, r0, add_out):
         """Every slot of expert e against pairs of 16-row groups of down (rows r0 .. r0 + ROWS_DOWN)."""
@@ -447,7 +491,7 @@ class _Builder:
         nb = b.udiv(I, i64(32))
         hq, hd, ht, hb = (field(b, job, J[n], True) for n in ("HQ", "HD", "HT", "HB"))
         bbuf = gep(b, field(b, job, J["AMXB"], True), b.mul(tid, field(b, job, J["AMXB_STRIDE"])))
-        MS, R = self.tiles.amx_max_slots, self.R
+        MS, R = self.tiles.amx_max_slots, self.dn.R
         accbuf = local(b, ir.ArrayType(F32, 2 * MS * R), name="amx_acc_d")
         accbuf.align = 64
         vf = vec(F32, R)
@@ -460,10 +504,10 @@ class _Builder:
                 w0 = self._weights(b, job, "D", e, grp, I)[:3]
                 w1 = self._weights(b, job, "D", e, b.add(grp, i64(1)), I)[:3]
                 if self.bf16_acts:
-                    b.call(self.amx_mm, [nb, m, gep(b, hb, b.mul(s0, I), I16), b.mul(I, i64(2)), *w0, *w1,
-                                         b.bitcast(accbuf, PTR), i64(MS * R * 4), bbuf])
+                    b.call(self.dn.amx_mm, [nb, m, gep(b, hb, b.mul(s0, I), I16), b.mul(I, i64(2)), *w0, *w1,
+                                            b.bitcast(accbuf, PTR), i64(MS * R * 4), bbuf])
                 else:
-                    b.call(self.amx_mm, [nb, m, gep(b, hq, b.mul(s0, I)), I, gep(b, hd, b.mul(s0, nb), F32),
+                    b.call(self.dn.amx_mm, [nb, m, gep(b, hq, b.mul(s0, I)), I, gep(b, hd, b.mul(s0, nb), F32),
                                          gep(b, ht, b.mul(s0, nb), F32), nb, *w0, *w1,
                                          b.bitcast(accbuf, PTR), i64(MS * R * 4)])
                 with for_range(b, 0, m, name="dep") as n:
@@ -475,7 +519,7 @@ class _Builder:
 
     def build(self) -> str:
         route = self._emit_route()
-        quant_x = self._emit_quant_rows() if self.quant else None
+        quant_x = self._emit_quant_rows() if self.gu.quant else None
         run_job = sched.emit_run_job(self.m, route, quant_x, self._emit_gateup(), self._emit_down())
         sched.emit_worker(self.m, run_job)
         sched.emit_submit_wait(self.m)
@@ -487,6 +531,7 @@ def supports_amx(geo: Geometry) -> bool:
     return geo.fmt != "bf16" and geo.group_rows == 16 and geo.scale_group == 32 and not geo.signed
 
 
-def build_ir(geo: Geometry, isa: Isa, tiles: Tiles) -> str:
-    """Pure: the whole native MoE library for one format, ISA and tiling, as LLVM IR text."""
-    return _Builder(geo, isa, tiles).build()
+def build_ir(geo: Geometry, isa: Isa, tiles: Tiles, down_geo: Geometry | None = None) -> str:
+    """Pure: the whole native MoE library for one ISA and tiling, gate/up in geo's format and down in
+    down_geo's (default: the same), as LLVM IR text."""
+    return _Builder(geo, isa, tiles, down_geo).build()

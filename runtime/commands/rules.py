@@ -122,7 +122,10 @@ def _explain(args) -> int:
 
         quant = default_expert_quant(args.model, "auto") if args.model else "auto"
         rules = default_rules(cfg, inventory, ctx=args.ctx, expert_quant=quant)
-    plan = build_plan(rules, cfg, ctx=args.ctx, numa_nodes=inventory.numa_nodes)
+    from ..session import stored_expert_formats
+
+    plan = build_plan(rules, cfg, ctx=args.ctx, numa_nodes=inventory.numa_nodes,
+                      stored_experts=stored_expert_formats(args.model))
     result = preflight.fits(plan, inventory)
     for w in plan.warnings:
         print(f"hmoe: warning: {w}", file=sys.stderr)
@@ -143,7 +146,10 @@ def _validate(args) -> int:
     what = f"{len(rules.rules)} rules"
     if args.model or args.preset:
         cfg, label = _model(args)
-        plan = build_plan(rules, cfg, ctx=args.ctx, numa_nodes=inventory.numa_nodes)
+        from ..session import stored_expert_formats
+
+        plan = build_plan(rules, cfg, ctx=args.ctx, numa_nodes=inventory.numa_nodes,
+                          stored_experts=stored_expert_formats(args.model))
         for w in plan.warnings:
             print(f"hmoe: warning: {w}", file=sys.stderr)
         defaulted = sum(p.rule is None for p in plan.placements)

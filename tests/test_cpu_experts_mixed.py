@@ -1,0 +1,79 @@
+"""Per-projection expert formats: gate/up in one format, down in another (llama.cpp's Q4_K_M files keep
+ffn_down_exps in Q6_K), on every ISA path against the float64 reference. Tolerances as in
+test_cpu_experts_moe (int8 activations: 4% of max|ref| per element, 1.5% on average)."""
+import numpy as np
+import pytest
+
+from cpu_experts import isa as isa_mod
+from cpu_experts.codegen.moe import Tiles
+from cpu_experts.experts import CPUExperts
+from cpu_experts.precompile import MIXED_AMX, MIXED_EMULATED, MIXED_PAIRS
+from cpu_experts.reference import moe_reference
+from tests.test_cpu_experts_moe import AVX512, E, H, HOST_AMX, HOST_ISAS, I, K, blocks, check, routing
+
+_CACHE = {}
+
+
+def mixed(fmt, down_fmt, isa, threads, tiles=None):
+    key = (fmt, down_fmt, isa, threads, tiles)
+    if key not in _CACHE:
+        (g, u, _), (dg, du, _) = blocks(fmt)
+        (_, _, d), (_, _, dd) = blocks(down_fmt)
+        ex = CPUExperts.from_blocks(g, u, d, fmt=fmt, down_fmt=down_fmt, hidden=H, inter=I, threads=threads,
+                                    isa=isa, numa="none", amx=False if tiles is None else None, tiles=tiles)
+        _CACHE[key] = (ex, (dg, du, dd))
+    return _CACHE[key]
+
+
+def run_and_check(ex, dq, seed, sizes=(1, 3, 17, 300)):
+    rng = np.random.default_rng(seed)
+    for T in sizes:
+        x = rng.standard_normal((T, H)).astype(np.float32)
+        ids = routing(rng, T)
+        w = rng.uniform(0.05, 1.0, (T, K)).astype(np.float32)
+        check(ex.forward(x, ids, w), moe_reference(x, ids, w, *dq), "q")
+
+
+ISAS = [i for i in ("avx2", "avx512") if i in HOST_ISAS] + [
+    pytest.param("avx512vnni", marks=pytest.mark.skipif("avx512vnni" not in HOST_ISAS, reason="needs AVX-512 VNNI")),
+    pytest.param("avxvnni", marks=pytest.mark.skipif("avxvnni" not in HOST_ISAS, reason="needs AVX-VNNI"))]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fmt,down_fmt", MIXED_PAIRS)
+def test_mixed_formats_match_reference(fmt, down_fmt, isa):
+    ex, dq = mixed(fmt, down_fmt, isa, 2)
+    assert (ex.fmt, ex.down_fmt) == (fmt, down_fmt)
+    run_and_check(ex, dq, 7)
+
+
+@pytest.mark.skipif(not AVX512, reason="the AMX kernel needs 16-row groups (AVX-512)")
+@pytest.mark.parametrize("fmt,down_fmt,mode,min_slots", MIXED_EMULATED)
+def test_mixed_formats_emulated_amx_match_reference(fmt, down_fmt, mode, min_slots):
+    """AMX in the phase whose format it runs (tile instructions emulated in plain IR), the vector
+    kernels in the other."""
+    tiles = Tiles(tokens=8, amx=True, amx_emulate=True, amx_min_slots=min_slots, amx_max_slots=64, amx_mode=mode)
+    ex, dq = mixed(fmt, down_fmt, AVX512[0], 2, tiles=tiles)
+    run_and_check(ex, dq, 13, sizes=(3, 17, 300))
+
+
+@pytest.mark.skipif(not HOST_AMX, reason="needs AMX (run on the GPU machine)")
+@pytest.mark.parametrize("fmt,down_fmt", MIXED_AMX)
+@pytest.mark.parametrize("mode", ["bf16", "int8"])
+def test_mixed_formats_amx_match_reference(fmt, down_fmt, mode):
+    tiles = Tiles(tokens=8, amx=True, amx_min_slots=16, amx_mode=mode)
+    ex, dq = mixed(fmt, down_fmt, "avx512vnni", 2, tiles=tiles)
+    assert ex.tiles.amx
+    run_and_check(ex, dq, 11, sizes=(3, 17, 300))
+
+
+def test_mixed_bytes_and_errors():
+    ex, _ = mixed("q4_k", "q6_k", HOST_ISAS[0], 1)
+    same, _ = mixed("q4_k", "q4_k", HOST_ISAS[0], 1)
+    six, _ = mixed("q6_k", "q6_k", HOST_ISAS[0], 1)
+    assert ex.bytes_per_expert() == round((2 * same.bytes_per_expert() + six.bytes_per_expert()) / 3)
+    with pytest.raises(ValueError, match="unknown"):
+        CPUExperts(fmt="q4_k", down_fmt="q5_k", num_experts=E, hidden=H, inter=I, threads=1, numa="none")
+    with pytest.raises(ValueError, match="AMX needs"):
+        CPUExperts(fmt="q6_k", down_fmt="bf16", num_experts=E, hidden=H, inter=I, threads=1, numa="none",
+                   tiles=Tiles(amx=True, amx_emulate=True, amx_min_slots=1))
