@@ -223,7 +223,8 @@ def test_shipped_gpu_experts_rules_run_a_tiny_model(tiny_v3):
     plan = build_plan(open_rules("gpu-experts", detect()), load_config(tiny_v3), ctx=64)
     model = load_model(tiny_v3, plan=plan, progress=False)
     assert isinstance(model.model.layers[1].mlp.experts, SplitExperts)
-    assert greedy(model, PROMPT, 8)[0] == greedy(load_model(tiny_v3, progress=False), PROMPT, 8)[0]
+    tokens, logits = greedy(model, PROMPT, 8)  # bf16 on the GPU and q8_0 experts: close, not equal
+    assert len(tokens) == 8 and rel_err(logits, greedy(load_model(tiny_v3, progress=False), PROMPT, 8)[1]) < 0.1
 
 
 def test_bench_collects_routing(tiny_v3, tmp_path, capsys):
@@ -244,3 +245,14 @@ def test_bench_collects_routing(tiny_v3, tmp_path, capsys):
     stats = load_routing(out, n_routed_experts=16)
     assert len(stats.most_used(1, 4)) == 4
     capsys.readouterr()
+
+
+def test_default_rules_skip_a_split_too_small_to_pay():
+    from placement.tune import tune
+    from runtime.config import config_from_dict
+    from runtime.make_model import preset_config
+
+    v3 = config_from_dict(preset_config("v3"))
+    t = tune(v3, hypothetical([80], 512), ctx=4096, runnable_only=True)
+    assert "gpu_experts" not in t.text and any("under 1/20 of the layer's 256" in r for r in t.reasons)
+    assert "gpu_experts: {count: 1, device: cuda:0" in tune(v3, hypothetical([80], 512), ctx=4096).text
