@@ -97,6 +97,8 @@ def render(plan: Plan, result: list[Fit], model_label: str) -> str:
     missing = sorted({f"{p.op} on {p.device.split(':')[0]} ({p.format})" for p in plan.placements
                       if not runs_today(p.op, p.device, p.format)})
     missing += sorted({f"{name} ({rule_label})" for name, rule_label in _features(plan) if not FEATURES_TODAY[name]})
+    missing += sorted({f"gpu_experts in {g.format} ({p.rule.label if p.rule else 'defaults'})"
+                       for p in plan.placements if (g := p.gpu_experts) and not runs_today("torch", g.device, g.format)})
     if missing:
         lines.append(f"not in the runtime yet: {', '.join(missing)}")
     return "\n".join(lines)
@@ -132,7 +134,8 @@ def to_json(plan: Plan, result: list[Fit], model_label: str) -> dict:
             if p.prefill else None,
             "cache": {"dtype": p.cache_dtype, "page_size": p.page_size, "bytes": p.cache_bytes} if p.cache_dtype else None,
             "threads": p.threads, "numa": p.numa,
-            "runs_today": runs_today(p.op, p.device, p.format) and (not g or FEATURES_TODAY["gpu_experts"])
+            "runs_today": runs_today(p.op, p.device, p.format)
+            and (not g or FEATURES_TODAY["gpu_experts"] and runs_today("torch", g.device, g.format))
             and (not p.prefill or FEATURES_TODAY["prefill"]),
         }
 

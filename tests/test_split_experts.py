@@ -256,3 +256,18 @@ def test_default_rules_skip_a_split_too_small_to_pay():
     t = tune(v3, hypothetical([80], 512), ctx=4096, runnable_only=True)
     assert "gpu_experts" not in t.text and any("under 1/20 of the layer's 256" in r for r in t.reasons)
     assert "gpu_experts: {count: 1, device: cuda:0" in tune(v3, hypothetical([80], 512), ctx=4096).text
+
+
+def test_explain_names_the_experts_kept_and_what_cannot_run(tiny_v3, tmp_path, capsys):
+    stats_file(tmp_path / "stats.json")
+    rules = tmp_path / "r.yaml"
+    rules.write_text(split_rules(", routing: stats.json").replace("device: cpu, quant: fp32", "quant: bf16"))
+    assert cli.main(["rules", "explain", "--model", str(tiny_v3), "--rules", str(rules), "--vram", "16", "--ram", "8",
+                     "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    kept = [m["gpu_experts"] for m in out["modules"] if m["gpu_experts"]]
+    assert [g["experts"] for g in kept] == [[3, 7, 11, 12]] * 2 and all(g["device"] == "cuda:0" for g in kept)
+    assert out["features_today"]["gpu_experts"] and all(m["runs_today"] for m in out["modules"])
+    assert cli.main(["rules", "explain", "--preset", "v3", "--rules", "deepseek-v3-gpu-experts", "--vram", "80",
+                     "--ram", "512"]) == 0
+    assert "gpu_experts in fp8 (rule 1 (line 8))" in capsys.readouterr().out.splitlines()[-1]
