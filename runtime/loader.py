@@ -13,7 +13,6 @@ from tqdm import tqdm
 
 from .checkpoint import Checkpoint
 from .config import ModelConfig, load_config
-from .errors import HmoeError
 from .model import DeepseekForCausalLM
 from .moe import MoE, TorchExperts
 
@@ -184,9 +183,6 @@ def _build_split_experts(ckpt, model_dir, cfg: ModelConfig, p, layer: int, cache
     from .jit_experts import build
     from .split_experts import SplitExperts
 
-    if hasattr(ckpt, "expert_blocks"):
-        raise HmoeError(f"{p.rule.label if p.rule else 'defaults'}: gpu_experts on a GGUF model is not supported yet; "
-                        f"convert it (`hmoe convert`) or drop gpu_experts")
     E, H, I = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
     prefix = f"model.layers.{layer}.mlp.experts"
     fast_ids = list(p.gpu_expert_ids)
@@ -197,24 +193,33 @@ def _build_split_experts(ckpt, model_dir, cfg: ModelConfig, p, layer: int, cache
             for row, e in enumerate(ids):
                 yield f"{prefix}.{e}.{proj}.weight", getattr(module, proj)[row]
 
-    with torch.device("meta"):
-        fast, slow_ref = TorchExperts(len(fast_ids), H, I), TorchExperts(len(slow_ids), H, I)
-    fast = fast.to_empty(device=p.gpu_experts.device).to(TORCH_DTYPES[p.gpu_experts.format])
-    slow_ref = slow_ref.to_empty(device="cpu").to(resolve_dtype(cfg, "auto"))
+    def stacked(n, device, dtype):
+        with torch.device("meta"):
+            return TorchExperts(n, H, I).to_empty(device=device).to(dtype)
+
+    fast = stacked(len(fast_ids), p.gpu_experts.device, TORCH_DTYPES[p.gpu_experts.format])
     _fill(ckpt, model_dir, targets(fast, fast_ids), bar)
-    slow_names = [name for name, _ in targets(slow_ref, slow_ids)]
+    slow_names = [f"{prefix}.{e}.{proj}.weight" for proj in ("gate_proj", "up_proj", "down_proj") for e in slow_ids]
     slow, path = None, None
     if cache is not None:
         path = cache.path(ckpt.fingerprint(slow_names), layer, p.format)  # the names pick the subset
         slow = cache.load(path, fmt=p.format, num_experts=len(slow_ids), hidden=H, inter=I, threads=p.threads,
                           numa=p.numa)
-    if slow is None:
+    if slow is not None:
+        bar.update(len(slow_names))
+        return SplitExperts(fast, slow, fast_ids, E)
+    if hasattr(ckpt, "expert_blocks"):  # GGUF: the file's own blocks of the CPU experts
+        from .jit_experts import build_from_blocks
+
+        blocks = [b[slow_ids] for b in ckpt.expert_blocks(layer, p.format)]
+        slow = build_from_blocks(layer, p.format, *blocks, hidden=H, inter=I, threads=p.threads, numa=p.numa)
+        bar.update(len(slow_names))
+    else:
+        slow_ref = stacked(len(slow_ids), "cpu", resolve_dtype(cfg, "auto"))
         _fill(ckpt, model_dir, targets(slow_ref, slow_ids), bar)
         slow = build(layer, p.format, slow_ref, threads=p.threads, numa=p.numa)
-        if cache is not None:
-            cache.save(path, slow)
-    else:
-        bar.update(len(slow_names))
+    if cache is not None:
+        cache.save(path, slow)
     return SplitExperts(fast, slow, fast_ids, E)
 
 

@@ -271,3 +271,23 @@ def test_explain_names_the_experts_kept_and_what_cannot_run(tiny_v3, tmp_path, c
     assert cli.main(["rules", "explain", "--preset", "v3", "--rules", "deepseek-v3-gpu-experts", "--vram", "80",
                      "--ram", "512"]) == 0
     assert "gpu_experts in fp8 (rule 1 (line 8))" in capsys.readouterr().out.splitlines()[-1]
+
+
+def test_split_of_a_gguf_model_takes_the_files_blocks(tiny_v3, tmp_path):
+    pytest.importorskip("gguf")
+    from gguf import GGMLQuantizationType as Q
+
+    from .test_gguf import llama_cpp_gguf
+
+    (path,) = llama_cpp_gguf(tiny_v3, tmp_path / "m.gguf", experts=Q.Q8_0)
+    stats_file(tmp_path / "stats.json")
+    rules = parse_rules(split_rules(", routing: stats.json").replace("quant: bf16", "quant: q8_0"),
+                        str(tmp_path / "r.yaml"), MACHINE)
+    plan = build_plan(rules, load_config(path), ctx=64)
+    split = load_model(path, plan=plan, progress=False)
+    whole = load_model(path, plan=build_plan(parse_rules(split_rules().replace("quant: bf16", "quant: q8_0").replace(
+        "    gpu_experts: {count: 4, device: cpu, quant: fp32}\n", ""), "w.yaml", MACHINE), load_config(path), ctx=64),
+        progress=False)
+    assert isinstance(split.model.layers[1].mlp.experts, SplitExperts)
+    a, b = greedy(split, PROMPT, 6), greedy(whole, PROMPT, 6)
+    assert a[0] == b[0] and rel_err(a[1], b[1]) < 1e-2
