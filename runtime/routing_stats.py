@@ -20,17 +20,19 @@ from .moe import MoE
 class RoutingCounter:
     """Forward hooks on every MoE layer's router while open; `write(path)` adds the counts to the file.
 
-    Counts every token row each router sees: prompts (prefill), decode steps, and warm-ups. A CUDA
-    graph replay runs no hooks, so collect with graphs off."""
+    Counts every token row each router sees: prompts (prefill), decode steps, and warm-ups. The hook
+    only enqueues a scatter-add into a per-layer tensor and tokens are derived from the counts (each
+    row chooses top_k experts), so a CUDA graph captured while the counter is attached counts on
+    every replay; one captured before it was attached runs no hook and counts nothing."""
 
     def __init__(self, model):
         self.cfg = model.cfg
         self.counts: dict[int, torch.Tensor] = {}
-        self.tokens: dict[int, int] = {}
+        self.layers: list[int] = []
         self._handles = []
         for i, layer in enumerate(model.model.layers):
             if isinstance(layer.mlp, MoE):
-                self.tokens[i] = 0
+                self.layers.append(i)
                 self._handles.append(layer.mlp.gate.register_forward_hook(functools.partial(self._count, i)))
         if not self._handles:
             raise HmoeError("the model has no MoE layers: there is no routing to collect")
@@ -42,7 +44,6 @@ class RoutingCounter:
         if counts is None:
             counts = self.counts[layer] = torch.zeros(self.cfg.n_routed_experts, dtype=torch.int64, device=ids.device)
         counts.scatter_add_(0, flat, torch.ones_like(flat))  # no host sync (bincount would size on the host)
-        self.tokens[layer] += ids.shape[0]
 
     def close(self) -> None:
         for h in self._handles:
@@ -56,10 +57,11 @@ class RoutingCounter:
         self.close()
 
     def result(self, *, model: str, fingerprint: str | None) -> dict:
-        E = self.cfg.n_routed_experts
-        counts = {i: (self.counts[i].tolist() if i in self.counts else [0] * E) for i in self.tokens}
-        return document(model=model, fingerprint=fingerprint, n_routed_experts=E, top_k=self.cfg.num_experts_per_tok,
-                        num_hidden_layers=self.cfg.num_hidden_layers, counts=counts, tokens=self.tokens)
+        E, k = self.cfg.n_routed_experts, self.cfg.num_experts_per_tok
+        counts = {i: (self.counts[i].tolist() if i in self.counts else [0] * E) for i in self.layers}
+        tokens = {i: sum(c) // k for i, c in counts.items()}
+        return document(model=model, fingerprint=fingerprint, n_routed_experts=E, top_k=k,
+                        num_hidden_layers=self.cfg.num_hidden_layers, counts=counts, tokens=tokens)
 
     def write(self, path: str | Path, *, model: str, fingerprint: str | None) -> dict:
         """Write the counts to `path`, added to those already there for the same model; returns the file's doc."""
