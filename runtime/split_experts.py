@@ -15,7 +15,8 @@ the worker pool), the fast part is enqueued behind it, so both compute at once; 
 The fast part picks its method by the work (all sync-free for decode):
   dense   every fast expert on every token, weights from a [T, N] matrix: reads N experts
   gather  each slot's expert weights gathered, batched matmuls: reads and writes T*k experts
-  grouped (more than DECODE_TOKENS tokens) only the fast slots, grouped by expert (syncs the host)
+          (up to GATHER_SLOTS slots: a gathered projection is a temporary of slots x I x H)
+  grouped otherwise: only the fast slots, grouped by expert (syncs the host)
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from torch import nn
 
 from .moe import TorchExperts
 
-DECODE_TOKENS = 16  # up to this many tokens the fast part runs sync-free (dense or gather)
+DECODE_TOKENS = 16  # up to this many tokens the fast part runs sync-free (dense or gather) ...
+GATHER_SLOTS = 16  # ... unless gathering would copy more experts than this (V3: 470 MB a projection)
 
 
 class SplitExperts(nn.Module):
@@ -120,12 +122,12 @@ def fast_forward(experts: TorchExperts, hidden: torch.Tensor, ids: torch.Tensor,
     T, k = ids.shape
     N = experts.gate_proj.shape[0]
     x = hidden.to(experts.gate_proj.dtype)
-    if T > DECODE_TOKENS:
-        out = _grouped(experts, x, ids, weights)
-    elif N <= 2 * T * k:
+    if T <= DECODE_TOKENS and N <= 2 * T * k:
         out = _dense(experts, x, ids, weights)
-    else:
+    elif T <= DECODE_TOKENS and T * k <= GATHER_SLOTS:
         out = _gather(experts, x, ids, weights)
+    else:
+        out = _grouped(experts, x, ids, weights)
     return out.to(hidden.dtype)
 
 

@@ -53,18 +53,26 @@ def split_of(ex, fast_ids, slow_module=None):
     return SplitExperts(subset(ex, fast_ids), slow_module or subset(ex, slow_ids), fast_ids, E)
 
 
-# T=1, k=4: dense up to 8 fast experts, gather above; more than 16 tokens: grouped
-@pytest.mark.parametrize("T,fast_ids", [(1, [0, 5, 9]), (3, [2, 3, 4, 7, 11, 12, 13, 14, 15, 20]),
-                                        (1, list(range(10, 22))), (40, [1, 6, 30])])
-def test_split_sums_to_all_experts_in_one_place(T, fast_ids):
-    ex = random_experts(32)
+# T=1, k=4: dense up to 8 fast experts, gather above; 5 tokens (20 slots) and 48 fast experts: grouped
+# (gathering would copy more than 16 experts); more than 16 tokens: grouped
+@pytest.mark.parametrize("T,fast_ids,method", [(1, [0, 5, 9], "dense"), (3, [2, 3, 4, 7, 11, 12, 13, 14, 15, 20], "dense"),
+                                               (1, list(range(10, 22)), "gather"), (5, list(range(2, 50)), "grouped"),
+                                               (40, [1, 6, 30], "grouped")])
+def test_split_sums_to_all_experts_in_one_place(T, fast_ids, method, monkeypatch):
+    import runtime.split_experts as split_module
+
+    used = []
+    original = getattr(split_module, f"_{method}")
+    monkeypatch.setattr(split_module, f"_{method}", lambda *a: used.append(method) or original(*a))
+    ex = random_experts(64)
     x = torch.randn(T, 32, generator=torch.Generator().manual_seed(2))
-    ids, w = routing(T, 32, 4)
+    ids, w = routing(T, 64, 4)
     ids[0] = torch.tensor(fast_ids[:4] if len(fast_ids) >= 4 else fast_ids + [31][:4 - len(fast_ids)])
     split = split_of(ex, fast_ids)
     torch.testing.assert_close(split(x, ids, w), ex(x, ids, w), atol=1e-5, rtol=1e-5)
     split.start(x, ids, w)  # the start/finish path MoE uses
     torch.testing.assert_close(split.finish(), ex(x, ids, w), atol=1e-5, rtol=1e-5)
+    assert used == [method, method]
 
 
 def test_split_routes_each_slot_to_one_side():
