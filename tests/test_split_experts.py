@@ -218,6 +218,9 @@ def test_shipped_gpu_experts_rules_plan_on_a_tiny_model():
     plan = build_plan(open_rules("gpu-experts", machine), config_from_dict(preset_config("tiny-v3")), ctx=256)
     experts = [p for p in plan.placements if p.unit.kind == "experts"]
     assert all(p.gpu_expert_ids == (0, 1, 2, 3) and p.gpu_experts.device == "cuda:0" for p in experts)
+    # tiny-v3: 16 experts of 3 x 64 x 32 weights; 12 in RAM as q8_0 (34 bytes per 32), 4 on the GPU in bf16
+    assert all(p.bytes == 12 * 3 * 64 * 32 * 34 // 32 and p.gpu_bytes == 4 * 3 * 64 * 32 * 2 for p in experts)
+    assert plan.usage()["cpu"].weights == sum(p.bytes for p in plan.placements if p.home == "cpu")
     assert plan.usage()["cuda:0"].weights == sum(p.bytes for p in plan.placements if p.device == "cuda:0"
                                                  and p.unit.kind != "experts") + sum(p.gpu_bytes for p in experts)
 
