@@ -42,6 +42,10 @@ def check_runnable(plan: Plan) -> None:
                            f"{', '.join(today) if today else 'not at all'})")
         if p.gpu_experts and not FEATURES_TODAY["gpu_experts"]:
             missing.append("gpu_experts (needs the hybrid orchestrator)")
+        elif p.gpu_experts and not runs_today("torch", p.gpu_experts.device, p.gpu_experts.format):
+            g = p.gpu_experts
+            missing.append(f"gpu_experts in {g.format} on {g.device} (today: "
+                           f"{', '.join(OPS['torch'].today.get(g.device.split(':')[0], ()))})")
         if p.prefill and not FEATURES_TODAY["prefill"]:
             missing.append("a prefill override (needs expert streaming)")
         if missing:

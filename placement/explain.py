@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .ops import runs_today
+from .ops import FEATURES_TODAY, runs_today
 from .plan import Placement, Plan
 from .preflight import Fit, gib
 
@@ -59,7 +59,8 @@ def _notes(run: Run) -> str:
         notes.append(f"{p.replicas} NUMA replicas")
     if p.gpu_experts:
         g = p.gpu_experts
-        notes.append(f"+{g.count} experts/layer on {g.device} {g.format} ({gib(run.gpu_bytes)})")
+        which = f"the most used in {g.routing}" if g.routing else f"experts 0-{g.count - 1}, no routing statistics"
+        notes.append(f"+{g.count} experts/layer on {g.device} {g.format} ({gib(run.gpu_bytes)}; {which})")
     if p.prefill:
         start = p.prefill.min_tokens or "auto"
         notes.append(f"prefill >= {start} tokens: {p.prefill.op} on {p.prefill.device}")
@@ -95,9 +96,24 @@ def render(plan: Plan, result: list[Fit], model_label: str) -> str:
         lines.append(f"placed by defaults (no rule matches): {len(defaulted)} modules, e.g. {', '.join(defaulted[:3])}")
     missing = sorted({f"{p.op} on {p.device.split(':')[0]} ({p.format})" for p in plan.placements
                       if not runs_today(p.op, p.device, p.format)})
+    missing += sorted({f"{name} ({rule_label})" for name, rule_label in _features(plan) if not FEATURES_TODAY[name]})
+    missing += sorted({f"gpu_experts in {g.format} ({p.rule.label if p.rule else 'defaults'})"
+                       for p in plan.placements if (g := p.gpu_experts) and not runs_today("torch", g.device, g.format)})
     if missing:
         lines.append(f"not in the runtime yet: {', '.join(missing)}")
     return "\n".join(lines)
+
+
+def _features(plan: Plan) -> set[tuple[str, str]]:
+    """(feature, rule) for the rule features the plan uses: gpu_experts, prefill."""
+    out = set()
+    for p in plan.placements:
+        label = p.rule.label if p.rule else "defaults"
+        if p.gpu_experts:
+            out.add(("gpu_experts", label))
+        if p.prefill:
+            out.add(("prefill", label))
+    return out
 
 
 def _table(rows: list[tuple]) -> list[str]:
@@ -112,11 +128,15 @@ def to_json(plan: Plan, result: list[Fit], model_label: str) -> dict:
             "name": p.name, "kind": p.unit.kind, "layer": p.unit.layer, "device": p.device, "op": p.op,
             "format": p.format, "down_format": p.down_format, "home": p.home, "bytes": p.bytes, "replicas": p.replicas,
             "rule": p.rule.index if p.rule else None, "line": p.rule.line if p.rule else None,
-            "gpu_experts": {"count": g.count, "device": g.device, "format": g.format, "bytes": p.gpu_bytes} if g else None,
+            "gpu_experts": {"count": g.count, "device": g.device, "format": g.format, "bytes": p.gpu_bytes,
+                            "experts": list(p.gpu_expert_ids), "routing": g.routing} if g else None,
             "prefill": {"device": p.prefill.device, "op": p.prefill.op, "min_tokens": p.prefill.min_tokens or "auto"}
             if p.prefill else None,
             "cache": {"dtype": p.cache_dtype, "page_size": p.page_size, "bytes": p.cache_bytes} if p.cache_dtype else None,
-            "threads": p.threads, "numa": p.numa, "runs_today": runs_today(p.op, p.device, p.format),
+            "threads": p.threads, "numa": p.numa,
+            "runs_today": runs_today(p.op, p.device, p.format)
+            and (not g or FEATURES_TODAY["gpu_experts"] and runs_today("torch", g.device, g.format))
+            and (not p.prefill or FEATURES_TODAY["prefill"]),
         }
 
     experts_by_device: dict[str, int] = {}
@@ -136,4 +156,5 @@ def to_json(plan: Plan, result: list[Fit], model_label: str) -> dict:
         "total_weight_bytes": plan.total_weight_bytes,
         "routed_expert_bytes": experts_by_device,
         "warnings": list(plan.warnings),
+        "features_today": dict(FEATURES_TODAY),
     }

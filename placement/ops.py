@@ -70,6 +70,7 @@ def runs_today(op: str, device: str, fmt: str) -> bool:
     return fmt in OPS[op].today.get(device_type(device), ())
 
 
-# Rule features whose runtime parts are not built yet (issue 6: the hybrid orchestrator); the plan
-# and explain handle them, assembly refuses them by name and tune does not write them.
-FEATURES_TODAY = {"gpu_experts": False, "prefill": False}
+# Rule features and whether the runtime runs them (issue 6: the hybrid orchestrator); the plan and
+# explain handle all of them, assembly refuses the missing ones by name and tune does not write them.
+# gpu_experts: runtime/split_experts.py (the fast part in torch, so in the formats torch runs today).
+FEATURES_TODAY = {"gpu_experts": True, "prefill": False}

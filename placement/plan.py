@@ -40,6 +40,7 @@ class Placement:
     replicas: int = 1
     gpu_experts: GpuExperts | None = None
     gpu_bytes: int = 0  # bytes of the experts kept on gpu_experts.device
+    gpu_expert_ids: tuple[int, ...] = ()  # which experts those are (ascending)
     prefill: Prefill | None = None
     streamed_bytes: int = 0  # bytes copied per forward when streamed (main op or prefill)
     cache_dtype: str | None = None
@@ -114,6 +115,11 @@ def build_plan(rules: RuleSet, cfg: ModelConfig, *, ctx: int, numa_nodes: int = 
             if op is not None and OPS[op].weights_on_host:
                 staging[device] = max(staging[device], STAGING_BUFFERS * p.streamed_bytes)
     warnings = unused_rule_warnings(rules, units, assigned, cfg.num_hidden_layers)
+    warnings += [f"{rule.label}: gpu_experts keeps experts 0-{rule.gpu_experts.count - 1} of each layer on "
+                 f"{rule.gpu_experts.device}, as no routing statistics were given (add 'routing: FILE' from "
+                 f"`hmoe bench --collect-routing FILE` to keep the most used ones)"
+                 for rule in rules.rules if rule.gpu_experts and rule.gpu_experts.routing is None
+                 and any(p.rule is rule and p.gpu_experts for p in placements)]
     return Plan(rules, cfg, ctx, placements, tuple(sorted(staging.items())), tuple(warnings))
 
 
@@ -140,6 +146,7 @@ def _place(rules: RuleSet, cfg: ModelConfig, unit: Unit, rule: Rule | None, base
         where.fail("prefill", f"prefill op '{prefill.op}' runs {', '.join(OPS[prefill.op].kinds)}, but "
                               f"{where.who} places {unit.name} (kind {unit.kind})")
 
+    gpu_ids: tuple[int, ...] = ()
     if gpu is None:
         weight_bytes = unit_bytes(unit, fmt, base, where, "quant", op, down_fmt)
         gpu_bytes = 0
@@ -151,6 +158,7 @@ def _place(rules: RuleSet, cfg: ModelConfig, unit: Unit, rule: Rule | None, base
         per_expert = unit_bytes(unit, fmt, base, where, "quant", op, down_fmt) // experts
         weight_bytes = per_expert * (experts - gpu.count)
         gpu_bytes = unit_bytes(unit, gpu.format, base, where, "gpu_experts") // experts * gpu.count
+        gpu_ids = _gpu_expert_ids(gpu, unit.layer, experts, where)
 
     replicas = numa_nodes if rule and rule.numa == "replicate" else 1
     streamed = weight_bytes if (OPS[op].weights_on_host or (prefill and OPS[prefill.op].weights_on_host)) else 0
@@ -163,8 +171,20 @@ def _place(rules: RuleSet, cfg: ModelConfig, unit: Unit, rule: Rule | None, base
         rows = math.ceil(ctx / page_size) * page_size  # whole pages, one sequence
         cache_bytes = rows * cache_bytes_per_token(cfg, cache_dtype)
     return Placement(unit, rule, device, op, fmt, weights_home(op, device), weight_bytes * replicas, replicas,
-                     gpu, gpu_bytes, prefill, streamed, cache_dtype, page_size, cache_bytes,
+                     gpu, gpu_bytes, gpu_ids, prefill, streamed, cache_dtype, page_size, cache_bytes,
                      rule.threads if rule else None, rule.numa if rule else None, down_fmt)
+
+
+def _gpu_expert_ids(gpu: GpuExperts, layer: int, experts: int, where: "Blame") -> tuple[int, ...]:
+    """The layer's experts to keep on the GPU: the most used in the statistics, else 0..count-1."""
+    if gpu.routing is None:
+        return tuple(range(gpu.count))
+    from .routing import load_routing
+
+    try:
+        return load_routing(gpu.routing, n_routed_experts=experts).most_used(layer, gpu.count)
+    except HmoeError as e:
+        where.fail("gpu_experts", str(e))
 
 
 def raw_bytes(unit: Unit, fmt: str, base: str, op: str = "torch", down_fmt: str | None = None) -> int | None:

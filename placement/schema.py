@@ -22,7 +22,7 @@ RULE_KEYS = ("match", "layers", "device", "op", "quant", "dtype", "prefill", "ca
              "gpu_experts")
 PREFILL_KEYS = ("device", "op", "min_tokens")
 CACHE_KEYS = ("dtype", "page_size")
-GPU_EXPERTS_KEYS = ("count", "device", "quant")
+GPU_EXPERTS_KEYS = ("count", "device", "quant", "routing")
 NUMA_POLICIES = ("interleave", "split", "replicate", "none")
 AUTO = "auto"
 
@@ -47,11 +47,13 @@ class CacheOptions:
 
 @dataclass(frozen=True)
 class GpuExperts:
-    """Keep experts 0..count-1 of each matched layer on `device`; the rest stay on the CPU."""
+    """Keep `count` experts of each matched layer on `device` (in torch); the rest stay in the CPU
+    kernels. Which ones: the most used in the `routing` statistics file, else experts 0..count-1."""
     count: int
     device: str
     format: str
     line: int
+    routing: str | None = None  # path of a routing statistics file (placement/routing.py)
 
 
 @dataclass(frozen=True)
@@ -297,6 +299,7 @@ class _Parser:
         if device_type(device) != "cpu":
             self.fail(line, f"'gpu_experts' keeps some experts on a GPU while the rest run on the CPU, but this rule "
                             f"already places the experts on {device}")
+        routing = None
         if isinstance(value, LineDict):
             g = self.mapping(value, line, "'gpu_experts'", GPU_EXPERTS_KEYS)
             if "count" not in g:
@@ -306,14 +309,24 @@ class _Parser:
             fmt = g.get("quant", "bf16")
             if fmt not in FORMATS:
                 self.fail(g.line_of("quant"), f"unknown format {_show(fmt)}{did_you_mean(fmt, FORMATS)}")
-            if device_type(g_device) != "cuda":
-                self.fail(g.line_of("device"), f"'gpu_experts' device must be a GPU (cuda:N), found {g_device}")
+            # device cpu: the same split with the torch part on the CPU (what CI tests the split with)
             self.check_format_for_op("torch", g_device, fmt, g.line_of("quant"))
+            if "routing" in g:
+                routing = self.routing_path(g, "routing")
         else:
             count, count_line, g_device, fmt = value, line, self.default_gpu(line), "bf16"
         if isinstance(count, bool) or not isinstance(count, int) or count < 1:
             self.fail(count_line, f"'gpu_experts' must be a positive number of experts per layer, found {_show(count)}")
-        return GpuExperts(count, g_device, fmt, line)
+        return GpuExperts(count, g_device, fmt, line, routing)
+
+    def routing_path(self, d: LineDict, key: str) -> str:
+        """A statistics file; a relative path is relative to the rules file's folder. Read by the plan."""
+        value = d[key]
+        if not isinstance(value, str) or not value.strip():
+            self.fail(d.line_of(key), f"'{key}' must be the path of a routing statistics file "
+                                      f"(`hmoe bench --collect-routing FILE`), found {_show(value)}")
+        path = Path(value.strip()).expanduser()
+        return str(path if path.is_absolute() else Path(self.source).parent / path)
 
     def default_gpu(self, line: int) -> str:
         if not self.inventory.gpus:

@@ -24,6 +24,11 @@ from .formats import PRECISION_ORDER, auto_format, cache_bytes_per_token
 from .inventory import Inventory
 from .modules import Unit, model_units
 from .ops import FEATURES_TODAY, OPS, runs_today
+
+# Default rules keep experts on the GPU beside CPU ones only when at least this share of a layer's
+# experts fits: a split layer launches ~20 more small GPU kernels per step (runtime/split_experts.py),
+# which a 1-of-256 split does not repay while the step is launch-bound.
+MIN_GPU_EXPERTS_SHARE = 20
 from .plan import Plan, build_plan, raw_bytes
 from .preflight import RESERVE, check, gib
 from .schema import AUTO, RuleSet, parse_rules
@@ -84,7 +89,11 @@ def tune(cfg: ModelConfig, inventory: Inventory, *, ctx: int, expert_quant: str 
                 "(gpu_experts) needs the hybrid orchestrator, which is not in the runtime yet")
         elif rest and per_expert:
             per_layer_gpu = min(left // (per_expert * len(rest)), cfg.n_routed_experts - 1)
-            if per_layer_gpu:
+            if runnable_only and 0 < per_layer_gpu * MIN_GPU_EXPERTS_SHARE < cfg.n_routed_experts:
+                say(f"{per_layer_gpu} experts of each CPU layer would fit on cuda:0, under 1/{MIN_GPU_EXPERTS_SHARE} "
+                    f"of the layer's {cfg.n_routed_experts}: not worth the split's extra GPU work per layer")
+                per_layer_gpu = 0
+            elif per_layer_gpu:
                 left -= per_layer_gpu * per_expert * len(rest)
                 say(f"then {per_layer_gpu} experts of each of the other {len(rest)} layers on cuda:0 "
                     f"({gib(per_layer_gpu * per_expert * len(rest))}); {gib(left)} of VRAM stays unused")

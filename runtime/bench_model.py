@@ -132,9 +132,13 @@ def routed_experts(model) -> dict:
         if not isinstance(layer.mlp, MoE):
             continue
         experts = layer.mlp.experts
+        fast = getattr(experts, "fast_ids", None) and (len(experts.fast_ids), experts.fast_device)
+        experts = getattr(experts, "slow", experts)  # SplitExperts: the roofline of its CPU part
         engine = getattr(experts, "engine", None)
         if engine is not None:
             per_expert, kind = engine.bytes_per_expert(), f"{engine.fmt} (cpu_experts)"
+            if fast:
+                kind += f" + {fast[0]}/layer on {fast[1]}"
         elif isinstance(experts, TorchExperts):
             w = experts.gate_proj
             per_expert = 3 * w.shape[1] * w.shape[2] * w.element_size()

@@ -125,14 +125,22 @@ def _overlap_on_gpu(model, cfg: ModelConfig, plan, moe_layers) -> None:
     """CPU experts of layers whose attention runs on a GPU: computed stream-ordered (HybridExperts),
     overlapping the GPU's shared experts, instead of a synchronous copy to the CPU and back."""
     attention = {p.unit.layer: p.device for p in plan.placements if p.unit.kind == "attention"}
-    hybrid = [(i, moe) for i, moe in moe_layers if attention[i].startswith("cuda") and hasattr(moe.experts, "engine")]
+    def owner(moe):  # the module whose `experts` are the CPU kernels: the layer, or its split's CPU part
+        split = getattr(moe.experts, "slow", None)
+        return moe.experts if split is not None else moe
+
+    hybrid = [owner(moe) for i, moe in moe_layers if attention[i].startswith("cuda")]
+    hybrid = [o for o in hybrid if hasattr(getattr(o, "slow", None) or o.experts, "engine")]
     if not hybrid:
         return
     from orchestrator.hybrid import HostStaging, HybridExperts
 
     staging = HostStaging(max_tokens=HYBRID_STAGING_TOKENS, hidden=cfg.hidden_size, top_k=cfg.num_experts_per_tok)
-    for _, moe in hybrid:
-        moe.experts = HybridExperts(moe.experts.engine, staging)
+    for o in hybrid:
+        if hasattr(o, "slow"):
+            o.slow = HybridExperts(o.slow.engine, staging)
+        else:
+            o.experts = HybridExperts(o.experts.engine, staging)
 
 
 def _build_experts(ckpt: Checkpoint, model_dir, cfg: ModelConfig, p, layer: int, reference: TorchExperts,
@@ -141,6 +149,8 @@ def _build_experts(ckpt: Checkpoint, model_dir, cfg: ModelConfig, p, layer: int,
     from .jit_experts import build
 
     prefix = f"model.layers.{layer}.mlp.experts"
+    if p.gpu_experts:
+        return _build_split_experts(ckpt, model_dir, cfg, p, layer, cache, bar)
     targets = list(module_tensors(reference, prefix))
     path = None
     down_fmt = p.down_format or p.format
@@ -165,6 +175,54 @@ def _build_experts(ckpt: Checkpoint, model_dir, cfg: ModelConfig, p, layer: int,
     if cache is not None:
         cache.save(path, experts)
     return experts
+
+
+def _build_split_experts(ckpt, model_dir, cfg: ModelConfig, p, layer: int, cache, bar) -> nn.Module:
+    """gpu_experts: the plan's experts of this layer stacked in torch on their device, the rest in the
+    CPU kernels (read from `cache` when it holds this subset), as one SplitExperts."""
+    from placement.assemble import TORCH_DTYPES
+
+    from .jit_experts import build
+    from .split_experts import SplitExperts
+
+    E, H, I = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+    prefix = f"model.layers.{layer}.mlp.experts"
+    fast_ids = list(p.gpu_expert_ids)
+    slow_ids = [e for e in range(E) if e not in set(fast_ids)]
+
+    def targets(module, ids):  # the stacked module's rows are these experts of the checkpoint
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            for row, e in enumerate(ids):
+                yield f"{prefix}.{e}.{proj}.weight", getattr(module, proj)[row]
+
+    def stacked(n, device, dtype):
+        with torch.device("meta"):
+            return TorchExperts(n, H, I).to_empty(device=device).to(dtype)
+
+    fast = stacked(len(fast_ids), p.gpu_experts.device, TORCH_DTYPES[p.gpu_experts.format])
+    _fill(ckpt, model_dir, targets(fast, fast_ids), bar)
+    slow_names = [f"{prefix}.{e}.{proj}.weight" for proj in ("gate_proj", "up_proj", "down_proj") for e in slow_ids]
+    slow, path = None, None
+    if cache is not None:
+        path = cache.path(ckpt.fingerprint(slow_names), layer, p.format)  # the names pick the subset
+        slow = cache.load(path, fmt=p.format, num_experts=len(slow_ids), hidden=H, inter=I, threads=p.threads,
+                          numa=p.numa)
+    if slow is not None:
+        bar.update(len(slow_names))
+        return SplitExperts(fast, slow, fast_ids, E)
+    if hasattr(ckpt, "expert_blocks"):  # GGUF: the file's own blocks of the CPU experts
+        from .jit_experts import build_from_blocks
+
+        blocks = [b[slow_ids] for b in ckpt.expert_blocks(layer, p.format)]
+        slow = build_from_blocks(layer, p.format, *blocks, hidden=H, inter=I, threads=p.threads, numa=p.numa)
+        bar.update(len(slow_names))
+    else:
+        slow_ref = stacked(len(slow_ids), "cpu", resolve_dtype(cfg, "auto"))
+        _fill(ckpt, model_dir, targets(slow_ref, slow_ids), bar)
+        slow = build(layer, p.format, slow_ref, threads=p.threads, numa=p.numa)
+    if cache is not None:
+        cache.save(path, slow)
+    return SplitExperts(fast, slow, fast_ids, E)
 
 
 def _fill(ckpt: Checkpoint, model_dir, targets, bar) -> None:

@@ -28,6 +28,7 @@ SHIPPED = {
     "cpu-reference": (TINY, [], 8, 2048),
     "all-gpu": (V2_LITE, [40], 64, 32768),
     "two-gpus": (V2_LITE, [24, 24], 64, 32768),
+    "gpu-experts": (V2_LITE, [16], 64, 32768),
 }
 
 
@@ -40,7 +41,8 @@ def test_shipped_rules_fit_the_machine_they_name(name):
     cfg, vram, ram, ctx = SHIPPED[name]
     machine = hypothetical(vram, ram)
     plan = build_plan(open_rules(name, machine), cfg, ctx=ctx)
-    assert plan.warnings == ()
+    # gpu_experts without statistics (they are the model's, not the file's) warns which it keeps
+    assert [w for w in plan.warnings if "no routing statistics were given" not in w] == []
     check(plan, machine)
 
 

@@ -31,6 +31,10 @@ def register(subparsers) -> None:
     p.add_argument("--bw-gib", type=float, default=2.0, help="buffer of the read-bandwidth test in GiB (default 2)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompt tokens (default 0)")
     p.add_argument("--out", metavar="FILE", default=None, help="also write the JSON result to this file")
+    p.add_argument("--collect-routing", metavar="FILE", default=None,
+                   help="count how often each routed expert of each MoE layer is chosen over every token the bench "
+                        "runs (prefill and decode) and write the counts to FILE as JSON (added to FILE's if it holds "
+                        "this model's); `gpu_experts: {routing: FILE}` in the rules keeps the most used on the GPU")
     p.set_defaults(func=run)
 
 
@@ -64,9 +68,20 @@ def run(args) -> int:
     roof = roofline(experts, bw, threads)
     log(f"read bandwidth {bw:.1f} GB/s; decode roofline {roof['tokens_per_s']:.2f} t/s")
     runner = Runner(model, max_len=need, ubatch=args.ubatch, seed=args.seed)
+    counter = None
+    if args.collect_routing:
+        from ..routing_stats import RoutingCounter
+
+        counter = RoutingCounter(model)
     results = run_tests(runner, tests, reps=args.repetitions, warmup=not args.no_warmup, log=log)
+    if counter is not None:
+        from ..routing_stats import model_fingerprint
+
+        counter.close()
+        counter.write(args.collect_routing, model=Path(args.model).name, fingerprint=model_fingerprint(args.model))
+        log(f"routing statistics written to {args.collect_routing}")
     attach_roofline(results, roof)
-    result = {**metadata(command_line("bench", args, skip=("output", "out", "ctx"))),
+    result = {**metadata(command_line("bench", args, skip=("output", "out", "ctx", "collect_routing"))),
               "model": Path(args.model).name, "roofline": roof, "results": results}
     if args.out:
         with open(args.out, "w") as f:

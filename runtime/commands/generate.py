@@ -17,6 +17,9 @@ def register(sub) -> None:
     add_sampling_args(p, temperature=0.0)
     p.add_argument("--json", action="store_true",
                    help="print one JSON object: prompt and generated token ids, text, finish reason, timings")
+    p.add_argument("--collect-routing", metavar="FILE", default=None,
+                   help="count the routed experts each MoE layer chooses for this prompt and reply, added to FILE "
+                        "(JSON, as `hmoe bench --collect-routing`)")
     p.set_defaults(func=run)
 
 
@@ -24,6 +27,11 @@ def run(args) -> int:
     params = sampling_params(args)
     gen = open_generator(args.model, args)
     tok = gen.tokenizer
+    counter = None
+    if args.collect_routing:
+        from ..routing_stats import RoutingCounter
+
+        counter = RoutingCounter(gen.model)
     prompt_ids = tok.encode_chat([{"role": "user", "content": args.prompt}]) if args.chat else tok.encode(args.prompt)
     pieces = []
     for piece in gen.stream(prompt_ids, params):
@@ -32,6 +40,13 @@ def run(args) -> int:
             sys.stdout.write(piece)
             sys.stdout.flush()
     s = gen.stats
+    if counter is not None:
+        from pathlib import Path
+
+        from ..routing_stats import model_fingerprint
+
+        counter.close()
+        counter.write(args.collect_routing, model=Path(args.model).name, fingerprint=model_fingerprint(args.model))
     if args.json:
         print(json.dumps({
             "model": str(args.model), "prompt": args.prompt, "prompt_token_ids": prompt_ids,
