@@ -20,11 +20,13 @@ import torch
 from torch import nn
 
 from runtime.errors import HmoeError
+from runtime.fp8_linear import to_fp8
 
-from .ops import FEATURES_TODAY, OPS, runs_today
+from .ops import FEATURES_TODAY, FP8_KINDS, OPS, runs_today
 from .plan import Plan
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TORCH_MODULE_OPS = ("torch", "mla")  # ops the runtime's torch modules implement (mla: their GPU kernels)
 
 
 class AssemblyError(HmoeError):
@@ -49,6 +51,8 @@ def check_runnable(plan: Plan) -> None:
             today = OPS[p.op].today.get(p.device.split(":")[0], ())
             missing.append(f"op '{p.op}' on {p.device} in {p.format} (today: "
                            f"{', '.join(today) if today else 'not at all'})")
+        if p.format == "fp8" and p.unit.kind not in FP8_KINDS:
+            missing.append(f"fp8 for a {p.unit.kind} module (fp8 runs the linears of {', '.join(FP8_KINDS)})")
         if p.gpu_experts and not FEATURES_TODAY["gpu_experts"]:
             missing.append("gpu_experts (needs the hybrid orchestrator)")
         if p.prefill and not FEATURES_TODAY["prefill"]:
@@ -60,11 +64,14 @@ def check_runnable(plan: Plan) -> None:
 
 
 def materialize(model: nn.Module, plan: Plan) -> None:
-    """Storage for every module the torch op runs, on its device and in its dtype (uninitialised).
+    """Storage for every module a torch-module op (torch, mla) runs, on its device and in its dtype (uninitialised).
     Modules of other ops (the routed experts' `jit`) are built by the loader instead; the loader
     has run `check_runnable` before reading anything."""
     for p in plan.placements:
-        if p.op != "torch":
+        if p.op not in TORCH_MODULE_OPS:
+            continue
+        if p.format == "fp8":  # its linears become FP8Linear (e4m3 + block scales), its norms the compute dtype
+            to_fp8(model, p.name, device=p.device, vector_dtype=TORCH_DTYPES[plan.base])
             continue
         module = model.get_submodule(p.name)
         module.to_empty(device=p.device)
@@ -72,7 +79,7 @@ def materialize(model: nn.Module, plan: Plan) -> None:
         bias = getattr(module, "e_score_correction_bias", None)
         if bias is not None:  # router math stays fp32 whatever the module's dtype
             module.e_score_correction_bias = bias.float()
-    torch_units = [p.name for p in plan.placements if p.op == "torch"]
+    torch_units = [p.name for p in plan.placements if p.op in TORCH_MODULE_OPS]
     left = [f"{unit}.{n}" for unit in torch_units for n, t in _tensors(model.get_submodule(unit)) if t.is_meta]
     assert not left, f"the plan left tensors on the meta device: {left[:3]}"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .ops import runs_today
+from .ops import FP8_KINDS, SLOW_FALLBACKS, device_type, runs_today
 from .plan import Placement, Plan
 from .preflight import Fit, gib
 
@@ -94,9 +94,14 @@ def render(plan: Plan, result: list[Fit], model_label: str) -> str:
     if defaulted:
         lines.append(f"placed by defaults (no rule matches): {len(defaulted)} modules, e.g. {', '.join(defaulted[:3])}")
     missing = sorted({f"{p.op} on {p.device.split(':')[0]} ({p.format})" for p in plan.placements
-                      if not runs_today(p.op, p.device, p.format)})
+                      if not runs_today(p.op, p.device, p.format)}
+                     | {f"fp8 for {p.unit.kind}" for p in plan.placements if p.format == "fp8" and p.unit.kind not in FP8_KINDS})
     if missing:
         lines.append(f"not in the runtime yet: {', '.join(missing)}")
+    slow = sorted({f"{p.op} on {device_type(p.device)} ({p.format}): {SLOW_FALLBACKS[p.op, device_type(p.device), p.format]}"
+                   for p in plan.placements if (p.op, device_type(p.device), p.format) in SLOW_FALLBACKS})
+    if slow:
+        lines.append(f"slow fallback: {'; '.join(slow)}")
     return "\n".join(lines)
 
 

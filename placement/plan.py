@@ -71,6 +71,7 @@ class Plan:
     placements: tuple[Placement, ...]
     staging: tuple[tuple[str, int], ...]  # device -> bytes of streaming buffers
     warnings: tuple[str, ...]
+    base: str = "bf16"  # the compute dtype: vectors (norms) of quantized modules are stored in it
 
     def usage(self) -> dict[str, DeviceUse]:
         weights, cache = defaultdict(int), defaultdict(int)
@@ -103,7 +104,7 @@ def build_plan(rules: RuleSet, cfg: ModelConfig, *, ctx: int, numa_nodes: int = 
             if op is not None and OPS[op].weights_on_host:
                 staging[device] = max(staging[device], STAGING_BUFFERS * p.streamed_bytes)
     warnings = unused_rule_warnings(rules, units, assigned, cfg.num_hidden_layers)
-    return Plan(rules, cfg, ctx, placements, tuple(sorted(staging.items())), tuple(warnings))
+    return Plan(rules, cfg, ctx, placements, tuple(sorted(staging.items())), tuple(warnings), base)
 
 
 def _place(rules: RuleSet, cfg: ModelConfig, unit: Unit, rule: Rule | None, base: str, ctx: int,

@@ -15,6 +15,7 @@ from gpu_attention.dsa import DSACache, dsa_attention
 from gpu_attention.latent_cache import DEFAULT_PAGE_SIZE, LatentCache
 
 from .config import ModelConfig
+from .fp8_linear import dense_weight
 from .indexer import Indexer
 from .moe import MLP, MoE
 from .rope import RotaryTables
@@ -67,10 +68,11 @@ class MLA(nn.Module):
         indices = None if self.indexer is None else self.indexer(x, q_resid, cos_sin, cache=index_cache, layer=layer,
                                                                   start_pos=start_pos)
         args = dict(v_head_dim=cfg.v_head_dim, scale=cfg.softmax_scale, form=form)
+        kv_b_weight = dense_weight(self.kv_b_proj, q_nope.dtype)  # fp8: dequantized per call (DeepSeek's absorb)
         if indices is not None:
-            out = dsa_attention(q_nope, q_pe, cache, layer, self.kv_b_proj.weight, indices, **args)
+            out = dsa_attention(q_nope, q_pe, cache, layer, kv_b_weight, indices, **args)
         else:
-            out = mla_attention(q_nope, q_pe, cache, layer, self.kv_b_proj.weight, **args)
+            out = mla_attention(q_nope, q_pe, cache, layer, kv_b_weight, **args)
         return self.o_proj(out.reshape(B, T, -1))
 
 
@@ -111,7 +113,7 @@ class DeepseekForCausalLM(nn.Module):
         dtype: the storage ("fp8" = e4m3 with per-128 scales), read back in the attention's dtype;
         dtype and page_size default to `cache_options` (the placement plan's) or the attention's dtype
         and DEFAULT_PAGE_SIZE."""
-        weight = self.model.layers[0].self_attn.kv_a_proj_with_mqa.weight
+        weight = self.model.layers[0].self_attn.kv_a_layernorm.weight  # the latent's dtype (fp8 linears: not theirs)
         dtype = dtype or self.cache_options.get("dtype") or weight.dtype
         page_size = page_size or self.cache_options.get("page_size") or DEFAULT_PAGE_SIZE
         args = dict(num_layers=self.cfg.num_hidden_layers, batch=batch, max_len=max_len, page_size=page_size,
