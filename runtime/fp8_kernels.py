@@ -5,9 +5,11 @@ Two GEMM paths for y = x @ W.T with W = w_fp8 * scale_inv per 128x128 block:
   with one fp32 scale (`act_quant`), then fp8 tensor-core dots over K in steps of one 128-block,
   each step's product rescaled by the row's group scale and the weight block's scale (the
   technique of DeepSeek's inference kernel.py).
-- `fp8_gemv` (decode, a few rows): memory-bound, so the weight tile is dequantized in-kernel and
-  multiplied with the bf16/fp32 activations in fp32 (no activation rounding); K is split over
-  CTAs so even a 576-row projection fills the GPU, partial sums reduced in torch (deterministic).
+- `fp8_decode` (decode, up to 16 rows): memory-bound, so the activations stay bf16 (no fp8
+  rounding): each fp8 weight tile is widened to bf16 in registers (exact: every e4m3 value is a
+  bf16 value) for a bf16 tensor-core dot, and the block scale is applied to the dot's result; K
+  is split over CTAs so even a 576-row projection fills the GPU, the partial sums reduced in
+  torch (deterministic).
 Plus `weight_dequant` (kv_b_proj for MLA's absorbed form, which needs W_UK/W_UV in bf16).
 Launchers take tensors and keyword sizes only; shapes: x [M, K], w [N, K], scale_inv [ceil(N/128), ceil(K/128)].
 """
@@ -20,10 +22,10 @@ import triton.language as tl
 
 BLOCK = 128  # the checkpoint's scale block (both dims); one K step of the GEMM is one block
 FP8_MAX = 448.0
-# Rows up to this go through the GEMV kernel; set from `hmoe`'s fp8 bench on the H100
-# (benchmarks/results/*-fp8-gemm-*.json: GEMV vs GEMM at M = 1..16).
-GEMV_MAX_ROWS = 4
-_GEMV_TARGET_CTAS = 512  # ~4 per SM on an H100: enough loads in flight to stream HBM
+# Rows up to this take the decode kernel (one 16-row tensor-core tile: the weights are read once).
+# Measured on the H100 (benchmarks/results/2026-11-21-gpu-machine-h100-fp8-gemm.json).
+DECODE_MAX_ROWS = 16
+_DECODE_TARGET_CTAS = 1024  # ~8 per SM on an H100: enough loads in flight to stream HBM
 
 
 @triton.jit
@@ -74,62 +76,70 @@ def _fp8_gemm_kernel(a_ptr, a_s_ptr, b_ptr, b_s_ptr, c_ptr, M, N, K, num_kb, str
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-def fp8_gemm(x: torch.Tensor, w: torch.Tensor, scale_inv: torch.Tensor, *, out_dtype: torch.dtype) -> torch.Tensor:
+def gemm_config(M: int) -> dict:
+    """Tile sizes of the fp8 GEMM for M rows (BLOCK_N <= 128 keeps one weight scale row per column)."""
+    if M <= 32:
+        return dict(BLOCK_M=16 if M <= 16 else 32, BLOCK_N=128, num_warps=4, num_stages=4)
+    return dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=4)
+
+
+def fp8_gemm(x: torch.Tensor, w: torch.Tensor, scale_inv: torch.Tensor, *, out_dtype: torch.dtype,
+             config: dict | None = None) -> torch.Tensor:
     """x [M, K] (any float) @ dequant(w).T -> [M, N] in out_dtype, through fp8 tensor cores."""
     M, K = x.shape
     N = w.shape[0]
+    cfg = config or gemm_config(M)
     a, a_s = act_quant(x)
     out = torch.empty(M, N, dtype=out_dtype, device=x.device)
-    block_m = 16 if M <= 16 else 32 if M <= 32 else 64
-    grid = (triton.cdiv(M, block_m), triton.cdiv(N, 128))
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
     _fp8_gemm_kernel[grid](a, a_s, w, scale_inv, out, M, N, K, triton.cdiv(K, BLOCK), out.stride(0),
-                           BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=BLOCK, num_warps=4 if block_m <= 32 else 8,
-                           num_stages=4)
+                           BLOCK_K=BLOCK, **cfg)
     return out
 
 
 @triton.jit
-def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, part_ptr, M, N, K, stride_xm, num_kb, kb_per_split,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid_n, split, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+def _fp8_decode_kernel(x_ptr, w_ptr, s_ptr, part_ptr, M, N, K, stride_xm, num_kb, kb_per_split,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_n, split = tl.program_id(0), tl.program_id(1)
+    offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    m_ok, n_ok = offs_m < M, offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for i in range(kb_per_split):
         kb = split * kb_per_split + i
         k = kb * BLOCK_K + offs_k
         k_ok = k < K  # also false past the last block (kb >= num_kb)
-        x = tl.load(x_ptr + m * stride_xm + k, mask=k_ok, other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + offs_n[:, None] * K + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + offs_n[None, :] * K + k[:, None], mask=n_ok[None, :] & k_ok[:, None], other=0.0)
         s = tl.load(s_ptr + (offs_n // BLOCK_K) * num_kb + kb, mask=n_ok & (kb < num_kb), other=0.0)
-        acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1) * s
-    tl.store(part_ptr + (split * M + m) * N + offs_n, acc, mask=n_ok)
+        acc += tl.dot(x.to(tl.bfloat16), w.to(tl.bfloat16)) * s[None, :]
+    parts = part_ptr + (split * M + offs_m)[:, None] * N + offs_n[None, :]
+    tl.store(parts, acc, mask=m_ok[:, None] & n_ok[None, :])
 
 
-def fp8_gemv(x: torch.Tensor, w: torch.Tensor, scale_inv: torch.Tensor, *, out_dtype: torch.dtype) -> torch.Tensor:
-    """Few rows: x [M, K] (bf16/fp32 as is) @ dequant(w).T -> [M, N], weights dequantized in-kernel."""
+def fp8_decode(x: torch.Tensor, w: torch.Tensor, scale_inv: torch.Tensor, *, out_dtype: torch.dtype) -> torch.Tensor:
+    """Up to 16 rows: x [M, K] (as bf16) @ dequant(w).T -> [M, N]; weights read once, K split over CTAs."""
     M, K = x.shape
     N = w.shape[0]
-    assert x.stride(1) == 1, "rows must be contiguous"
-    block_n = 64
+    assert M <= DECODE_MAX_ROWS and x.stride(1) == 1
+    block_n = 128
     num_kb = triton.cdiv(K, BLOCK)
-    tiles = triton.cdiv(N, block_n) * M
-    splits = max(1, min(num_kb, _GEMV_TARGET_CTAS // tiles))
-    kb_per_split = triton.cdiv(num_kb, splits)
+    tiles = triton.cdiv(N, block_n)
+    kb_per_split = triton.cdiv(num_kb, max(1, min(num_kb, _DECODE_TARGET_CTAS // tiles)))
     splits = triton.cdiv(num_kb, kb_per_split)
     part = torch.empty(splits, M, N, dtype=torch.float32, device=x.device)
-    _fp8_gemv_kernel[(triton.cdiv(N, block_n), splits, M)](x, w, scale_inv, part, M, N, K, x.stride(0), num_kb,
-                                                           kb_per_split, BLOCK_N=block_n, BLOCK_K=BLOCK, num_warps=4)
+    _fp8_decode_kernel[(tiles, splits)](x, w, scale_inv, part, M, N, K, x.stride(0), num_kb, kb_per_split,
+                                        BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=BLOCK, num_warps=4, num_stages=4)
     return (part[0] if splits == 1 else part.sum(0)).to(out_dtype)
 
 
 def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
-    """x [M, K] -> [M, N] in x's dtype: GEMV for decode-size M, fp8 tensor-core GEMM above."""
+    """x [M, K] -> [M, N] in x's dtype: the decode kernel up to DECODE_MAX_ROWS, the fp8 GEMM above."""
     if x.stride(1) != 1:
         x = x.contiguous()
-    if x.shape[0] <= GEMV_MAX_ROWS:
-        return fp8_gemv(x, w, scale_inv, out_dtype=x.dtype)
+    if x.shape[0] <= DECODE_MAX_ROWS:
+        return fp8_decode(x, w, scale_inv, out_dtype=x.dtype)
     return fp8_gemm(x, w, scale_inv, out_dtype=x.dtype)
 
 
