@@ -16,16 +16,33 @@ Launchers take tensors and keyword sizes only; shapes: x [M, K], w [N, K], scale
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 BLOCK = 128  # the checkpoint's scale block (both dims); one K step of the GEMM is one block
 FP8_MAX = 448.0
-# Rows up to this take the decode kernel (one 16-row tensor-core tile: the weights are read once).
-# Measured on the H100 (benchmarks/results/2026-11-21-gpu-machine-h100-fp8-gemm.json).
+# Rows up to this may take the decode kernel (one 16-row tensor-core tile: the weights are read
+# once). Measured on the H100 (benchmarks/results/2026-11-21-gpu-machine-h100-fp8-gemm.json, GPU
+# time, weights out of L2), M = 1..16: o_proj 7168x16384 55.6-62.6 us against the fp8 GEMM's 75-76
+# and bf16 cuBLAS's 88-93; kv_a_proj 576x7168 11.1-12.6 us against the GEMM's 34; but q_b_proj
+# 24576x1536 27-31 us against the GEMM's 18.3-18.9: when N alone gives every SM a 128-column
+# tile, the GEMM's unsplit, pipelined K loop wins (see `takes_decode_kernel`).
 DECODE_MAX_ROWS = 16
 _DECODE_TARGET_CTAS = 1024  # ~8 per SM on an H100: enough loads in flight to stream HBM
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def takes_decode_kernel(M: int, N: int, device: torch.device) -> bool:
+    """Decode kernel for few rows and weights too narrow to fill the GPU without splitting K."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return M <= DECODE_MAX_ROWS and triton.cdiv(N, 128) < _sm_count(index)
 
 
 @triton.jit
@@ -80,7 +97,10 @@ def gemm_config(M: int) -> dict:
     """Tile sizes of the fp8 GEMM for M rows (BLOCK_N <= 128 keeps one weight scale row per column)."""
     if M <= 32:
         return dict(BLOCK_M=16 if M <= 16 else 32, BLOCK_N=128, num_warps=4, num_stages=4)
-    return dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=4)
+    if M < 256:
+        return dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=4)
+    # H100, o_proj at 512 rows: 242 us against 279-322 for 64x128/8/4, 64x64/4/4, 128x64/4/4
+    return dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)
 
 
 def fp8_gemm(x: torch.Tensor, w: torch.Tensor, scale_inv: torch.Tensor, *, out_dtype: torch.dtype,
@@ -135,10 +155,11 @@ def fp8_decode(x: torch.Tensor, w: torch.Tensor, scale_inv: torch.Tensor, *, out
 
 
 def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
-    """x [M, K] -> [M, N] in x's dtype: the decode kernel up to DECODE_MAX_ROWS, the fp8 GEMM above."""
+    """x [M, K] -> [M, N] in x's dtype: the decode kernel (bf16 activations) for few rows of a narrow
+    weight, else the fp8 GEMM (e4m3 activations)."""
     if x.stride(1) != 1:
         x = x.contiguous()
-    if x.shape[0] <= DECODE_MAX_ROWS:
+    if takes_decode_kernel(x.shape[0], w.shape[0], x.device):
         return fp8_decode(x, w, scale_inv, out_dtype=x.dtype)
     return fp8_gemm(x, w, scale_inv, out_dtype=x.dtype)
 
