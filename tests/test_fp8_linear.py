@@ -215,3 +215,13 @@ def test_shipped_v3_rules_are_runnable_but_for_gpu_experts(name):
         with pytest.raises(AssemblyError, match=r"places model.layers.3.mlp.experts with gpu_experts"):
             check_runnable(plan)
         check_runnable(dataclasses.replace(plan, placements=tuple(p for p in plan.placements if p.unit.kind != "experts")))
+
+
+def test_explain_names_the_cpu_fp8_fallback_as_slow(tiny_v3):
+    from placement.explain import render
+    from placement.preflight import fits
+
+    plan = build_plan(parse_rules(FP8_RULES.replace("DEV", "cpu"), "fp8.yaml", MACHINE), load_config(tiny_v3), ctx=64)
+    text = render(plan, fits(plan, MACHINE), "tiny")
+    assert "slow fallback: torch on cpu (fp8): fp8 weights dequantized to fp32 on every call" in text
+    assert "not in the runtime yet" not in text
