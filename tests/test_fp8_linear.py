@@ -225,3 +225,17 @@ def test_explain_names_the_cpu_fp8_fallback_as_slow(tiny_v3):
     text = render(plan, fits(plan, MACHINE), "tiny")
     assert "slow fallback: torch on cpu (fp8): fp8 weights dequantized to fp32 on every call" in text
     assert "not in the runtime yet" not in text
+
+
+def test_v32_fp8_checkpoint_with_its_indexer_in_fp8(tmp_path):
+    """V3.2: the indexer's linears become FP8Linear too (weights_proj is read through dense_weight);
+    past index_topk (sparse attention decides) the fp8 model is as close to fp32 as the bf16 one."""
+    path = write_model(tmp_path, "tiny-v32", dtype="fp8", seed=0, progress=False)
+    rules = parse_rules(FP8_RULES.replace("DEV", "cpu").replace("fp32", "bf16"), "fp8.yaml", MACHINE)
+    plan = build_plan(rules, load_config(path), ctx=128)
+    model = load_model(path, plan=plan)
+    assert allocated_bytes(model) == {"cpu": plan.total_weight_bytes}
+    assert isinstance(model.model.layers[0].self_attn.indexer.weights_proj, FP8Linear)
+    ids = prompt(80, seed=3, vocab=1024)  # index_topk is 64
+    exact = logits(load_model(path, dtype="float32"), ids)
+    assert rel_err(logits(model, ids), exact) < 1.5 * rel_err(logits(load_model(path, dtype="bfloat16"), ids), exact)
