@@ -20,12 +20,13 @@ import torch
 from torch import nn
 
 from runtime.errors import HmoeError
+from runtime.fp8_linear import to_fp8
 
-from .ops import FEATURES_TODAY, OPS, runs_today
+from .ops import FEATURES_TODAY, FP8_KINDS, OPS, gpu_experts_run_today, runs_today
 from .plan import Plan
 
-TORCH_MODULE_OPS = ("torch", "mla")  # ops the runtime's torch modules implement (mla: their GPU kernels)
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TORCH_MODULE_OPS = ("torch", "mla")  # ops the runtime's torch modules implement (mla: their GPU kernels)
 
 
 class AssemblyError(HmoeError):
@@ -40,12 +41,13 @@ def check_runnable(plan: Plan) -> None:
             today = OPS[p.op].today.get(p.device.split(":")[0], ())
             missing.append(f"op '{p.op}' on {p.device} in {p.format} (today: "
                            f"{', '.join(today) if today else 'not at all'})")
+        if p.format == "fp8" and p.unit.kind not in FP8_KINDS:
+            missing.append(f"fp8 for a {p.unit.kind} module (fp8 runs the linears of {', '.join(FP8_KINDS)})")
         if p.gpu_experts and not FEATURES_TODAY["gpu_experts"]:
             missing.append("gpu_experts (needs the hybrid orchestrator)")
-        elif p.gpu_experts and not runs_today("torch", p.gpu_experts.device, p.gpu_experts.format):
+        elif p.gpu_experts and not gpu_experts_run_today(p.gpu_experts.device, p.gpu_experts.format):
             g = p.gpu_experts
-            missing.append(f"gpu_experts in {g.format} on {g.device} (today: "
-                           f"{', '.join(OPS['torch'].today.get(g.device.split(':')[0], ()))})")
+            missing.append(f"gpu_experts in {g.format} on {g.device} (today: fp32, bf16, fp16)")
         if p.prefill and not FEATURES_TODAY["prefill"]:
             missing.append("a prefill override (needs expert streaming)")
         if missing:
@@ -60,6 +62,9 @@ def materialize(model: nn.Module, plan: Plan) -> None:
     has run `check_runnable` before reading anything."""
     for p in plan.placements:
         if p.op not in TORCH_MODULE_OPS:
+            continue
+        if p.format == "fp8":  # its linears become FP8Linear (e4m3 + block scales), its norms the compute dtype
+            to_fp8(model, p.name, device=p.device, vector_dtype=TORCH_DTYPES[plan.base])
             continue
         module = model.get_submodule(p.name)
         module.to_empty(device=p.device)

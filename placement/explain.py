@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .ops import FEATURES_TODAY, runs_today
+from .ops import FEATURES_TODAY, FP8_KINDS, SLOW_FALLBACKS, device_type, gpu_experts_run_today, runs_today
 from .plan import Placement, Plan
 from .preflight import Fit, gib
 
@@ -95,12 +95,17 @@ def render(plan: Plan, result: list[Fit], model_label: str) -> str:
     if defaulted:
         lines.append(f"placed by defaults (no rule matches): {len(defaulted)} modules, e.g. {', '.join(defaulted[:3])}")
     missing = sorted({f"{p.op} on {p.device.split(':')[0]} ({p.format})" for p in plan.placements
-                      if not runs_today(p.op, p.device, p.format)})
+                      if not runs_today(p.op, p.device, p.format)}
+                     | {f"fp8 for {p.unit.kind}" for p in plan.placements if p.format == "fp8" and p.unit.kind not in FP8_KINDS})
     missing += sorted({f"{name} ({rule_label})" for name, rule_label in _features(plan) if not FEATURES_TODAY[name]})
     missing += sorted({f"gpu_experts in {g.format} ({p.rule.label if p.rule else 'defaults'})"
-                       for p in plan.placements if (g := p.gpu_experts) and not runs_today("torch", g.device, g.format)})
+                       for p in plan.placements if (g := p.gpu_experts) and not gpu_experts_run_today(g.device, g.format)})
     if missing:
         lines.append(f"not in the runtime yet: {', '.join(missing)}")
+    slow = sorted({f"{p.op} on {device_type(p.device)} ({p.format}): {SLOW_FALLBACKS[p.op, device_type(p.device), p.format]}"
+                   for p in plan.placements if (p.op, device_type(p.device), p.format) in SLOW_FALLBACKS})
+    if slow:
+        lines.append(f"slow fallback: {'; '.join(slow)}")
     return "\n".join(lines)
 
 
@@ -135,7 +140,7 @@ def to_json(plan: Plan, result: list[Fit], model_label: str) -> dict:
             "cache": {"dtype": p.cache_dtype, "page_size": p.page_size, "bytes": p.cache_bytes} if p.cache_dtype else None,
             "threads": p.threads, "numa": p.numa,
             "runs_today": runs_today(p.op, p.device, p.format)
-            and (not g or FEATURES_TODAY["gpu_experts"] and runs_today("torch", g.device, g.format))
+            and (not g or FEATURES_TODAY["gpu_experts"] and gpu_experts_run_today(g.device, g.format))
             and (not p.prefill or FEATURES_TODAY["prefill"]),
         }
 

@@ -28,15 +28,16 @@ class Op:
 
 
 OPS = {
+    # fp8: the linears become runtime/fp8_linear.FP8Linear: Triton block-scaled fp8 GEMM/GEMV on
+    # CUDA; on the CPU a correct but slow fallback (dequantized to fp32 on every call)
     "torch": Op("torch", "the reference torch module (runtime/model.py, runtime/moe.py)", KINDS,
-                # fp8 on CUDA: block-scaled fp8 GEMM as in DeepSeek's inference code
-                formats={"cpu": _FLOATS, "cuda": _FLOATS + ("fp8",)},
-                today={"cpu": _FLOATS, "cuda": _FLOATS}),
+                formats={"cpu": _FLOATS + ("fp8",), "cuda": _FLOATS + ("fp8",)},
+                today={"cpu": _FLOATS + ("fp8",), "cuda": _FLOATS + ("fp8",)}),
     "jit": Op("jit", "cpu_experts: the fused routed-experts kernels, JIT-compiled for this CPU", ("experts",),
               formats={"cpu": ("bf16",) + _BLOCKS}, today={"cpu": ("bf16",) + _BLOCKS}),
-    # the attention module on a GPU: Triton kernels over the paged latent cache (fp8 weights: not yet)
+    # the attention module on a GPU: Triton kernels over the paged latent cache, fp8 linears as above
     "mla": Op("mla", "gpu_attention: MLA kernels over the latent cache", ("attention",),
-              formats={"cuda": ("bf16", "fp8")}, today={"cuda": ("bf16",)}),
+              formats={"cuda": ("bf16", "fp8")}, today={"cuda": ("bf16", "fp8")}),
     "stream": Op("stream", "routed experts kept in host RAM, streamed to the GPU layer by layer (double-buffered)",
                  ("experts",), formats={"cuda": ("bf16", "fp8") + _BLOCKS}, today={}, weights_on_host=True),
 }
@@ -70,7 +71,19 @@ def runs_today(op: str, device: str, fmt: str) -> bool:
     return fmt in OPS[op].today.get(device_type(device), ())
 
 
+# fp8 replaces nn.Linear layers (FP8Linear): the kinds whose matrices are all linears; the others
+# (embedding, router, lm_head tied to the embedding) keep a float dtype.
+FP8_KINDS = ("attention", "mlp", "shared_experts")
+
+# (op, device type, format) that run today only as a correct but slow fallback: explain says so.
+SLOW_FALLBACKS = {("torch", "cpu", "fp8"): "fp8 weights dequantized to fp32 on every call (for tests; use bf16 on a CPU)"}
+
 # Rule features and whether the runtime runs them (issue 6: the hybrid orchestrator); the plan and
 # explain handle all of them, assembly refuses the missing ones by name and tune does not write them.
 # gpu_experts: runtime/split_experts.py (the fast part in torch, so in the formats torch runs today).
 FEATURES_TODAY = {"gpu_experts": True, "prefill": False}
+
+
+def gpu_experts_run_today(device: str, fmt: str) -> bool:
+    """Experts kept on a GPU are a stacked torch module: float formats only (no fp8 experts yet)."""
+    return fmt in _FLOATS and runs_today("torch", device, fmt)

@@ -78,6 +78,7 @@ class Plan:
     placements: tuple[Placement, ...]
     staging: tuple[tuple[str, int], ...]  # device -> bytes of streaming buffers
     warnings: tuple[str, ...]
+    base: str = "bf16"  # the compute dtype: vectors (norms) of quantized modules are stored in it
 
     def usage(self) -> dict[str, DeviceUse]:
         weights, cache = defaultdict(int), defaultdict(int)
@@ -120,7 +121,7 @@ def build_plan(rules: RuleSet, cfg: ModelConfig, *, ctx: int, numa_nodes: int = 
                  f"`hmoe bench --collect-routing FILE` to keep the most used ones)"
                  for rule in rules.rules if rule.gpu_experts and rule.gpu_experts.routing is None
                  and any(p.rule is rule and p.gpu_experts for p in placements)]
-    return Plan(rules, cfg, ctx, placements, tuple(sorted(staging.items())), tuple(warnings))
+    return Plan(rules, cfg, ctx, placements, tuple(sorted(staging.items())), tuple(warnings), base)
 
 
 def _place(rules: RuleSet, cfg: ModelConfig, unit: Unit, rule: Rule | None, base: str, ctx: int,

@@ -2,7 +2,8 @@
 
 Headers are checked against file sizes at open, so a truncated download is one clear error that
 names the file and the first tensor it cuts, before any weight is read. Tensors are read through
-safetensors' memory map; FP8 weights are dequantized per 128x128 block on read.
+safetensors' memory map; FP8 weights are dequantized per 128x128 block on read, or read as
+they are stored (`read_fp8`) for modules that keep them in fp8.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from safetensors import safe_open
 
 from .errors import CheckpointError
-from .fp8 import dequantize_fp8_blocks
+from .fp8 import dequantize_fp8_blocks, quantize_fp8_blocks
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -98,15 +99,19 @@ class Checkpoint:
             self._handles[file] = safe_open(str(file), framework="pt")
         return self._handles[file].get_tensor(name)
 
-    def read(self, name: str, shape: tuple[int, ...] | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The tensor `name` as `dtype`, checked against `shape`; FP8 dequantized with its block scales."""
+    def _checked(self, name: str, shape: tuple[int, ...] | None) -> torch.Tensor:
+        """The stored tensor `name`, checked against `shape`."""
         if name not in self.info:
             raise CheckpointError(f"{self.dir}: missing tensor '{name}'")
         found = self.shape(name)
         if shape is not None and found != tuple(shape):
             raise CheckpointError(f"{self.file_of[name]}: tensor '{name}' has shape {list(found)}, "
                                   f"the config implies {list(shape)}")
-        tensor = self._raw(name)
+        return self._raw(name)
+
+    def read(self, name: str, shape: tuple[int, ...] | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The tensor `name` as `dtype`, checked against `shape`; FP8 dequantized with its block scales."""
+        tensor = self._checked(name, shape)
         if tensor.dtype == torch.float8_e4m3fn:
             scale_name = name + "_scale_inv"
             if scale_name not in self.info:
@@ -116,3 +121,21 @@ class Checkpoint:
             except ValueError as e:
                 raise CheckpointError(f"{self.file_of[name]}: tensor '{scale_name}': {e}") from None
         return tensor.to(dtype)
+
+    def read_fp8(self, name: str, shape: tuple[int, int], device: str | torch.device = "cpu"
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`name` as (e4m3 [out, in], fp32 scale_inv [ceil(out/128), ceil(in/128)]): an FP8 tensor in
+        128x128 blocks goes in as stored; anything else (bf16, fp32, other blocks) is quantized here,
+        on `device` (where the weight goes: a GPU quantizes a large checkpoint much faster)."""
+        tensor = self._checked(name, shape)
+        scale_name = name + "_scale_inv"
+        if tensor.dtype != torch.float8_e4m3fn or self.fp8_block != (128, 128):
+            return quantize_fp8_blocks(self.read(name, shape, dtype=torch.float32).to(device))
+        if scale_name not in self.info:
+            raise CheckpointError(f"{self.file_of[name]}: FP8 tensor '{name}' has no '{scale_name}'")
+        scale = self._raw(scale_name)
+        expected = (-(-shape[0] // 128), -(-shape[1] // 128))
+        if tuple(scale.shape) != expected:
+            raise CheckpointError(f"{self.file_of[scale_name]}: tensor '{scale_name}' has shape {list(scale.shape)}, "
+                                  f"its weight {list(shape)} in 128x128 blocks needs {list(expected)}")
+        return tensor, scale.float()

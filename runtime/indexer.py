@@ -14,6 +14,7 @@ from gpu_attention.dsa import select_topk
 from gpu_attention.latent_cache import LatentCache
 
 from .config import ModelConfig
+from .fp8_linear import dense_weight
 
 
 def rope_halves(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -55,5 +56,5 @@ class Indexer(nn.Module):
             return None
         q = self._rope(self.wq_b(q_resid).view(B, T, self.num_heads, self.head_dim), cos, sin)
         # transformers keeps weights_proj in fp32; the head weights also carry 1/sqrt(Hi)
-        weights = F.linear(x.float(), self.weights_proj.weight.float()) * self.num_heads**-0.5
+        weights = F.linear(x.float(), dense_weight(self.weights_proj, torch.float32).float()) * self.num_heads**-0.5
         return select_topk(q, weights, cache, layer, topk=self.topk, scale=self.head_dim**-0.5)

@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from .checkpoint import Checkpoint
 from .config import ModelConfig, load_config
+from .fp8 import quantize_fp8_blocks
 from .model import DeepseekForCausalLM
 from .moe import MoE, TorchExperts
 
@@ -226,7 +227,25 @@ def _build_split_experts(ckpt, model_dir, cfg: ModelConfig, p, layer: int, cache
 
 
 def _fill(ckpt: Checkpoint, model_dir, targets, bar) -> None:
+    targets = list(targets)
+    dests = dict(targets)
+    # FP8Linear: weight and weight_scale_inv come as one pair (as stored, or quantized here)
+    scales = {name + "_scale_inv" for name, dest in targets if dest.dtype == torch.float8_e4m3fn}
     for name, dest in targets:  # a missing tensor is the source's error: it names the file's own tensor
+        if name in scales:
+            bar.update()
+            continue
         with torch.no_grad():
-            dest.copy_(ckpt.read(name, tuple(dest.shape), dtype=dest.dtype))
+            if dest.dtype == torch.float8_e4m3fn:
+                weight, scale_inv = _read_fp8(ckpt, name, tuple(dest.shape), dest.device)
+                dest.copy_(weight)
+                dests[name + "_scale_inv"].copy_(scale_inv)
+            else:
+                dest.copy_(ckpt.read(name, tuple(dest.shape), dtype=dest.dtype))
         bar.update()
+
+
+def _read_fp8(ckpt, name: str, shape: tuple[int, int], device) -> tuple[torch.Tensor, torch.Tensor]:
+    if hasattr(ckpt, "read_fp8"):  # safetensors: fp8 tensors as stored
+        return ckpt.read_fp8(name, shape, device)
+    return quantize_fp8_blocks(ckpt.read(name, shape, dtype=torch.float32).to(device))  # GGUF: dequantized first  # GGUF: dequantized, then fp8

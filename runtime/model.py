@@ -15,6 +15,7 @@ from gpu_attention.dsa import DSACache, dsa_attention
 from gpu_attention.latent_cache import DEFAULT_PAGE_SIZE, LatentCache
 
 from .config import ModelConfig
+from .fp8_linear import dense_weight
 from .indexer import Indexer
 from .moe import MLP, MoE
 from .rope import RotaryTables
@@ -67,10 +68,11 @@ class MLA(nn.Module):
         indices = None if self.indexer is None else self.indexer(x, q_resid, cos_sin, cache=index_cache, layer=layer,
                                                                   start_pos=start_pos)
         args = dict(v_head_dim=cfg.v_head_dim, scale=cfg.softmax_scale, form=form)
+        kv_b_weight = dense_weight(self.kv_b_proj, q_nope.dtype)  # fp8: dequantized per call (DeepSeek's absorb)
         if indices is not None:
-            out = dsa_attention(q_nope, q_pe, cache, layer, self.kv_b_proj.weight, indices, **args)
+            out = dsa_attention(q_nope, q_pe, cache, layer, kv_b_weight, indices, **args)
         else:
-            out = mla_attention(q_nope, q_pe, cache, layer, self.kv_b_proj.weight, **args)
+            out = mla_attention(q_nope, q_pe, cache, layer, kv_b_weight, **args)
         return self.o_proj(out.reshape(B, T, -1))
 
 
@@ -127,7 +129,7 @@ class DeepseekForCausalLM(nn.Module):
         cache options) get one cache per group of layers that share them (`LayerCaches`)."""
         groups: dict[tuple, list[int]] = {}
         for i, layer in enumerate(self.model.layers):
-            weight = layer.self_attn.kv_a_proj_with_mqa.weight
+            weight = layer.self_attn.kv_a_layernorm.weight  # the latent's dtype (fp8 linears: not theirs)
             options = self.cache_options[i] if i < len(self.cache_options) else {}
             key = (weight.device, weight.dtype, dtype or options.get("dtype") or weight.dtype,
                    page_size or options.get("page_size") or DEFAULT_PAGE_SIZE)

@@ -75,7 +75,7 @@ def test_a_full_rule_parses_with_its_lines():
     ("name: x\nrules:\n  - match: a\n    device: cuda:1\n",
      "r.yaml:4: device 'cuda:1' is not present: the machine described by --vram has 1 GPU (cuda:0)"),
     ("name: x\nrules:\n  - match: a\n    quant: q4k\n", "r.yaml:4: unknown format 'q4k' for 'quant'; did you mean 'q4_k'?"),
-    ("name: x\nrules:\n  - match: a\n    quant: q4_k\n", "r.yaml:4: op 'torch' on cpu runs fp32, bf16, fp16, not q4_k"),
+    ("name: x\nrules:\n  - match: a\n    quant: q4_k\n", "r.yaml:4: op 'torch' on cpu runs fp32, bf16, fp16, fp8, not q4_k"),
     ("name: x\nrules:\n  - match: a\n    device: cuda\n    op: jit\n", "r.yaml:5: op 'jit' runs on cpu, not on cuda:0"),
     ("name: x\nrules:\n  - match: a\n    device: cuda:0\n    op: mla\n    quant: q8_0\n",
      "r.yaml:6: op 'mla' on cuda runs bf16, fp8, not q8_0"),
