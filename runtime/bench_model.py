@@ -61,10 +61,13 @@ class Runner:
     """Runs tests on one model and one cache of batch 1. Positions [0, filled) of the cache hold
     the depth tokens; a test at depth d overwrites positions from d on."""
 
-    def __init__(self, model, *, max_len: int, ubatch: int, seed: int = 0):
+    def __init__(self, model, *, max_len: int, ubatch: int, seed: int = 0, graph: bool = True, log=None):
+        from .graph import DecodeGraphs
+
         self.model, self.ubatch = model, ubatch
         self.device = model.lm_head.weight.device
         self.cache = model.new_cache(batch=1, max_len=max_len)
+        self.decode = DecodeGraphs(model, self.cache, enabled=graph, log=log)
         gen = torch.Generator().manual_seed(seed)
         vocab = model.cfg.vocab_size
         self.depth_ids = torch.randint(0, vocab, (max_len,), generator=gen)
@@ -96,7 +99,7 @@ class Runner:
         else:
             token = self.test_ids[:1].to(self.device)[None]
             for i in range(test.n_gen):  # greedy, as generation does: one step, then the next token
-                logits = self.model(token, cache=self.cache, start_pos=test.n_depth + i, last_only=True)
+                logits = self.decode.step(token, test.n_depth + i)
                 token = logits[:, -1].argmax(-1, keepdim=True)
         _sync()
         self.filled = min(self.filled, test.n_depth)
@@ -108,7 +111,7 @@ def run_tests(runner: Runner, tests: list[BenchTest], *, reps: int, warmup: bool
     for test in tests:
         runner.fill(test.n_depth, log)
         if warmup:
-            runner.run(BenchTest(test.n_prompt, min(test.n_gen, 1), test.n_depth))
+            runner.run(BenchTest(test.n_prompt, min(test.n_gen, 2), test.n_depth))  # 2 steps: a graph's warm-up and capture
         n = test.n_prompt or test.n_gen
         samples = []
         for r in range(reps):

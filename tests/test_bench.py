@@ -15,7 +15,7 @@ from runtime.loader import load_model
 from .test_cli import hmoe
 
 RESULT_KEYS = {"test", "n_prompt", "n_gen", "n_depth", "reps", "samples_ns", "samples_ts", "avg_ns", "stddev_ns",
-               "avg_ts", "stddev_ts", "roofline_fraction"}
+               "avg_ts", "stddev_ts", "roofline_fraction", "graph"}
 
 
 def test_tests_are_named_as_llama_bench_names_them():
@@ -76,6 +76,9 @@ def test_bench_json(tiny_v3, tmp_path):
         else:
             assert row["roofline_fraction"] is None
     assert "filling the cache to depth 32" in r.stderr and "repetition 2/2" in r.stderr
+    # a CPU model decodes eagerly: tg rows say so, prompt rows never use graphs
+    assert [row["graph"] for row in out["results"]] == [None, False, None, False]
+    assert out["decode_graph"]["on"] is False and "cpu" in out["decode_graph"]["reason"]
 
 
 def test_bench_markdown_and_csv(tiny_v3, capsys):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from ..session import add_model_args
+from ..session import add_graph_arg, add_model_args
 
 
 def register(subparsers) -> None:
@@ -19,6 +19,7 @@ def register(subparsers) -> None:
                     "the same run, and each tg row's fraction of it. The context (--ctx) is set to what the tests "
                     "need. Progress goes to stderr.")
     add_model_args(p)
+    add_graph_arg(p)
     p.add_argument("-p", "--n-prompt", default="512", metavar="LIST", help="prompt lengths, comma-separated, 0 = none (default 512)")
     p.add_argument("-n", "--n-gen", default="128", metavar="LIST", help="generation lengths, comma-separated, 0 = none (default 128)")
     p.add_argument("-d", "--n-depth", default="0", metavar="LIST",
@@ -30,6 +31,8 @@ def register(subparsers) -> None:
     p.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up run of each test")
     p.add_argument("--bw-gib", type=float, default=2.0, help="buffer of the read-bandwidth test in GiB (default 2)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompt tokens (default 0)")
+    p.add_argument("--compare-no-graph", action="store_true",
+                   help="also run the tg tests with eager decode steps (rows marked 'no-graph'), same model load")
     p.add_argument("--out", metavar="FILE", default=None, help="also write the JSON result to this file")
     p.set_defaults(func=run)
 
@@ -63,11 +66,21 @@ def run(args) -> int:
     bw = measure_read_bandwidth(threads, int(args.bw_gib * 2**30), cpus=cpus)
     roof = roofline(experts, bw, threads)
     log(f"read bandwidth {bw:.1f} GB/s; decode roofline {roof['tokens_per_s']:.2f} t/s")
-    runner = Runner(model, max_len=need, ubatch=args.ubatch, seed=args.seed)
+    runner = Runner(model, max_len=need, ubatch=args.ubatch, seed=args.seed, graph=not args.no_graph, log=log)
     results = run_tests(runner, tests, reps=args.repetitions, warmup=not args.no_warmup, log=log)
+    graph_on, graph_reason = runner.decode.active, runner.decode.reason
+    for r in results:
+        r["graph"] = graph_on if r["n_gen"] else None  # prompts never run from a graph
+    if args.compare_no_graph and runner.decode.active:
+        del runner  # its cache
+        eager = Runner(model, max_len=need, ubatch=args.ubatch, seed=args.seed, graph=False, log=log)
+        for r in run_tests(eager, [t for t in tests if t.n_gen], reps=args.repetitions, warmup=not args.no_warmup,
+                           log=log):
+            results.append({**r, "test": r["test"] + " no-graph", "graph": False})
     attach_roofline(results, roof)
     result = {**metadata(command_line("bench", args, skip=("output", "out", "ctx"))),
-              "model": Path(args.model).name, "roofline": roof, "results": results}
+              "model": Path(args.model).name, "roofline": roof, "results": results,
+              "decode_graph": {"on": graph_on, "reason": graph_reason}}
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
