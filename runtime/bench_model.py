@@ -155,6 +155,36 @@ def routed_experts(model) -> dict:
             "bytes_per_token": k * sum(per_layer)}
 
 
+def cpu_experts_step_ms(model, steps: int = 50, seed: int = 0) -> float | None:
+    """Milliseconds one decode token's routed experts take on the CPU alone: every MoE layer's
+    cpu_experts engine on host inputs (1 token, random hidden and top-k), back to back as a step
+    runs them. None without cpu_experts. The rest of a step is what the target calls 'outside'."""
+    import numpy as np
+
+    engines = [e for e in (getattr(getattr(layer.mlp, "experts", None), "engine", None)
+                           for layer in model.model.layers if isinstance(layer.mlp, MoE)) if e is not None]
+    if not engines:
+        return None
+    cfg, rng = model.cfg, np.random.default_rng(seed)
+    H, k, E = cfg.hidden_size, cfg.num_experts_per_tok, cfg.n_routed_experts
+    inputs = [(rng.standard_normal((1, H), dtype=np.float32), rng.permutation(E)[None, :k].astype(np.int64),
+               np.full((1, k), 1 / k, np.float32)) for _ in range(steps)]
+    for e in engines:
+        e.forward(*inputs[0])
+    t0 = time.perf_counter()
+    for x in inputs:
+        for e in engines:
+            e.forward(*x)
+    return (time.perf_counter() - t0) / steps * 1e3
+
+
+def attach_outside(results: list[dict], experts_ms: float | None) -> None:
+    """Per tg row: the share of a decode step spent outside the CPU experts' own time."""
+    for r in results:
+        step_ms = 1e3 / r["avg_ts"] if r["n_gen"] and r["avg_ts"] else None
+        r["outside_experts_fraction"] = 1 - experts_ms / step_ms if step_ms and experts_ms else None
+
+
 def experts_threads(model) -> tuple[int, list[int] | None]:
     """Threads (and CPUs) of the CPU expert workers; torch's thread count without cpu_experts."""
     for layer in model.model.layers:
@@ -191,6 +221,11 @@ def as_markdown(result: dict) -> str:
              f"{_size(roof['bytes_per_expert'])} per expert = {_size(roof['bytes_per_token'])} of routed experts per "
              f"token ÷ {roof['read_bandwidth_gbs']:.1f} GB/s read bandwidth ({roof['bandwidth_threads']} threads, "
              f"measured in this run) = {roof['tokens_per_s']:.4g} t/s"]
+    if result.get("cpu_experts_step_ms"):
+        outside = ", ".join(f"{r['test']} {100 * r['outside_experts_fraction']:.0f}%" for r in result["results"]
+                            if r.get("outside_experts_fraction") is not None)
+        lines.append(f"CPU experts alone: {result['cpu_experts_step_ms']:.3f} ms per decode token; share of a step "
+                     f"outside them: {outside}")
     return "\n".join(lines)
 
 

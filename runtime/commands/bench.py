@@ -43,8 +43,8 @@ def run(args) -> int:
     from cpu_experts.bandwidth import measure_read_bandwidth
 
     from ..bench_common import command_line, int_list, metadata
-    from ..bench_model import (Runner, as_csv, as_markdown, attach_roofline, context_needed, experts_threads,
-                               make_tests, roofline, routed_experts, run_tests)
+    from ..bench_model import (Runner, as_csv, as_markdown, attach_outside, attach_roofline, context_needed,
+                               cpu_experts_step_ms, experts_threads, make_tests, roofline, routed_experts, run_tests)
     from ..config import load_config
     from ..errors import HmoeError
     from ..session import open_model
@@ -66,6 +66,9 @@ def run(args) -> int:
     bw = measure_read_bandwidth(threads, int(args.bw_gib * 2**30), cpus=cpus)
     roof = roofline(experts, bw, threads)
     log(f"read bandwidth {bw:.1f} GB/s; decode roofline {roof['tokens_per_s']:.2f} t/s")
+    experts_ms = cpu_experts_step_ms(model)
+    if experts_ms is not None:
+        log(f"CPU experts alone: {experts_ms:.3f} ms per decode token")
     runner = Runner(model, max_len=need, ubatch=args.ubatch, seed=args.seed, graph=not args.no_graph, log=log)
     results = run_tests(runner, tests, reps=args.repetitions, warmup=not args.no_warmup, log=log)
     graph_on, graph_reason = runner.decode.active, runner.decode.reason
@@ -78,8 +81,9 @@ def run(args) -> int:
                            log=log):
             results.append({**r, "test": r["test"] + " no-graph", "graph": False})
     attach_roofline(results, roof)
+    attach_outside(results, experts_ms)
     result = {**metadata(command_line("bench", args, skip=("output", "out", "ctx"))),
-              "model": Path(args.model).name, "roofline": roof, "results": results,
+              "model": Path(args.model).name, "roofline": roof, "cpu_experts_step_ms": experts_ms, "results": results,
               "decode_graph": {"on": graph_on, "reason": graph_reason}}
     if args.out:
         with open(args.out, "w") as f:
