@@ -107,7 +107,6 @@ class TorchExperts(nn.Module):
             start += count
         return out
 
-
     def _gathered(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         """Decode on a GPU: the chosen experts' weights gathered per (token, slot), one batched matmul
         each; no counts read back to the host, so a CUDA graph can capture it."""
