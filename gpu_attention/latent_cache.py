@@ -98,6 +98,9 @@ class LatentCache:
         self.contiguous = False  # for_batch: sequence b's pages are one run, b-major
         self._free = list(range(num_pages - 1, -1, -1))  # pop() hands out pages in ascending order
         self._slots: torch.Tensor | None = None  # [B, T] flat slot of each new token, set by prepare
+        # kernels size their launch (the Triton decode's KV splits) for this many positions instead of
+        # the current length while set: a captured CUDA graph must not depend on it (runtime.graph)
+        self.launch_len: int | None = None
 
     @classmethod
     def for_batch(cls, *, num_layers: int, latent_dim: int, batch: int, max_len: int,
@@ -159,13 +162,32 @@ class LatentCache:
         pages = self.page_table[:batch, pos // self.page_size].long()  # [B, T]
         self._slots = pages * self.page_size + pos % self.page_size
 
+    def prepare_at(self, position: torch.Tensor, num_new: int, batch: int) -> None:
+        """prepare() with the step's start in a device tensor `position` [1] (int64): lengths and
+        slots computed on the device, nothing read back or copied from the host, so the step can be
+        captured in a CUDA graph. The host mirrors are the caller's (note_lengths); pages must exist
+        already (for_batch caches own theirs for good)."""
+        assert self.pinned, "prepare_at needs a for_batch cache (its pages never change)"
+        pos = position + torch.arange(num_new, device=position.device)
+        self.seq_lens[:batch].copy_((pos[-1:] + 1).to(torch.int32).expand(batch))
+        pages = self.page_table[:batch, pos // self.page_size].long()
+        self._slots = pages * self.page_size + pos % self.page_size
+
+    def note_lengths(self, lengths: list[int]) -> None:
+        """Host mirrors only, for a step whose device side prepare_at does (or a graph replays)."""
+        if max(lengths) > self.max_len:
+            raise CacheFullError(f"a sequence needs {max(lengths)} positions; the latent cache holds {self.max_len} "
+                                 f"per sequence")
+        self.lens[:len(lengths)] = lengths
+
     # --- writes and reads ---
 
-    def write(self, layer: int, start: int, latent: torch.Tensor) -> None:
+    def write(self, layer: int, start: int | torch.Tensor, latent: torch.Tensor) -> None:
         """Store latent [B, T, D] of the step `prepare(start, T, B)` announced."""
         B, T, _ = latent.shape
         assert self._slots is not None and self._slots.shape == (B, T), "call prepare(start, T, B) before write"
-        assert self.lens[0] == start + T, f"prepare announced length {self.lens[0]}, write ends at {start + T}"
+        assert not isinstance(start, int) or self.lens[0] == start + T, \
+            f"prepare announced length {self.lens[0]}, write ends at {start + T}"
         self._store(layer, self._slots.reshape(-1), latent.reshape(B * T, -1))
 
     def store(self, layer: int, seq: int, start: int, latent: torch.Tensor) -> None:

@@ -162,7 +162,7 @@ def absorbed_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, cache: LatentCac
     num_stages = num_stages or cfg["num_stages"]
     rows = T * H
     head_blocks = triton.cdiv(rows, block_h)
-    max_len = max(cache.lens[:B])
+    max_len = cache.launch_len or max(cache.lens[:B])  # launch_len: fixed while a CUDA graph is captured
     if num_splits is None:  # about two waves of programs, splits of at least 256 keys
         num_splits = max(1, min(triton.cdiv(2 * _sm_count(torch.device(q_latent.device)), B * head_blocks),
                                 triton.cdiv(max_len, 256)))

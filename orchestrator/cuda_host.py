@@ -54,3 +54,29 @@ def launch_host_func(stream, fn_address: int, user_data: int) -> None:
     err = fn(ctypes.c_void_p(stream.cuda_stream), ctypes.c_void_p(fn_address), ctypes.c_void_p(user_data))
     if err:
         raise RuntimeError(f"host function launch failed with CUDA error {err} ({path})")
+
+
+# How a host thread waits for the GPU (cudaStreamSynchronize, .item(), ...): CUDA's default spins,
+# which takes a core from the CPU expert workers; blocking sleeps on an OS primitive.
+SYNC_FLAGS = {"auto": 0, "spin": 1, "yield": 2, "blocking": 4}  # CU_CTX_SCHED_*
+
+
+def set_host_sync(mode: str) -> bool:
+    """Set every GPU's primary-context scheduling flag to `mode` (SYNC_FLAGS), best before torch
+    creates the contexts (recent drivers also accept it after); True if every GPU reads it back."""
+    if mode not in SYNC_FLAGS:
+        raise ValueError(f"host sync mode must be one of {', '.join(SYNC_FLAGS)}, got {mode!r}")
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    count = ctypes.c_int()
+    if cuda.cuInit(0) or cuda.cuDeviceGetCount(ctypes.byref(count)):
+        return False
+    for i in range(count.value):
+        dev, flags, active = ctypes.c_int(), ctypes.c_uint(), ctypes.c_int()
+        if (cuda.cuDeviceGet(ctypes.byref(dev), i) or cuda.cuDevicePrimaryCtxSetFlags(dev, SYNC_FLAGS[mode])
+                or cuda.cuDevicePrimaryCtxGetState(dev, ctypes.byref(flags), ctypes.byref(active))
+                or flags.value & 7 != SYNC_FLAGS[mode]):
+            return False
+    return True

@@ -61,10 +61,13 @@ class Runner:
     """Runs tests on one model and one cache of batch 1. Positions [0, filled) of the cache hold
     the depth tokens; a test at depth d overwrites positions from d on."""
 
-    def __init__(self, model, *, max_len: int, ubatch: int, seed: int = 0):
+    def __init__(self, model, *, max_len: int, ubatch: int, seed: int = 0, graph: bool = True, log=None):
+        from .graph import DecodeGraphs
+
         self.model, self.ubatch = model, ubatch
         self.device = model.lm_head.weight.device
         self.cache = model.new_cache(batch=1, max_len=max_len)
+        self.decode = DecodeGraphs(model, self.cache, enabled=graph, log=log)
         gen = torch.Generator().manual_seed(seed)
         vocab = model.cfg.vocab_size
         self.depth_ids = torch.randint(0, vocab, (max_len,), generator=gen)
@@ -96,7 +99,7 @@ class Runner:
         else:
             token = self.test_ids[:1].to(self.device)[None]
             for i in range(test.n_gen):  # greedy, as generation does: one step, then the next token
-                logits = self.model(token, cache=self.cache, start_pos=test.n_depth + i, last_only=True)
+                logits = self.decode.step(token, test.n_depth + i)
                 token = logits[:, -1].argmax(-1, keepdim=True)
         _sync()
         self.filled = min(self.filled, test.n_depth)
@@ -108,7 +111,7 @@ def run_tests(runner: Runner, tests: list[BenchTest], *, reps: int, warmup: bool
     for test in tests:
         runner.fill(test.n_depth, log)
         if warmup:
-            runner.run(BenchTest(test.n_prompt, min(test.n_gen, 1), test.n_depth))
+            runner.run(BenchTest(test.n_prompt, min(test.n_gen, 2), test.n_depth))  # 2 steps: a graph's warm-up and capture
         n = test.n_prompt or test.n_gen
         samples = []
         for r in range(reps):
@@ -156,6 +159,36 @@ def routed_experts(model) -> dict:
             "bytes_per_token": k * sum(per_layer)}
 
 
+def cpu_experts_step_ms(model, steps: int = 50, seed: int = 0) -> float | None:
+    """Milliseconds one decode token's routed experts take on the CPU alone: every MoE layer's
+    cpu_experts engine on host inputs (1 token, random hidden and top-k), back to back as a step
+    runs them. None without cpu_experts. The rest of a step is what the target calls 'outside'."""
+    import numpy as np
+
+    engines = [e for e in (getattr(getattr(layer.mlp, "experts", None), "engine", None)
+                           for layer in model.model.layers if isinstance(layer.mlp, MoE)) if e is not None]
+    if not engines:
+        return None
+    cfg, rng = model.cfg, np.random.default_rng(seed)
+    H, k, E = cfg.hidden_size, cfg.num_experts_per_tok, cfg.n_routed_experts
+    inputs = [(rng.standard_normal((1, H), dtype=np.float32), rng.permutation(E)[None, :k].astype(np.int64),
+               np.full((1, k), 1 / k, np.float32)) for _ in range(steps)]
+    for e in engines:
+        e.forward(*inputs[0])
+    t0 = time.perf_counter()
+    for x in inputs:
+        for e in engines:
+            e.forward(*x)
+    return (time.perf_counter() - t0) / steps * 1e3
+
+
+def attach_outside(results: list[dict], experts_ms: float | None) -> None:
+    """Per tg row: the share of a decode step spent outside the CPU experts' own time."""
+    for r in results:
+        step_ms = 1e3 / r["avg_ts"] if r["n_gen"] and r["avg_ts"] else None
+        r["outside_experts_fraction"] = 1 - experts_ms / step_ms if step_ms and experts_ms else None
+
+
 def experts_threads(model) -> tuple[int, list[int] | None]:
     """Threads (and CPUs) of the CPU expert workers; torch's thread count without cpu_experts."""
     for layer in model.model.layers:
@@ -192,6 +225,11 @@ def as_markdown(result: dict) -> str:
              f"{_size(roof['bytes_per_expert'])} per expert = {_size(roof['bytes_per_token'])} of routed experts per "
              f"token ÷ {roof['read_bandwidth_gbs']:.1f} GB/s read bandwidth ({roof['bandwidth_threads']} threads, "
              f"measured in this run) = {roof['tokens_per_s']:.4g} t/s"]
+    if result.get("cpu_experts_step_ms"):
+        outside = ", ".join(f"{r['test']} {100 * r['outside_experts_fraction']:.0f}%" for r in result["results"]
+                            if r.get("outside_experts_fraction") is not None)
+        lines.append(f"CPU experts alone: {result['cpu_experts_step_ms']:.3f} ms per decode token; share of a step "
+                     f"outside them: {outside}")
     return "\n".join(lines)
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import ContextLimitError
+from .graph import DecodeGraphs
 from .model import DeepseekForCausalLM
 from .sampling import SamplingParams, sample
 from .tokenizer import Tokenizer
@@ -41,12 +42,13 @@ class Stats:
 
 class Generator:
     def __init__(self, model: DeepseekForCausalLM, tokenizer: Tokenizer, max_context: int | None = None,
-                 prefill_chunk: int = 2048):
+                 prefill_chunk: int = 2048, graph: bool = True):
         self.model, self.tokenizer = model, tokenizer
         limit = model.cfg.max_position_embeddings
         self.max_context = min(max_context or limit, limit)
         self.prefill_chunk = prefill_chunk
         self.cache = model.new_cache(batch=1, max_len=self.max_context)
+        self.decode = DecodeGraphs(model, self.cache, enabled=graph)  # decode steps; eager where graphs cannot run
         self.cached_ids: list[int] = []
         self.stats = Stats()
 
@@ -56,6 +58,8 @@ class Generator:
     def _forward(self, ids: list[int], start: int) -> torch.Tensor:
         device = self.model.lm_head.weight.device
         x = torch.tensor([ids], dtype=torch.long, device=device)
+        if len(ids) == 1:
+            return self.decode.step(x, start)[0, -1]
         return self.model(x, cache=self.cache, start_pos=start, last_only=True)[0, -1]
 
     def _prefill(self, prompt_ids: list[int]) -> torch.Tensor:

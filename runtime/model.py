@@ -147,9 +147,11 @@ class DeepseekForCausalLM(nn.Module):
         return DSACache(latent, LatentCache.for_batch(latent_dim=self.cfg.index_head_dim, **args))
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, *, cache: LatentCache | DSACache | LayerCaches, start_pos: int = 0,
+    def forward(self, input_ids: torch.Tensor, *, cache: LatentCache | DSACache | LayerCaches,
+                start_pos: int | torch.Tensor = 0,
                 form: str = "auto", last_only: bool = False) -> torch.Tensor:
-        """input_ids [B, T] at positions start_pos.. -> logits [B, T, V] fp32 ([B, 1, V] if last_only)."""
+        """input_ids [B, T] at positions start_pos.. -> logits [B, T, V] fp32 ([B, 1, V] if last_only).
+        start_pos as a device tensor [1] (int64): a graph-capturable step (runtime.graph)."""
         B, T = input_ids.shape
         parts = cache.parts if isinstance(cache, LayerCaches) else [(cache, range(self.cfg.num_hidden_layers))]
         layer_args = {}
@@ -163,14 +165,21 @@ class DeepseekForCausalLM(nn.Module):
             h = h[:, -1:]
         return self.lm_head(self.model.norm(h)).float()
 
-    def _attention_args(self, cache: LatentCache | DSACache, B: int, T: int, start_pos: int, form: str) -> dict:
+    def _attention_args(self, cache: LatentCache | DSACache, B: int, T: int, start_pos: int | torch.Tensor,
+                        form: str) -> dict:
         index_cache = None
         if isinstance(cache, DSACache):
             cache, index_cache = cache.latent, cache.index_keys
+            assert isinstance(start_pos, int), "V3.2 sparse attention takes a host start_pos (no graph steps)"
             index_cache.prepare(start_pos, T, B)
-        cache.prepare(start_pos, T, B)  # pages and lengths for this step, shared by the cache's layers
         device = cache.page_table.device  # where the attention of the cache's layers runs
+        if isinstance(start_pos, torch.Tensor):  # a graph step (runtime.graph): the start lives on the device
+            cache.prepare_at(start_pos, T, B)
+            cos_sin = self.rope.cos_sin_at(start_pos, T, cache.max_len)
+        else:
+            cache.prepare(start_pos, T, B)  # pages and lengths for this step, shared by the cache's layers
+            cos_sin = self.rope.cos_sin(start_pos, T, device)
         if form == "auto":  # the crossover measured for the backend the attention runs on
             form = choose_form(T, backend_for(device), self.cfg.num_attention_heads)
-        return dict(rope=self.rope, cos_sin=self.rope.cos_sin(start_pos, T, device), cache=cache,
-                    start_pos=start_pos, form=form, index_cache=index_cache)
+        return dict(rope=self.rope, cos_sin=cos_sin, cache=cache, start_pos=start_pos, form=form,
+                    index_cache=index_cache)

@@ -18,6 +18,11 @@ from torch import nn
 from .config import ModelConfig
 
 
+# Up to this many tokens, torch experts on a GPU gather the chosen experts' weights (graph-capturable
+# decode steps); above it they group tokens by expert (fewer bytes moved, one host sync).
+GATHER_MAX_TOKENS = 4
+
+
 class MLP(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
@@ -82,6 +87,8 @@ class TorchExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
 
     def forward(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        if hidden.is_cuda and hidden.shape[0] <= GATHER_MAX_TOKENS:
+            return self._gathered(hidden, topk_ids, topk_weights)
         out = torch.zeros_like(hidden)
         flat_ids = topk_ids.flatten()
         order = flat_ids.argsort(stable=True)
@@ -99,6 +106,16 @@ class TorchExperts(nn.Module):
             out.index_add_(0, rows, y)
             start += count
         return out
+
+    def _gathered(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        """Decode on a GPU: the chosen experts' weights gathered per (token, slot), one batched matmul
+        each; no counts read back to the host, so a CUDA graph can capture it."""
+        T, k = topk_ids.shape
+        flat = topk_ids.flatten()
+        x = hidden.repeat_interleave(k, dim=0)[:, None, :]  # [T*k, 1, H]
+        h = F.silu(x @ self.gate_proj[flat].transpose(1, 2)) * (x @ self.up_proj[flat].transpose(1, 2))
+        y = (h @ self.down_proj[flat].transpose(1, 2)).view(T, k, -1)
+        return (y * topk_weights[..., None].to(hidden.dtype)).sum(dim=1)
 
 
 class MoE(nn.Module):

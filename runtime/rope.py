@@ -51,6 +51,15 @@ class RotaryTables:
             self._tables[device] = (cos, sin)
         return cos[start:needed], sin[start:needed]
 
+    def cos_sin_at(self, position: torch.Tensor, length: int, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos_sin() for a start held in a device tensor [1] (int64): gathered on the device, no host
+        sync (a CUDA graph step). The tables are grown to max_len first, on the host, and never move
+        while max_len covers every position."""
+        self.cos_sin(0, max_len, position.device)  # grows the tables if needed
+        cos, sin = self._tables[position.device]
+        idx = position + torch.arange(length, device=position.device)
+        return cos.index_select(0, idx), sin.index_select(0, idx)
+
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x: [..., T, heads, dim] rotated by cos/sin [T, dim/2]; computed in fp32, returned in x.dtype.
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,6 +27,10 @@ if TYPE_CHECKING:
     from placement.plan import Plan
 
 
+
+# How the host waits for the GPU (orchestrator.cuda_host.SYNC_FLAGS); HMOE_CUDA_SYNC overrides it.
+# Blocking: CUDA's default spin-wait takes a core from the CPU expert workers (orchestrator/NOTES.md).
+HOST_SYNC_DEFAULT = "blocking"
 
 CTX_HELP = ("context limit in tokens: prompt plus reply (default 4096, at most the model's)", 4096)
 
@@ -53,6 +58,11 @@ def add_model_args(p: argparse.ArgumentParser, required: bool = True, ctx_help: 
     p.add_argument("--no-pack-cache", action="store_true",
                    help="do not read or write packed CPU experts under $HMOE_CACHE_DIR/packed (default: cached, "
                         "so the next start skips quantizing)")
+
+
+def add_graph_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-graph", action="store_true",
+                   help="run decode steps eagerly instead of replaying CUDA graphs (debugging; runtime/graph.py)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
@@ -131,6 +141,10 @@ def experts_summary(plan: Plan) -> str:
 def open_model(model_dir: str | Path, args) -> DeepseekForCausalLM:
     if args.threads:
         torch.set_num_threads(args.threads)
+    if torch.cuda.is_available():  # host waits for the GPU sleep rather than spin on an expert worker's core
+        from orchestrator.cuda_host import set_host_sync
+
+        set_host_sync(os.environ.get("HMOE_CUDA_SYNC", HOST_SYNC_DEFAULT))
     plan = make_plan(model_dir, args)
     cache = None if args.no_pack_cache else PackedCache()
     return load_model(model_dir, plan=plan, progress=sys.stderr.isatty(), packed_cache=cache)
@@ -139,4 +153,4 @@ def open_model(model_dir: str | Path, args) -> DeepseekForCausalLM:
 def open_generator(model_dir: str | Path, args) -> Generator:
     model = open_model(model_dir, args)
     tokenizer = Tokenizer(model_dir, model.cfg.eos_token_ids)
-    return Generator(model, tokenizer, max_context=args.ctx)
+    return Generator(model, tokenizer, max_context=args.ctx, graph=not getattr(args, "no_graph", False))

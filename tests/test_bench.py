@@ -15,7 +15,8 @@ from runtime.loader import load_model
 from .test_cli import hmoe
 
 RESULT_KEYS = {"test", "n_prompt", "n_gen", "n_depth", "reps", "samples_ns", "samples_ts", "avg_ns", "stddev_ns",
-               "avg_ts", "stddev_ts", "roofline_fraction"}
+               "avg_ts", "stddev_ts", "roofline_fraction", "graph",
+               "outside_experts_fraction"}
 
 
 def test_tests_are_named_as_llama_bench_names_them():
@@ -76,6 +77,16 @@ def test_bench_json(tiny_v3, tmp_path):
         else:
             assert row["roofline_fraction"] is None
     assert "filling the cache to depth 32" in r.stderr and "repetition 2/2" in r.stderr
+    # a CPU model decodes eagerly: tg rows say so, prompt rows never use graphs
+    assert [row["graph"] for row in out["results"]] == [None, False, None, False]
+    assert out["decode_graph"]["on"] is False and "cpu" in out["decode_graph"]["reason"]
+    assert out["cpu_experts_step_ms"] > 0  # q8_0 experts in cpu_experts: timed alone, then a tg step's share
+    for row in out["results"]:
+        if row["n_gen"]:
+            assert row["outside_experts_fraction"] == pytest.approx(
+                1 - out["cpu_experts_step_ms"] / (1e3 / row["avg_ts"]))
+        else:
+            assert row["outside_experts_fraction"] is None
 
 
 def test_bench_markdown_and_csv(tiny_v3, capsys):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from ..session import add_model_args
+from ..session import add_graph_arg, add_model_args
 
 
 def register(subparsers) -> None:
@@ -19,6 +19,7 @@ def register(subparsers) -> None:
                     "the same run, and each tg row's fraction of it. The context (--ctx) is set to what the tests "
                     "need. Progress goes to stderr.")
     add_model_args(p)
+    add_graph_arg(p)
     p.add_argument("-p", "--n-prompt", default="512", metavar="LIST", help="prompt lengths, comma-separated, 0 = none (default 512)")
     p.add_argument("-n", "--n-gen", default="128", metavar="LIST", help="generation lengths, comma-separated, 0 = none (default 128)")
     p.add_argument("-d", "--n-depth", default="0", metavar="LIST",
@@ -30,6 +31,8 @@ def register(subparsers) -> None:
     p.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up run of each test")
     p.add_argument("--bw-gib", type=float, default=2.0, help="buffer of the read-bandwidth test in GiB (default 2)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompt tokens (default 0)")
+    p.add_argument("--compare-no-graph", action="store_true",
+                   help="also run the tg tests with eager decode steps (rows marked 'no-graph'), same model load")
     p.add_argument("--out", metavar="FILE", default=None, help="also write the JSON result to this file")
     p.add_argument("--collect-routing", metavar="FILE", default=None,
                    help="count how often each routed expert of each MoE layer is chosen over every token the bench "
@@ -44,8 +47,8 @@ def run(args) -> int:
     from cpu_experts.bandwidth import measure_read_bandwidth
 
     from ..bench_common import command_line, int_list, metadata
-    from ..bench_model import (Runner, as_csv, as_markdown, attach_roofline, context_needed, experts_threads,
-                               make_tests, roofline, routed_experts, run_tests)
+    from ..bench_model import (Runner, as_csv, as_markdown, attach_outside, attach_roofline, context_needed,
+                               cpu_experts_step_ms, experts_threads, make_tests, roofline, routed_experts, run_tests)
     from ..config import load_config
     from ..errors import HmoeError
     from ..session import open_model
@@ -67,13 +70,25 @@ def run(args) -> int:
     bw = measure_read_bandwidth(threads, int(args.bw_gib * 2**30), cpus=cpus)
     roof = roofline(experts, bw, threads)
     log(f"read bandwidth {bw:.1f} GB/s; decode roofline {roof['tokens_per_s']:.2f} t/s")
-    runner = Runner(model, max_len=need, ubatch=args.ubatch, seed=args.seed)
+    experts_ms = cpu_experts_step_ms(model)
+    if experts_ms is not None:
+        log(f"CPU experts alone: {experts_ms:.3f} ms per decode token")
+    runner = Runner(model, max_len=need, ubatch=args.ubatch, seed=args.seed, graph=not args.no_graph, log=log)
     counter = None
     if args.collect_routing:
         from ..routing_stats import RoutingCounter
 
         counter = RoutingCounter(model)
     results = run_tests(runner, tests, reps=args.repetitions, warmup=not args.no_warmup, log=log)
+    graph_on, graph_reason = runner.decode.active, runner.decode.reason
+    for r in results:
+        r["graph"] = graph_on if r["n_gen"] else None  # prompts never run from a graph
+    if args.compare_no_graph and runner.decode.active:
+        del runner  # its cache
+        eager = Runner(model, max_len=need, ubatch=args.ubatch, seed=args.seed, graph=False, log=log)
+        for r in run_tests(eager, [t for t in tests if t.n_gen], reps=args.repetitions, warmup=not args.no_warmup,
+                           log=log):
+            results.append({**r, "test": r["test"] + " no-graph", "graph": False})
     if counter is not None:
         from ..routing_stats import model_fingerprint
 
@@ -81,8 +96,10 @@ def run(args) -> int:
         counter.write(args.collect_routing, model=Path(args.model).name, fingerprint=model_fingerprint(args.model))
         log(f"routing statistics written to {args.collect_routing}")
     attach_roofline(results, roof)
+    attach_outside(results, experts_ms)
     result = {**metadata(command_line("bench", args, skip=("output", "out", "ctx", "collect_routing"))),
-              "model": Path(args.model).name, "roofline": roof, "results": results}
+              "model": Path(args.model).name, "roofline": roof, "cpu_experts_step_ms": experts_ms, "results": results,
+              "decode_graph": {"on": graph_on, "reason": graph_reason}}
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)

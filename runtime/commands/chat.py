@@ -6,7 +6,7 @@ import sys
 
 from ..demo import demo_model_dir
 from ..errors import ContextLimitError
-from ..session import add_model_args, add_sampling_args, open_generator, sampling_params
+from ..session import add_graph_arg, add_model_args, add_sampling_args, open_generator, sampling_params
 
 HELP = "commands: /reset clears the conversation, /exit leaves; Ctrl-C stops a reply"
 
@@ -15,6 +15,7 @@ def register(sub) -> None:
     p = sub.add_parser("chat", help="chat with a model (the built-in demo model if --model is not given)",
                        description="Chat with a model. Replies stream as they are produced; after each one a line "
                                    f"gives prompt and generation speed. {HELP}.")
+    add_graph_arg(p)
     add_model_args(p, required=False)
     p.add_argument("--system", metavar="TEXT", default=None, help="a system message that starts the conversation")
     add_sampling_args(p, temperature=0.7)

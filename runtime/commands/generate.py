@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import sys
 
-from ..session import add_model_args, add_sampling_args, open_generator, sampling_params
+from ..session import add_graph_arg, add_model_args, add_sampling_args, open_generator, sampling_params
 
 
 def register(sub) -> None:
     p = sub.add_parser("generate", help="complete one prompt",
                        description="Complete one prompt with a model, streaming text to stdout; timings go to stderr.")
+    add_graph_arg(p)
     add_model_args(p)
     p.add_argument("-p", "--prompt", required=True, metavar="TEXT", help="the prompt text")
     p.add_argument("--chat", action="store_true", help="wrap the prompt as one user turn in the model's chat template")
