@@ -9,7 +9,7 @@ weights copied from RAM layer by layer while the previous layer computes.
 The host copy is the one the CPU kernels already stream from: cpu_experts' repacked buffers,
 page-locked in place with cudaHostRegister (no second copy of the experts in RAM), unpacked on the
 GPU by gpu_dequant.py. Per layer on the GPU: tokens grouped by expert (one host sync for the
-counts), per chunk of experts dequantize gate/up/down to bf16, then per expert
+counts), per chunk of experts dequantize gate/up/down to the activations' dtype (bf16), then per expert
 silu(x Wg^T) * (x Wu^T) Wd^T, and the routing-weighted sum back per token.
 
 On CPU tensors the same code runs with plain copies and no streams (the CI stand-in).
@@ -91,7 +91,6 @@ class StreamedPrefill:
         slot_bytes = max(layer.slot_bytes for layer in self.layers)
         self.slots = [torch.empty(slot_bytes, dtype=torch.uint8, device=self.device) for _ in range(2)]
         self.cuda = self.device.type == "cuda"
-        self.dtype = torch.bfloat16 if self.cuda else torch.float32
         self.timing = timing
         self.copies: list[tuple] = []  # (layer, bytes, start event, end event) when timing
         if self.cuda:
@@ -157,7 +156,8 @@ class StreamedPrefill:
         flat = topk_ids.reshape(-1)
         order = torch.argsort(flat, stable=True)
         token_of = order // k
-        x = hidden.index_select(0, token_of).to(self.dtype)  # [T*k, H], rows grouped by expert
+        dtype = hidden.dtype  # the model's activation dtype (bf16 in practice; fp32 models stay exact)
+        x = hidden.index_select(0, token_of)  # [T*k, H], rows grouped by expert
         ys = torch.empty_like(x)
         counts = torch.bincount(flat, minlength=eng.E).tolist()  # the one host sync of the layer
         starts = np.concatenate([[0], np.cumsum(counts)]).tolist()
@@ -167,7 +167,7 @@ class StreamedPrefill:
             e1 = min(eng.E, e0 + chunk)
             if starts[e1] == starts[e0]:
                 continue
-            gate, up, down = (self._dequant(eng, views[name], e0, e1, n, kk) for name, n, kk in
+            gate, up, down = (self._dequant(eng, views[name], e0, e1, n, kk, dtype) for name, n, kk in
                               (("gate", eng.I, eng.H), ("up", eng.I, eng.H), ("down", eng.H, eng.I)))
             for e in range(e0, e1):
                 a, b = starts[e], starts[e + 1]
@@ -181,12 +181,12 @@ class StreamedPrefill:
         w = topk_weights.reshape(-1).index_select(0, order).float()
         out = torch.zeros(T, eng.H, dtype=torch.float32, device=hidden.device)
         out.index_add_(0, token_of, ys.float() * w[:, None])
-        return out.to(hidden.dtype)
+        return out.to(dtype)
 
-    def _dequant(self, eng, parts: dict, e0: int, e1: int, n: int, k: int) -> torch.Tensor:
+    def _dequant(self, eng, parts: dict, e0: int, e1: int, n: int, k: int, dtype) -> torch.Tensor:
         pick = lambda name: parts[name][e0:e1] if name in parts else None  # noqa: E731
         bias = pick("bias") if eng.geo.bias else None
-        return dequantize_packed(pick("payload"), pick("scale"), bias, geo=eng.geo, n=n, k=k, dtype=self.dtype)
+        return dequantize_packed(pick("payload"), pick("scale"), bias, geo=eng.geo, n=n, k=k, dtype=dtype)
 
 
 class StreamedExperts(nn.Module):

@@ -21,7 +21,7 @@ from torch import nn
 
 from runtime.errors import HmoeError
 
-from .ops import FEATURES_TODAY, OPS, runs_today
+from .ops import FEATURES_TODAY, OPS, prefill_problem, runs_today
 from .plan import Plan
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -43,6 +43,7 @@ def check_runnable(plan: Plan) -> None:
                             f"{q.page_size} and {p.name} on {p.device} with {p.cache_dtype} in pages of {p.page_size}; "
                             f"the runtime keeps one latent cache for all layers, so attention layers must share "
                             f"device and cache options (per-device caches are not built yet)")
+    attention_of = {p.unit.layer: p.device for p in attention}
     for p in plan.placements:
         missing = []
         if not runs_today(p.op, p.device, p.format):
@@ -51,8 +52,11 @@ def check_runnable(plan: Plan) -> None:
                            f"{', '.join(today) if today else 'not at all'})")
         if p.gpu_experts and not FEATURES_TODAY["gpu_experts"]:
             missing.append("gpu_experts (needs the hybrid orchestrator)")
-        if p.prefill and not FEATURES_TODAY["prefill"]:
-            missing.append("a prefill override (needs expert streaming)")
+        if p.prefill:
+            problem = prefill_problem(p.unit.kind, p.op, p.prefill.op, p.prefill.device,
+                                      attention_of.get(p.unit.layer, "none"))
+            if problem:
+                missing.append(problem)
         if missing:
             where = p.rule.label if p.rule else "'defaults'"
             raise AssemblyError(f"{plan.rules.source}: {where} places {p.name} with {' and '.join(missing)}, "

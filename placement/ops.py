@@ -71,4 +71,18 @@ def runs_today(op: str, device: str, fmt: str) -> bool:
 
 # Rule features whose runtime parts are not built yet (issue 6: the hybrid orchestrator); the plan
 # and explain handle them, assembly refuses them by name and tune does not write them.
-FEATURES_TODAY = {"gpu_experts": False, "prefill": False}
+# prefill: only `op: stream` for routed experts run by `jit` on the CPU (orchestrator/streamed.py).
+FEATURES_TODAY = {"gpu_experts": False, "prefill": True}
+
+
+def prefill_problem(kind: str, op: str, prefill_op: str, prefill_device: str, attention_device: str) -> str | None:
+    """Why a prefill override cannot run today, or None: the runtime streams routed experts that
+    the CPU kernels (`jit`) hold to the GPU that runs the layer's attention."""
+    if not FEATURES_TODAY["prefill"]:
+        return "a prefill override (needs expert streaming)"
+    if kind != "experts" or op != "jit" or prefill_op != "stream":
+        return f"a prefill override to op '{prefill_op}' (today only routed experts with op 'jit' stream, op 'stream')"
+    if prefill_device != attention_device:
+        return (f"prefill streaming to {prefill_device} while the layer's attention runs on {attention_device} "
+                f"(today the experts stream to the attention's GPU)")
+    return None

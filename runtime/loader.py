@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from .checkpoint import Checkpoint
 from .config import ModelConfig, load_config
+from .errors import HmoeError
 from .model import DeepseekForCausalLM
 from .moe import MoE, TorchExperts
 
@@ -133,6 +134,28 @@ def _overlap_on_gpu(model, cfg: ModelConfig, plan, moe_layers) -> None:
     staging = HostStaging(max_tokens=HYBRID_STAGING_TOKENS, hidden=cfg.hidden_size, top_k=cfg.num_experts_per_tok)
     for _, moe in hybrid:
         moe.experts = HybridExperts(moe.experts.engine, staging)
+    _stream_prefill(plan, hybrid, attention)
+
+
+def _stream_prefill(plan, hybrid, attention) -> None:
+    """Layers whose rule says `prefill: {op: stream}`: long prompts stream their experts to the GPU
+    (orchestrator/streamed.py); one StreamedPrefill per attention device, layers in model order."""
+    prefill = {p.unit.layer: p.prefill for p in plan.placements if p.unit.kind == "experts" and p.prefill}
+    by_device: dict[str, list] = {}
+    for i, moe in hybrid:
+        if i in prefill and prefill[i].op == "stream":
+            by_device.setdefault(prefill[i].device, []).append((i, moe))
+    if not by_device:
+        return
+    from orchestrator import streamed
+
+    for device, layers in by_device.items():
+        if any(attention[i] != device for i, _ in layers):
+            raise HmoeError(f"{plan.rules.source}: prefill streaming to {device} needs the layer's attention there "
+                            f"(layers {[i for i, _ in layers if attention[i] != device]} have it elsewhere)")
+        known = {prefill[i].min_tokens for i, _ in layers}
+        min_tokens = min(known - {None}) if known - {None} else None  # one threshold per device
+        streamed.attach([(moe, moe.experts) for _, moe in layers], device, min_tokens=min_tokens)
 
 
 def _build_experts(ckpt: Checkpoint, model_dir, cfg: ModelConfig, p, layer: int, reference: TorchExperts,

@@ -150,3 +150,105 @@ def test_cpu_threshold_is_measured_when_auto():
     prefill = StreamedPrefill([engine], "cpu")
     found, facts = streamed.measured_threshold(prefill, top_k=K, tokens=(8, 32))
     assert found == 1 and "GB per layer at inf GB/s" in facts  # no PCIe on the stand-in: streaming is free
+
+
+# ---------------------------------------------------------------- a whole model
+
+PROMPT = [0] + [int(t) for t in torch.randint(2, 1000, (39,), generator=torch.Generator().manual_seed(0))]
+
+
+def _greedy(model, n):
+    device = model.lm_head.weight.device
+    cache = model.new_cache(batch=1, max_len=len(PROMPT) + n)
+    logits = model(torch.tensor([PROMPT], device=device), cache=cache, last_only=True)
+    first, out = logits[0, -1].float().cpu(), []
+    for i in range(n):
+        out.append(int(logits[0, -1].argmax()))
+        logits = model(torch.tensor([[out[-1]]], device=device), cache=cache, start_pos=len(PROMPT) + i,
+                       last_only=True)
+    return out, first
+
+
+def _streamed_pair(model, monkeypatch, n=12):
+    """(tokens, prompt logits) with the CPU experts, then with streamed prefill, on one model."""
+    monkeypatch.setenv(streamed.ENV_DISABLE, "1")
+    want = _greedy(model, n)
+    monkeypatch.delenv(streamed.ENV_DISABLE)
+    return want, _greedy(model, n)
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "q8_0"])
+def test_model_prefill_streams_and_decode_stays_on_the_cpu(tiny_v3, monkeypatch, fmt):
+    """The CPU stand-in: HybridExperts on CPU tensors, streamed prefill on 'cpu'."""
+    from orchestrator.hybrid import attach
+    from runtime.loader import load_model
+    from runtime.moe import MoE
+
+    model = load_model(tiny_v3, dtype="float32")
+    attach(model, fmt=fmt, threads=2)
+    moes = [layer.mlp for layer in model.model.layers if isinstance(layer.mlp, MoE)]
+    prefill = streamed.attach([(moe, moe.experts) for moe in moes], "cpu", min_tokens=16)
+    (want, want_logits), (got, got_logits) = _streamed_pair(model, monkeypatch)
+    assert prefill.schedule.holds == [0, 1]  # both layers streamed (and stay resident)
+    if fmt == "bf16":  # the same bf16 weights, fp32 activations on both sides
+        assert rel_err(got_logits, want_logits) < 1e-5
+        assert got == want
+    else:  # int8 activations on the CPU side only: close logits (random tiny models have near-ties later)
+        assert rel_err(got_logits, want_logits) < 2e-2
+
+
+def test_prefill_streaming_is_refused_when_attention_is_not_on_that_gpu(tiny_v3):
+    from placement.assemble import AssemblyError
+    from placement.inventory import hypothetical
+    from placement.plan import build_plan
+    from placement.schema import parse_rules
+    from runtime.config import load_config
+    from runtime.loader import load_model
+
+    rules = parse_rules("name: p\nrules:\n  - match: 'model\\.layers\\.\\d+\\.mlp\\.experts'\n    device: cpu\n"
+                        "    op: jit\n    quant: q8_0\n    prefill: {device: cuda:0, op: stream}\n"
+                        "  - {match: '.*', device: cpu}\n", "p.yaml", hypothetical([24], 8))
+    plan = build_plan(rules, load_config(tiny_v3), ctx=64)
+    with pytest.raises(AssemblyError, match=r"p.yaml: rule 1 \(line 3\) places model.layers.1.mlp.experts with "
+                                            r"prefill streaming to cuda:0 while the layer's attention runs on cpu"):
+        load_model(tiny_v3, plan=plan)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("fmt,tol", [("bf16", 1e-5), ("q8_0", 2e-2)])
+def test_streamed_prefill_on_the_gpu_equals_cpu_expert_prefill(tiny_v3, monkeypatch, fmt, tol):
+    """Loaded from rules: attention on cuda:0, experts in the CPU kernels, `prefill: {op: stream}`."""
+    from placement.inventory import detect
+    from placement.plan import build_plan
+    from placement.schema import parse_rules
+    from runtime.config import load_config
+    from runtime.loader import load_model
+
+    rules = parse_rules("name: s\nrules:\n  - match: 'model\\.layers\\.\\d+\\.mlp\\.experts'\n    device: cpu\n"
+                        f"    op: jit\n    quant: {fmt}\n    prefill: {{device: cuda:0, op: stream, min_tokens: 16}}\n"
+                        "  - {match: '.*', device: 'cuda:0', dtype: fp32}\n", "s.yaml", detect())
+    model = load_model(tiny_v3, plan=build_plan(rules, load_config(tiny_v3), ctx=64))
+    experts = model.model.layers[1].mlp.experts
+    assert isinstance(experts, StreamedExperts) and experts.min_tokens == 16
+    (want, want_logits), (got, got_logits) = _streamed_pair(model, monkeypatch)
+    assert experts.prefill.schedule.holds == [0, 1]
+    assert rel_err(got_logits, want_logits) < tol
+    if fmt == "bf16":  # fp32 model: fp32 on the GPU too, so the same tokens follow
+        assert got == want
+    experts.prefill.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("fmt", ["bf16", "q8_0", "q4_0", "q4_k", "q6_k"])
+def test_streamed_layer_on_the_gpu_equals_the_cpu_stand_in(fmt):
+    engine, weights = _layer(fmt)
+    hidden, ids, w = _routing(tokens=64)
+    want = _reference(weights, hidden, ids, w)
+    gpu = StreamedPrefill([engine, engine, engine], "cuda", timing=True)
+    for j in (0, 1, 2, 0):  # three layers (the same weights) through both slots
+        got = gpu.run(j, hidden.cuda().bfloat16(), ids.cuda(), w.cuda()).cpu()
+        assert got.dtype == torch.bfloat16 and rel_err(got, want) < 1e-2  # bf16 activations and weights
+    assert [c[0] for c in gpu.copies] == [0, 1, 2, 0, 1]  # each copy prefetched while the previous computes
+    gpu.close()
