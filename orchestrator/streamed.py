@@ -31,6 +31,7 @@ ALIGN = 256  # byte alignment of each region inside a device slot
 CHUNK_BYTES = 1 << 30  # bf16 bytes of dequantized experts held at once (gate + up + down)
 ENV_MIN_TOKENS = "HMOE_STREAM_MIN_TOKENS"  # tests and benchmarks: force the threshold
 ENV_DISABLE = "HMOE_NO_STREAM"  # "1": never stream (debugging; rules without `prefill` do the same)
+_PINNED: dict[int, int] = {}  # host address -> how many HostLayers registered it
 
 
 class HostLayer:
@@ -57,20 +58,26 @@ class HostLayer:
         self._registered: list[int] = []
 
     def pin(self) -> None:
-        """Page-lock the engine's buffers in place (flags 1: portable), so copies from them are async DMA."""
+        """Page-lock the engine's buffers in place (flags 1: portable), so copies from them are async DMA.
+        Counted per address: several StreamedPrefills (or layers) may share an engine."""
         if self._registered:
             return
         cudart = torch.cuda.cudart()
-        buffers = {id(b): b for n in ("gate", "up", "down") for b in
+        buffers = {b.address: b for n in ("gate", "up", "down") for b in
                    (getattr(self.engine, n).payload, getattr(self.engine, n).scale, getattr(self.engine, n).bias)}
-        for buf in buffers.values():
-            torch.cuda.check_error(cudart.cudaHostRegister(buf.address, buf.nbytes, 1))
-            self._registered.append(buf.address)
+        for address, buf in buffers.items():
+            if not _PINNED.get(address):
+                torch.cuda.check_error(cudart.cudaHostRegister(address, buf.nbytes, 1))
+            _PINNED[address] = _PINNED.get(address, 0) + 1
+            self._registered.append(address)
 
     def unpin(self) -> None:
         cudart = torch.cuda.cudart()
         for address in self._registered:
-            cudart.cudaHostUnregister(address)
+            _PINNED[address] -= 1
+            if not _PINNED[address]:
+                del _PINNED[address]
+                cudart.cudaHostUnregister(address)
         self._registered = []
 
     def views(self, slot: torch.Tensor) -> dict:
