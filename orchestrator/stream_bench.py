@@ -108,8 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m orchestrator.stream_bench " + " ".join(sys.argv[1:] if argv is None else argv)
     shape = SHAPES[args.shape]
     threads = args.threads or default_threads()
+    from .streamed import ENV_DEQUANT, dequantizer
+
     result = {**metadata(command), "shape": {"name": args.shape, **shape}, "fmt": args.fmt, "layers": args.layers,
-              "threads": threads, "rows": []}
+              "threads": threads, "dequant": dequantizer(torch.device("cuda"), args.fmt).__module__, "rows": [],
+              "env": {ENV_DEQUANT: __import__("os").environ.get(ENV_DEQUANT)}}
 
     def save():
         if args.out:

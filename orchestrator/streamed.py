@@ -9,7 +9,8 @@ weights copied from RAM layer by layer while the previous layer computes.
 The host copy is the one the CPU kernels already stream from: cpu_experts' repacked buffers,
 page-locked in place with cudaHostRegister (no second copy of the experts in RAM), unpacked on the
 GPU by gpu_dequant.py. Per layer on the GPU: tokens grouped by expert (one host sync for the
-counts), per chunk of experts dequantize gate/up/down to the activations' dtype (bf16), then per expert
+counts), per chunk of experts dequantize gate/up/down to the activations' dtype (bf16; triton_dequant.py, or
+gpu_dequant.py's torch ops), then per expert
 silu(x Wg^T) * (x Wu^T) Wd^T, and the routing-weighted sum back per token.
 
 On CPU tensors the same code runs with plain copies and no streams (the CI stand-in).
@@ -31,6 +32,7 @@ ALIGN = 256  # byte alignment of each region inside a device slot
 CHUNK_BYTES = 1 << 30  # bf16 bytes of dequantized experts held at once (gate + up + down)
 ENV_MIN_TOKENS = "HMOE_STREAM_MIN_TOKENS"  # tests and benchmarks: force the threshold
 ENV_DISABLE = "HMOE_NO_STREAM"  # "1": never stream (debugging; rules without `prefill` do the same)
+ENV_DEQUANT = "HMOE_STREAM_DEQUANT"  # "torch": the torch-ops dequantize on the GPU too (comparison)
 _PINNED: dict[int, int] = {}  # host address -> how many HostLayers registered it
 
 
@@ -193,7 +195,20 @@ class StreamedPrefill:
     def _dequant(self, eng, parts: dict, e0: int, e1: int, n: int, k: int, dtype) -> torch.Tensor:
         pick = lambda name: parts[name][e0:e1] if name in parts else None  # noqa: E731
         bias = pick("bias") if eng.geo.bias else None
-        return dequantize_packed(pick("payload"), pick("scale"), bias, geo=eng.geo, n=n, k=k, dtype=dtype)
+        return dequantizer(self.device, eng.geo.fmt)(pick("payload"), pick("scale"), bias, geo=eng.geo, n=n, k=k,
+                                                     dtype=dtype)
+
+
+def dequantizer(device: torch.device, fmt: str):
+    """The Triton kernel for block formats on CUDA (one pass), else the torch ops (the reference);
+    $HMOE_STREAM_DEQUANT=torch picks the torch ops everywhere."""
+    if device.type == "cuda" and fmt != "bf16" and os.environ.get(ENV_DEQUANT, "triton") == "triton":
+        try:
+            from . import triton_dequant
+        except ImportError:  # no Triton: the torch ops run on the GPU too
+            return dequantize_packed
+        return triton_dequant.dequantize_packed
+    return dequantize_packed
 
 
 class StreamedExperts(nn.Module):

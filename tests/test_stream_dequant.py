@@ -61,3 +61,22 @@ def test_dequantize_packed_on_the_gpu_equals_the_cpu(fmt):
     gpu = dequantize_packed(*(packed.get(p).cuda() if p in packed else None for p in ("payload", "scale", "bias")),
                             **args)
     assert torch.equal(gpu.cpu(), cpu)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q4_k", "q6_k"])
+@pytest.mark.parametrize("vnni", [False, True])
+def test_triton_kernel_equals_the_torch_ops(fmt, vnni):
+    pytest.importorskip("triton")
+    from orchestrator import triton_dequant
+
+    geo = geometry(fmt, 64, vnni)
+    w = np.random.default_rng(3).standard_normal((3, 48, 512)).astype(np.float32)
+    _, packed = _packed(fmt, geo, w)
+    parts = [packed.get(p).cuda()[1:] if p in packed else None for p in ("payload", "scale", "bias")]  # a chunk
+    for dtype in (torch.float32, torch.bfloat16):
+        want = dequantize_packed(*parts, geo=geo, n=48, k=512, dtype=dtype)
+        got = triton_dequant.dequantize_packed(*parts, geo=geo, n=48, k=512, dtype=dtype)
+        assert got.dtype == dtype and got.shape == (2, 48, 512)
+        torch.testing.assert_close(got, want, rtol=1e-6 if dtype == torch.float32 else 8e-3, atol=0)
