@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
 
     result = {**metadata(command), "shape": {"name": args.shape, **shape}, "fmt": args.fmt, "layers": args.layers,
               "threads": threads, "dequant": dequantizer(torch.device("cuda"), args.fmt).__module__, "rows": [],
-              "env": {ENV_DEQUANT: __import__("os").environ.get(ENV_DEQUANT)}}
+              "env": {ENV_DEQUANT: os.environ.get(ENV_DEQUANT)}}
 
     def save():
         if args.out:
