@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .ops import runs_today
+from .ops import prefill_problem, runs_today
 from .plan import Placement, Plan
 from .preflight import Fit, gib
 
@@ -95,6 +95,9 @@ def render(plan: Plan, result: list[Fit], model_label: str) -> str:
         lines.append(f"placed by defaults (no rule matches): {len(defaulted)} modules, e.g. {', '.join(defaulted[:3])}")
     missing = sorted({f"{p.op} on {p.device.split(':')[0]} ({p.format})" for p in plan.placements
                       if not runs_today(p.op, p.device, p.format)})
+    attention = {p.unit.layer: p.device for p in plan.placements if p.unit.kind == "attention"}
+    missing += sorted({problem for p in plan.placements if p.prefill and (problem := prefill_problem(
+        p.unit.kind, p.op, p.prefill.op, p.prefill.device, attention.get(p.unit.layer, "none")))})
     if missing:
         lines.append(f"not in the runtime yet: {', '.join(missing)}")
     return "\n".join(lines)

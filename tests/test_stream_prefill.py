@@ -253,3 +253,18 @@ def test_streamed_layer_on_the_gpu_equals_the_cpu_stand_in(fmt):
     # 0 and 1 up front, 2 prefetched into slot 0 while 1 computes; 0 again over 2 (slot 1 still holds 1)
     assert [c[0] for c in gpu.copies] == [0, 1, 2, 0]
     gpu.close()
+
+
+@pytest.mark.parametrize("attention,says", [("cuda:0", None), ("cpu", "not in the runtime yet: prefill streaming to "
+                                                                   "cuda:0 while the layer's attention runs on cpu")])
+def test_explain_lists_prefill_streaming_the_runtime_cannot_run(tmp_path, capsys, attention, says):
+    from runtime.cli import main
+
+    rules = tmp_path / "r.yaml"
+    rules.write_text("name: r\nrules:\n  - match: 'model\\.layers\\.\\d+\\.mlp\\.experts'\n    device: cpu\n    op: jit\n"
+                     "    quant: q4_k\n    prefill: {device: cuda:0, op: stream}\n"
+                     f"  - {{match: '.*', device: '{attention}', dtype: bf16}}\n")
+    assert main(["rules", "explain", "--preset", "v3", "--rules", str(rules), "--vram", "80", "--ram", "1024"]) == 0
+    out = capsys.readouterr().out
+    assert "prefill >= auto tokens: stream on cuda:0" in out
+    assert (says in out) if says else ("not in the runtime yet" not in out)
