@@ -95,6 +95,8 @@ class StreamedPrefill:
 
     def __init__(self, engines: list, device: torch.device | str, *, timing: bool = False):
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:  # "cuda" names the current GPU
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.layers = [HostLayer(e) for e in engines]
         self.schedule = DoubleBuffer(len(self.layers))
         slot_bytes = max(layer.slot_bytes for layer in self.layers)
@@ -125,8 +127,11 @@ class StreamedPrefill:
                     assert isinstance(action, Compute)
                     out = self._compute(action.layer, action.slot, hidden, topk_ids, topk_weights)
             return out
-        except BaseException:
+        except BaseException:  # slots' contents unknown; a later copy must wait for all work enqueued so far
             self.schedule.forget()
+            if self.cuda:
+                for event in self.released:
+                    event.record(torch.cuda.current_stream(self.device))
             raise
 
     def close(self) -> None:
