@@ -22,7 +22,7 @@ from torch import nn
 from runtime.errors import HmoeError
 from runtime.fp8_linear import to_fp8
 
-from .ops import FEATURES_TODAY, FP8_KINDS, OPS, gpu_experts_run_today, runs_today
+from .ops import runtime_gaps
 from .plan import Plan
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -35,21 +35,9 @@ class AssemblyError(HmoeError):
 
 def check_runnable(plan: Plan) -> None:
     """Refuse, by rule and module, any placement whose op or feature the runtime cannot run yet."""
+    attention_of = {p.unit.layer: p.device for p in plan.placements if p.unit.kind == "attention"}
     for p in plan.placements:
-        missing = []
-        if not runs_today(p.op, p.device, p.format):
-            today = OPS[p.op].today.get(p.device.split(":")[0], ())
-            missing.append(f"op '{p.op}' on {p.device} in {p.format} (today: "
-                           f"{', '.join(today) if today else 'not at all'})")
-        if p.format == "fp8" and p.unit.kind not in FP8_KINDS:
-            missing.append(f"fp8 for a {p.unit.kind} module (fp8 runs the linears of {', '.join(FP8_KINDS)})")
-        if p.gpu_experts and not FEATURES_TODAY["gpu_experts"]:
-            missing.append("gpu_experts (needs the hybrid orchestrator)")
-        elif p.gpu_experts and not gpu_experts_run_today(p.gpu_experts.device, p.gpu_experts.format):
-            g = p.gpu_experts
-            missing.append(f"gpu_experts in {g.format} on {g.device} (today: fp32, bf16, fp16)")
-        if p.prefill and not FEATURES_TODAY["prefill"]:
-            missing.append("a prefill override (needs expert streaming)")
+        missing = runtime_gaps(p, attention_of.get(p.unit.layer, "none"))
         if missing:
             where = p.rule.label if p.rule else "'defaults'"
             raise AssemblyError(f"{plan.rules.source}: {where} places {p.name} with {' and '.join(missing)}, "

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .ops import FEATURES_TODAY, FP8_KINDS, SLOW_FALLBACKS, device_type, gpu_experts_run_today, runs_today
+from .ops import FEATURES_TODAY, SLOW_FALLBACKS, device_type, runtime_gaps
 from .plan import Placement, Plan
 from .preflight import Fit, gib
 
@@ -94,12 +94,8 @@ def render(plan: Plan, result: list[Fit], model_label: str) -> str:
     defaulted = [p.name for p in plan.placements if p.rule is None]
     if defaulted:
         lines.append(f"placed by defaults (no rule matches): {len(defaulted)} modules, e.g. {', '.join(defaulted[:3])}")
-    missing = sorted({f"{p.op} on {p.device.split(':')[0]} ({p.format})" for p in plan.placements
-                      if not runs_today(p.op, p.device, p.format)}
-                     | {f"fp8 for {p.unit.kind}" for p in plan.placements if p.format == "fp8" and p.unit.kind not in FP8_KINDS})
-    missing += sorted({f"{name} ({rule_label})" for name, rule_label in _features(plan) if not FEATURES_TODAY[name]})
-    missing += sorted({f"gpu_experts in {g.format} ({p.rule.label if p.rule else 'defaults'})"
-                       for p in plan.placements if (g := p.gpu_experts) and not gpu_experts_run_today(g.device, g.format)})
+    gaps = _gaps(plan)
+    missing = sorted({f"{gap} ({p.rule.label if p.rule else 'defaults'})" for p in plan.placements for gap in gaps[p.name]})
     if missing:
         lines.append(f"not in the runtime yet: {', '.join(missing)}")
     slow = sorted({f"{p.op} on {device_type(p.device)} ({p.format}): {SLOW_FALLBACKS[p.op, device_type(p.device), p.format]}"
@@ -109,16 +105,10 @@ def render(plan: Plan, result: list[Fit], model_label: str) -> str:
     return "\n".join(lines)
 
 
-def _features(plan: Plan) -> set[tuple[str, str]]:
-    """(feature, rule) for the rule features the plan uses: gpu_experts, prefill."""
-    out = set()
-    for p in plan.placements:
-        label = p.rule.label if p.rule else "defaults"
-        if p.gpu_experts:
-            out.add(("gpu_experts", label))
-        if p.prefill:
-            out.add(("prefill", label))
-    return out
+def _gaps(plan: Plan) -> dict[str, list[str]]:
+    """Per module, what the runtime cannot run yet of its placement (assembly refuses on these)."""
+    attention = {p.unit.layer: p.device for p in plan.placements if p.unit.kind == "attention"}
+    return {p.name: runtime_gaps(p, attention.get(p.unit.layer, "none")) for p in plan.placements}
 
 
 def _table(rows: list[tuple]) -> list[str]:
@@ -127,6 +117,8 @@ def _table(rows: list[tuple]) -> list[str]:
 
 
 def to_json(plan: Plan, result: list[Fit], model_label: str) -> dict:
+    gaps = _gaps(plan)
+
     def module(p: Placement) -> dict:
         g = p.gpu_experts
         return {
@@ -139,9 +131,7 @@ def to_json(plan: Plan, result: list[Fit], model_label: str) -> dict:
             if p.prefill else None,
             "cache": {"dtype": p.cache_dtype, "page_size": p.page_size, "bytes": p.cache_bytes} if p.cache_dtype else None,
             "threads": p.threads, "numa": p.numa,
-            "runs_today": runs_today(p.op, p.device, p.format)
-            and (not g or FEATURES_TODAY["gpu_experts"] and gpu_experts_run_today(g.device, g.format))
-            and (not p.prefill or FEATURES_TODAY["prefill"]),
+            "runs_today": not gaps[p.name],
         }
 
     experts_by_device: dict[str, int] = {}

@@ -81,9 +81,48 @@ SLOW_FALLBACKS = {("torch", "cpu", "fp8"): "fp8 weights dequantized to fp32 on e
 # Rule features and whether the runtime runs them (issue 6: the hybrid orchestrator); the plan and
 # explain handle all of them, assembly refuses the missing ones by name and tune does not write them.
 # gpu_experts: runtime/split_experts.py (the fast part in torch, so in the formats torch runs today).
-FEATURES_TODAY = {"gpu_experts": True, "prefill": False}
+# prefill: only `op: stream` for routed experts run by `jit` on the CPU (orchestrator/streamed.py).
+FEATURES_TODAY = {"gpu_experts": True, "prefill": True}
 
 
 def gpu_experts_run_today(device: str, fmt: str) -> bool:
     """Experts kept on a GPU are a stacked torch module: float formats only (no fp8 experts yet)."""
     return fmt in _FLOATS and runs_today("torch", device, fmt)
+
+
+def prefill_problem(kind: str, op: str, prefill_op: str, prefill_device: str, attention_device: str,
+                    gpu_experts: bool = False) -> str | None:
+    """Why a prefill override cannot run today, or None: the runtime streams routed experts that
+    the CPU kernels (`jit`) hold to the GPU that runs the layer's attention."""
+    if not FEATURES_TODAY["prefill"]:
+        return "a prefill override (needs expert streaming)"
+    if kind != "experts" or op != "jit" or prefill_op != "stream":
+        return f"a prefill override to op '{prefill_op}' (today only routed experts with op 'jit' stream, op 'stream')"
+    if prefill_device != attention_device:
+        return (f"prefill streaming to {prefill_device} while the layer's attention runs on {attention_device} "
+                f"(today the experts stream to the attention's GPU)")
+    if gpu_experts:
+        return "prefill streaming of a layer that also keeps gpu_experts (not combined yet)"
+    return None
+
+
+def runtime_gaps(p, attention_device: str) -> list[str]:
+    """What the runtime cannot run yet of placement `p` (a plan.Placement) whose layer's attention
+    runs on attention_device: one phrase per gap, [] when it runs. Assembly refuses on these,
+    `rules explain` lists them."""
+    gaps = []
+    if not runs_today(p.op, p.device, p.format):
+        today = OPS[p.op].today.get(device_type(p.device), ())
+        gaps.append(f"op '{p.op}' on {p.device} in {p.format} (today: {', '.join(today) if today else 'not at all'})")
+    if p.format == "fp8" and p.unit.kind not in FP8_KINDS:
+        gaps.append(f"fp8 for a {p.unit.kind} module (fp8 runs the linears of {', '.join(FP8_KINDS)})")
+    g = p.gpu_experts
+    if g and not FEATURES_TODAY["gpu_experts"]:
+        gaps.append("gpu_experts (needs the hybrid orchestrator)")
+    elif g and not gpu_experts_run_today(g.device, g.format):
+        gaps.append(f"gpu_experts in {g.format} on {g.device} (today: {', '.join(_FLOATS)})")
+    if p.prefill:
+        problem = prefill_problem(p.unit.kind, p.op, p.prefill.op, p.prefill.device, attention_device, bool(g))
+        if problem:
+            gaps.append(problem)
+    return gaps

@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from .checkpoint import Checkpoint
 from .config import ModelConfig, load_config
+from .errors import HmoeError
 from .fp8 import quantize_fp8_blocks
 from .model import DeepseekForCausalLM
 from .moe import MoE, TorchExperts
@@ -142,6 +143,27 @@ def _overlap_on_gpu(model, cfg: ModelConfig, plan, moe_layers) -> None:
             o.slow = HybridExperts(o.slow.engine, staging)
         else:
             o.experts = HybridExperts(o.experts.engine, staging)
+    # long prompts: the experts of whole-layer CPU placements stream to the GPU (split layers do not)
+    _stream_prefill(plan, [(i, moe) for i, moe in moe_layers if isinstance(moe.experts, HybridExperts)])
+
+
+def _stream_prefill(plan, hybrid) -> None:
+    """Layers whose rule says `prefill: {op: stream}`: long prompts stream their experts to the GPU
+    of their attention (check_runnable refuses any other); one StreamedPrefill per device, layers
+    in model order."""
+    prefill = {p.unit.layer: p.prefill for p in plan.placements if p.unit.kind == "experts" and p.prefill}
+    by_device: dict[str, list] = {}
+    for i, moe in hybrid:
+        if i in prefill and prefill[i].op == "stream":
+            by_device.setdefault(prefill[i].device, []).append((i, moe))
+    if not by_device:
+        return
+    from orchestrator import streamed
+
+    for device, layers in by_device.items():
+        known = {prefill[i].min_tokens for i, _ in layers}
+        min_tokens = min(known - {None}) if known - {None} else None  # one threshold per device
+        streamed.attach([(moe, moe.experts) for _, moe in layers], device, min_tokens=min_tokens)
 
 
 def _build_experts(ckpt: Checkpoint, model_dir, cfg: ModelConfig, p, layer: int, reference: TorchExperts,

@@ -199,9 +199,7 @@ def test_fp8_model_on_cuda_matches_the_cuda_bf16_reference(tiny_v3_fp8):
 
 
 @pytest.mark.parametrize("name", ["deepseek-v3-1gpu", "deepseek-v3-gpu-experts"])
-def test_shipped_v3_rules_are_runnable_but_for_gpu_experts(name):
-    import dataclasses
-
+def test_shipped_v3_rules_run_attention_and_mlps_in_fp8(name):
     from placement.assemble import check_runnable
     from placement.defaults import open_rules
     from runtime.config import config_from_dict
@@ -209,12 +207,7 @@ def test_shipped_v3_rules_are_runnable_but_for_gpu_experts(name):
 
     plan = build_plan(open_rules(name, hypothetical([80], 512)), config_from_dict(preset_config("v3")), ctx=4096)
     assert {p.format for p in plan.placements if p.unit.kind in ("attention", "mlp", "shared_experts")} == {"fp8"}
-    if name == "deepseek-v3-1gpu":
-        check_runnable(plan)
-    else:  # gpu_experts and streamed prefill are issue 6's; everything else runs
-        with pytest.raises(AssemblyError, match=r"places model.layers.3.mlp.experts with gpu_experts"):
-            check_runnable(plan)
-        check_runnable(dataclasses.replace(plan, placements=tuple(p for p in plan.placements if p.unit.kind != "experts")))
+    check_runnable(plan)
 
 
 def test_explain_names_the_cpu_fp8_fallback_as_slow(tiny_v3):

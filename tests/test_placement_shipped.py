@@ -32,6 +32,12 @@ SHIPPED = {
 }
 
 
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_the_runtime_runs_every_shipped_file(name):
+    cfg, vram, ram, ctx = SHIPPED[name]
+    check_runnable(build_plan(open_rules(name, hypothetical(vram, ram)), cfg, ctx=ctx))
+
+
 def test_every_shipped_file_is_tested():
     assert set(shipped()) == set(SHIPPED)
 

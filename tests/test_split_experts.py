@@ -279,9 +279,11 @@ def test_explain_names_the_experts_kept_and_what_cannot_run(tiny_v3, tmp_path, c
     kept = [m["gpu_experts"] for m in out["modules"] if m["gpu_experts"]]
     assert [g["experts"] for g in kept] == [[3, 7, 11, 12]] * 2 and all(g["device"] == "cuda:0" for g in kept)
     assert out["features_today"]["gpu_experts"] and all(m["runs_today"] for m in out["modules"])
-    assert cli.main(["rules", "explain", "--preset", "v3", "--rules", "deepseek-v3-gpu-experts", "--vram", "80",
-                     "--ram", "512"]) == 0
-    assert "gpu_experts in fp8 (rule 1 (line 8))" in capsys.readouterr().out.splitlines()[-1]
+    fp8 = tmp_path / "fp8-experts.yaml"  # kept experts run in torch: fp8 ones are not built
+    fp8.write_text(open("rules/deepseek-v3-gpu-experts.yaml").read().replace("device: cuda:0, quant: bf16}",
+                                                                            "device: cuda:0, quant: fp8}"))
+    assert cli.main(["rules", "explain", "--preset", "v3", "--rules", str(fp8), "--vram", "80", "--ram", "512"]) == 0
+    assert "gpu_experts in fp8 on cuda:0" in capsys.readouterr().out.splitlines()[-1]
 
 
 def test_split_of_a_gguf_model_takes_the_files_blocks(tiny_v3, tmp_path):
