@@ -137,6 +137,12 @@ def _combine_kernel(O_PART, LSE_PART, OUT, stride_pb, stride_pr, stride_ps, stri
     tl.store(OUT + b * stride_ob + r * stride_or + offs_c, acc.to(OUT.dtype.element_ty), mask=c_ok)
 
 
+@triton.jit
+def _empty_kernel(X):
+    """Does nothing: bench-attn times it for the launch floor of a call."""
+    pass
+
+
 @functools.cache
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
