@@ -84,7 +84,8 @@ def run(args) -> int:
         key = (r["heads"], r["ctx"])
         if "block_h" in r and "us" in r and r["us"] < best.get(key, {}).get("us", float("inf")):
             best[key] = r
-    best = {k: {f: r[f] for f in ("block_h", "block_n", "num_warps", "num_stages", "num_splits") if r.get(f)}
+    best = {k: {f: r[f] for f in ("block_h", "block_n", "num_warps", "num_stages", "num_splits", "v_split")
+                if r.get(f)}
             for k, r in best.items()}
     result["decode"], result["prefill"] = [], []
     for h in heads:
@@ -132,28 +133,28 @@ def run(args) -> int:
 
 
 def _sweep(bench, heads, ctxs, args, shape) -> list[dict]:
-    """Decode blocks and split counts at every context of 8K or more (32K if none), then prefill
+    """Decode blocks and split counts at every context of 8K or more (32K if none; longest first), then prefill
     blocks; split counts are given as programs per SM (waves) over the 132-SM H100."""
     import torch
 
     from gpu_attention.triton_decode import _sm_count
     sms = _sm_count(torch.device(args.device))
     rows = []
-    sweep_ctxs = [c for c in ctxs if c >= 8192] or [32768]
+    sweep_ctxs = sorted((c for c in ctxs if c >= 8192), reverse=True) or [32768]  # longest first
     for h in heads:
         if h <= 16:  # one head block: the split count sets how many programs share the GPU
             blocks = [dict(block_h=16, block_n=bn, num_warps=w, num_stages=st)
-                      for bn, w, st in ((64, 4, 2), (64, 8, 2), (64, 4, 3), (32, 4, 2), (32, 4, 3), (32, 8, 3))]
-        else:  # 64-row blocks need 8 warps for their [64, 512] fp32 accumulator
-            blocks = [dict(block_h=bh, block_n=bn, num_warps=w, num_stages=2)
-                      for bh, bn, w in ((64, 64, 8), (64, 32, 8), (32, 64, 4), (32, 32, 4), (16, 64, 4))]
+                      for bn, w, st in ((64, 4, 2), (64, 8, 2), (32, 4, 2))]
+        else:  # 64-row blocks: 8 warps for a [64, 512] fp32 accumulator, or value halves (v_split 2)
+            blocks = [dict(block_h=bh, block_n=64, num_warps=w, num_stages=2, v_split=v)
+                      for bh, w, v in ((64, 8, 1), (64, 8, 2), (64, 4, 2), (32, 4, 1), (32, 4, 2), (16, 4, 1))]
         end = time.monotonic() + args.sweep_seconds / len(heads)
         for i, ctx in enumerate(sweep_ctxs):
             s = bench.Shape(heads=h, ctx=ctx, **shape)
             configs = []
             for b in blocks:
-                head_blocks = -(-h // b["block_h"]) * args.batch
-                for waves in (1, 2, 4, 8):
+                head_blocks = -(-h // b["block_h"]) * args.batch * b.get("v_split", 1)
+                for waves in (1, 2) if h > 16 else (1, 2, 4):
                     cfg = b | dict(num_splits=max(1, min(-(-waves * sms // head_blocks), ctx // 64)))
                     if cfg not in configs:
                         configs.append(cfg)
