@@ -9,9 +9,11 @@ output and its log-sum-exp; stage 2 merges the splits. With one split stage 1 wr
 Keys are found through the page table: when the page size is a multiple of the tile (the
 default 64-key pages), once per tile (one page id, then rows at a fixed stride); otherwise key by
 key (page = table[b, n // PAGE]). Any page size and page order work. The split count follows the
-SM count and context (`choose_splits`), so batch 1 fills the GPU. fp8 pages are scaled per
-128-value group on load. Scores use exp2 with
-log2(e) folded into the scale; the lse written between the stages is in log2 units.
+SM count and context (`choose_splits`), so batch 1 fills the GPU. With v_split 2 two programs
+share a head block, each owning half of the 512 value columns (and computing the scores from both
+halves); measured slower than one program at 32K-128K, kept as an option. fp8 pages are scaled per
+128-value group on load. Scores use exp2 with log2(e) folded into the scale; the lse written
+between the stages is in log2 units. Measurements: gpu_attention/NOTES.md.
 """
 
 from __future__ import annotations
@@ -240,7 +242,7 @@ def absorbed_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, cache: LatentCac
         PAGE_TILES=cache.page_size % block_n == 0, V_SPLIT=v_split, PRECISION=precision, num_warps=num_warps,
         num_stages=num_stages)
     if not direct:
-        # column blocks small enough for about two programs per SM (the merge is latency-bound:
+        # column blocks small enough for two or more programs per SM (the merge is latency-bound:
         # 16 rows x 128 columns left most SMs idle), each loading [chunk, columns] tiles of 16 KB
         sms = _sm_count(torch.device(q_latent.device))
         block_cc = max(32, min(128, triton.next_power_of_2(triton.cdiv(B * rows * R, 2 * sms)) // 2))
