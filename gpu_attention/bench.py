@@ -19,6 +19,20 @@ from .mla_torch import mla_absorbed, mla_decompressed
 RANK, ROPE, NOPE, VDIM = 512, 64, 128, 128
 LATENT = RANK + ROPE
 SCALE = (NOPE + ROPE) ** -0.5
+KERNEL_NAMES = ("_absorbed_split_kernel", "_combine_kernel")
+
+
+def _capture(fn):
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compile and warm cuBLAS outside the capture
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g
 
 
 def _bench(fn, rep: int = 100, graph: bool = True) -> float:
@@ -27,19 +41,65 @@ def _bench(fn, rep: int = 100, graph: bool = True) -> float:
     overhead (which would otherwise dominate a decode call of a few µs)."""
     from triton.testing import do_bench
     if graph:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # compile and warm cuBLAS outside the capture
-            fn()
-            fn()
-        torch.cuda.current_stream().wait_stream(side)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn()
+        g = _capture(fn)
         us = do_bench(g.replay, warmup=10, rep=rep, return_mode="median") * 1e3
         del g
         return us
     return do_bench(fn, warmup=10, rep=rep, return_mode="median") * 1e3
+
+
+def _flush(kind: str):
+    """Evicts the L2 before a timed call. 'write' (do_bench's 256 MB memset) leaves the L2 full of
+    dirty lines that the timed kernels then write back to HBM; 'read' (a 256 MB reduction) leaves
+    clean lines, as a model step's weight reads would."""
+    buf = torch.ones(64 << 20, dtype=torch.float32, device="cuda")
+    return (lambda: buf.zero_()) if kind == "write" else (lambda: torch.amax(buf))
+
+
+def _bench_clean_l2(fn, reps: int = 100) -> float:
+    """Median µs of fn's CUDA-graph replay after a read flush of the L2."""
+    g, flush = _capture(fn), _flush("read")
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for start, end in events:
+        flush()
+        start.record()
+        g.replay()
+        end.record()
+    torch.cuda.synchronize()
+    return sorted(s.elapsed_time(e) for s, e in events)[reps // 2] * 1e3
+
+
+def kernel_only_us(fn, names: tuple[str, ...], reps: int = 30, flush: str = "write") -> dict:
+    """GPU time of the kernels of fn whose names contain one of `names`, per call, from CUPTI
+    (torch.profiler), L2 cleared before each call (`_flush`): the kernels' own durations, without
+    launch costs or the gaps between them. Returns {name: µs per call} and their sum under 'total'."""
+    from torch.profiler import ProfilerActivity, profile
+    clear = _flush(flush)
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            clear()
+            fn()
+        torch.cuda.synchronize()
+    per = {}
+    for e in prof.key_averages():
+        hit = next((n for n in names if n in e.key), None)
+        if hit:
+            t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0)
+            per[hit] = per.get(hit, 0.0) + t / reps
+    per["total"] = sum(per.values())
+    return per
+
+
+def launch_floor_us() -> dict:
+    """The same timer on one and two empty Triton kernels: what a call costs before any work
+    (graph launch, kernel start, the do_bench events)."""
+    from .triton_decode import _empty_kernel
+    x = torch.empty(1, device="cuda")
+    one = _bench(lambda: _empty_kernel[(1,)](x))
+    two = _bench(lambda: (_empty_kernel[(1,)](x), _empty_kernel[(1,)](x)))
+    return dict(one_kernel_us=one, two_kernels_us=two)
 
 
 def hbm_bandwidth(device) -> float:
@@ -97,6 +157,13 @@ def decode_row(s: Shape, bw: float, tflops: float, tuned: dict | None = None) ->
     w_uk, _ = absorb_weights(s.kv_b, num_heads=s.heads, qk_nope_head_dim=NOPE, v_head_dim=VDIM)
     q_latent = torch.einsum("bthd,hdr->bthr", q_nope, w_uk)
     kernel_us = _bench(lambda: absorbed_decode(q_latent, q_pe, s.cache, 0, scale=SCALE))
+    kernel_clean_us = _bench_clean_l2(lambda: absorbed_decode(q_latent, q_pe, s.cache, 0, scale=SCALE))
+    try:
+        cupti = kernel_only_us(lambda: absorbed_decode(q_latent, q_pe, s.cache, 0, scale=SCALE), KERNEL_NAMES)
+        cupti_clean = kernel_only_us(lambda: absorbed_decode(q_latent, q_pe, s.cache, 0, scale=SCALE), KERNEL_NAMES,
+                                     flush="read")
+    except Exception as e:  # noqa: BLE001 - the profiler is a diagnostic; keep the rest of the row
+        cupti = cupti_clean = dict(error=str(e).splitlines()[0][:160])
     op = lambda: attn.mla_attention(q_nope, q_pe, s.cache, 0, s.kv_b, v_head_dim=VDIM, scale=SCALE,  # noqa: E731
                                     form="absorbed", backend="triton")
     op_us = _bench(op)
@@ -112,11 +179,34 @@ def decode_row(s: Shape, bw: float, tflops: float, tuned: dict | None = None) ->
         us = _bench(lambda: absorbed_decode(q_latent, q_pe, s.cache, 0, scale=SCALE, **tuned))
         extra = dict(tuned_config=tuned, tuned_us=us, tuned_pct_hbm=100 * nbytes / us / 1e3 / bw,
                      tuned_x_roofline=us / roof)
+        try:
+            extra["tuned_kernel_only_us"] = kernel_only_us(
+                lambda: absorbed_decode(q_latent, q_pe, s.cache, 0, scale=SCALE, **tuned), KERNEL_NAMES)
+        except Exception:  # noqa: BLE001 - reported once above
+            pass
+    if "total" in cupti:
+        extra |= dict(kernel_only_x_roofline=cupti["total"] / roof,
+                      kernel_only_pct_hbm=100 * nbytes / cupti["total"] / 1e3 / bw,
+                      kernel_only_clean_x_roofline=cupti_clean["total"] / roof)
     return extra | dict(kind="decode", heads=s.heads, ctx=s.ctx, batch=s.batch, dtype=str(s.cache.dtype).split(".")[-1],
-                kernel_us=kernel_us, op_us=op_us, op_eager_us=op_eager_us, naive_torch_us=naive_us, bytes=nbytes, flops=flops,
+                config=decode_plan(s, q_latent), kernel_us=kernel_us, kernel_only_us=cupti,
+                kernel_clean_l2_us=kernel_clean_us, kernel_clean_l2_x_roofline=kernel_clean_us / roof,
+                kernel_only_clean_l2_us=cupti_clean, op_us=op_us, op_eager_us=op_eager_us, naive_torch_us=naive_us,
+                bytes=nbytes, flops=flops,
                 gbs=nbytes / kernel_us / 1e3, pct_hbm=100 * nbytes / kernel_us / 1e3 / bw,
                 tflops=flops / kernel_us / 1e6, roofline_us=roof, x_roofline=kernel_us / roof,
                 naive_x_kernel=naive_us / kernel_us)
+
+
+def decode_plan(s: Shape, q_latent) -> dict:
+    """The default blocks and split count absorbed_decode picks for this shape."""
+    import triton
+
+    from .triton_decode import _sm_count, choose_splits, default_config
+    cfg = default_config(s.heads, 1, q_latent.dtype, s.ctx)
+    programs = s.batch * triton.cdiv(s.heads, cfg["block_h"]) * cfg.get("v_split", 1)
+    return cfg | dict(num_splits=choose_splits(s.ctx, programs, _sm_count(q_latent.device), block_n=cfg["block_n"],
+                                               waves=cfg["waves"], min_split=cfg["min_split"]))
 
 
 def prefill_flops(heads, ctx, num_new, batch, form) -> float:
@@ -178,7 +268,7 @@ def _cpu_time(fn, min_s: float = 0.3) -> float:
     return sorted(times)[len(times) // 2] * 1e6
 
 
-def sweep_decode(s: Shape, configs: list[dict], deadline: float) -> list[dict]:
+def sweep_decode(s: Shape, configs: list[dict], deadline: float, rep: int = 40) -> list[dict]:
     """Time the decode kernel at each block configuration (configs that fail to compile are noted)."""
     from .triton_decode import absorbed_decode
     from .mla_torch import absorb_weights
@@ -192,7 +282,7 @@ def sweep_decode(s: Shape, configs: list[dict], deadline: float) -> list[dict]:
             break
         try:
             got = absorbed_decode(q_latent, q_pe, s.cache, 0, scale=SCALE, **cfg).float()
-            us = _bench(lambda: absorbed_decode(q_latent, q_pe, s.cache, 0, scale=SCALE, **cfg), rep=40)
+            us = _bench(lambda: absorbed_decode(q_latent, q_pe, s.cache, 0, scale=SCALE, **cfg), rep=rep)
         except Exception as e:  # noqa: BLE001 - out of shared memory or registers: record and go on
             out.append(dict(heads=s.heads, ctx=s.ctx, batch=s.batch, **cfg, error=str(e).splitlines()[0][:120]))
             continue

@@ -6,9 +6,14 @@ them: every key read from HBM is used BLOCK_H times. The KV axis is split so tha
 sequence still fills the GPU (FlashDecoding): stage 1 writes, per split, the normalised partial
 output and its log-sum-exp; stage 2 merges the splits. With one split stage 1 writes the output.
 
-Keys are found through the page table key by key (page = table[b, n // PAGE]), so any page size
-and any page order work. fp8 pages are scaled per 128-value group on load. Scores use exp2 with
-log2(e) folded into the scale; the lse written between the stages is in log2 units.
+Keys are found through the page table: when the page size is a multiple of the tile (the
+default 64-key pages), once per tile (one page id, then rows at a fixed stride); otherwise key by
+key (page = table[b, n // PAGE]). Any page size and page order work. The split count follows the
+SM count and context (`choose_splits`), so batch 1 fills the GPU. With v_split 2 two programs
+share a head block, each owning half of the 512 value columns (and computing the scores from both
+halves); measured slower than one program at 32K-128K, kept as an option. fp8 pages are scaled per
+128-value group on load. Scores use exp2 with log2(e) folded into the scale; the lse written
+between the stages is in log2 units. Measurements: gpu_attention/NOTES.md.
 """
 
 from __future__ import annotations
@@ -25,6 +30,15 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _latent_cols(CACHE, SCALES, base, sbase, cols, ok, FP8: tl.constexpr, GROUP: tl.constexpr):
+    """Columns `cols` of a tile of latent rows; fp8 values come back scaled, in fp32."""
+    x = tl.load(CACHE + base[:, None] + cols[None, :], mask=ok, other=0.0)
+    if FP8:
+        x = x.to(tl.float32) * tl.load(SCALES + sbase[:, None] + (cols // GROUP)[None, :], mask=ok, other=0.0)
+    return x
+
+
+@triton.jit
 def _absorbed_split_kernel(
         QL, QP, CACHE, SCALES, PAGE_TABLE, SEQ_LENS, OUT, O_PART, LSE_PART,
         stride_qlb, stride_qlt, stride_qlh, stride_qpb, stride_qpt, stride_qph,
@@ -33,9 +47,11 @@ def _absorbed_split_kernel(
         num_heads, num_new, split_len, qk_scale,
         RANK: tl.constexpr, ROPE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
         PAGE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, FP8: tl.constexpr,
-        GROUP: tl.constexpr, DIRECT: tl.constexpr, PRECISION: tl.constexpr):
+        GROUP: tl.constexpr, DIRECT: tl.constexpr, PAGE_TILES: tl.constexpr, V_SPLIT: tl.constexpr,
+        PRECISION: tl.constexpr):
     b = tl.program_id(0)
-    hb = tl.program_id(1)
+    hb = tl.program_id(1) // V_SPLIT
+    v = tl.program_id(1) % V_SPLIT  # with V_SPLIT 2: which half of the 512 value columns this program owns
     split = tl.program_id(2)
     num_rows = num_new * num_heads
     rows = hb * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -46,37 +62,48 @@ def _absorbed_split_kernel(
     lo = split * split_len
     hi = tl.minimum(lo + split_len, kv_len - num_new + last_row // num_heads + 1)
 
-    offs_c = tl.arange(0, BLOCK_C)
+    COLS: tl.constexpr = BLOCK_C // V_SPLIT
+    offs_c = v * COLS + tl.arange(0, COLS)  # value columns (and their part of the scores)
+    offs_o = (1 - v) * COLS + tl.arange(0, COLS)  # V_SPLIT 2: the other half, for the scores only
     offs_r = tl.arange(0, BLOCK_R)
+    offs_t = tl.arange(0, BLOCK_N)
     c_ok = offs_c < RANK
     r_ok = offs_r < ROPE
     t_idx = rows // num_heads
     h_idx = rows % num_heads
-    ql = tl.load(QL + b * stride_qlb + t_idx[:, None] * stride_qlt + h_idx[:, None] * stride_qlh + offs_c[None, :],
-                 mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+    q_row = QL + b * stride_qlb + t_idx * stride_qlt + h_idx * stride_qlh
+    ql = tl.load(q_row[:, None] + offs_c[None, :], mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+    if V_SPLIT == 2:
+        ql_o = tl.load(q_row[:, None] + offs_o[None, :], mask=row_ok[:, None] & (offs_o < RANK)[None, :], other=0.0)
     qp = tl.load(QP + b * stride_qpb + t_idx[:, None] * stride_qpt + h_idx[:, None] * stride_qph + offs_r[None, :],
                  mask=row_ok[:, None] & r_ok[None, :], other=0.0)
 
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
-    acc = tl.zeros([BLOCK_H, BLOCK_C], tl.float32)
+    acc = tl.zeros([BLOCK_H, COLS], tl.float32)
     for n0 in range(lo, hi, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
+        offs_n = n0 + offs_t
         n_ok = offs_n < hi
-        page = tl.load(PAGE_TABLE + b * stride_ptb + offs_n // PAGE, mask=n_ok, other=0).to(tl.int64)
-        base = page * stride_cp + (offs_n % PAGE) * stride_cn
-        c = tl.load(CACHE + base[:, None] + offs_c[None, :], mask=n_ok[:, None] & c_ok[None, :], other=0.0)
-        kr = tl.load(CACHE + base[:, None] + RANK + offs_r[None, :], mask=n_ok[:, None] & r_ok[None, :], other=0.0)
+        if PAGE_TILES:  # the tile lies inside one page: one page id, then rows at a fixed stride
+            page = tl.load(PAGE_TABLE + b * stride_ptb + n0 // PAGE).to(tl.int64)
+            in_page = n0 % PAGE + offs_t
+        else:  # pages smaller than a tile: one page id per key
+            page = tl.load(PAGE_TABLE + b * stride_ptb + offs_n // PAGE, mask=n_ok, other=0).to(tl.int64)
+            in_page = offs_n % PAGE
+        base = page * stride_cp + in_page * stride_cn
+        sbase = page * stride_sp + in_page * stride_sn
+        # the latent tile serves both products: scores over all 576 dims, values over the first 512
+        c = _latent_cols(CACHE, SCALES, base, sbase, offs_c, n_ok[:, None] & c_ok[None, :], FP8, GROUP)
+        kr = _latent_cols(CACHE, SCALES, base, sbase, RANK + offs_r, n_ok[:, None] & r_ok[None, :], FP8, GROUP)
         if FP8:
-            sbase = page * stride_sp + (offs_n % PAGE) * stride_sn
-            c_s = tl.load(SCALES + sbase[:, None] + (offs_c // GROUP)[None, :], mask=n_ok[:, None] & c_ok[None, :],
-                          other=0.0)
-            r_s = tl.load(SCALES + sbase[:, None] + ((RANK + offs_r) // GROUP)[None, :],
-                          mask=n_ok[:, None] & r_ok[None, :], other=0.0)
-            c = (c.to(tl.float32) * c_s).to(ql.dtype)
-            kr = (kr.to(tl.float32) * r_s).to(ql.dtype)
+            c = c.to(ql.dtype)
+            kr = kr.to(ql.dtype)
         s = tl.dot(ql, tl.trans(c), input_precision=PRECISION)
         s += tl.dot(qp, tl.trans(kr), input_precision=PRECISION)
+        if V_SPLIT == 2:
+            c_o = _latent_cols(CACHE, SCALES, base, sbase, offs_o, n_ok[:, None] & (offs_o < RANK)[None, :], FP8,
+                               GROUP)
+            s += tl.dot(ql_o, tl.trans(c_o.to(ql.dtype)), input_precision=PRECISION)
         s = s * qk_scale
         s = tl.where(n_ok[None, :] & (offs_n[None, :] <= q_pos[:, None]), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -96,31 +123,42 @@ def _absorbed_split_kernel(
         tl.store(O_PART + b * stride_pb + rows[:, None] * stride_pr + split * stride_ps + offs_c[None, :], out,
                  mask=row_ok[:, None] & c_ok[None, :])
         lse = tl.where(l_i > 0, m_i + tl.log2(safe_l), float("-inf"))
-        tl.store(LSE_PART + b * stride_lb + rows * stride_lr + split, lse, mask=row_ok)
+        tl.store(LSE_PART + b * stride_lb + rows * stride_lr + split, lse,
+                 mask=row_ok & (rows * 0 + v == 0))  # value halves share the lse: one writes it
 
 
 @triton.jit
 def _combine_kernel(O_PART, LSE_PART, OUT, stride_pb, stride_pr, stride_ps, stride_lb, stride_lr,
                     stride_ob, stride_or, num_splits,
-                    RANK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+                    RANK: tl.constexpr, BLOCK_CC: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK_S: tl.constexpr):
+    """One program per (sequence, row, BLOCK_CC columns): weights from all splits' lse, then the
+    partial outputs CHUNK_S splits at a time (many loads in flight, not one split per step)."""
     b = tl.program_id(0)
     r = tl.program_id(1)
     offs_s = tl.arange(0, BLOCK_S)
-    lse = tl.load(LSE_PART + b * stride_lb + r * stride_lr + offs_s, mask=offs_s < num_splits,
-                  other=float("-inf"))
+    lse_row = LSE_PART + b * stride_lb + r * stride_lr
+    lse = tl.load(lse_row + offs_s, mask=offs_s < num_splits, other=float("-inf"))
     m = tl.max(lse, 0)
     m = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.exp2(lse - m)  # 0 for empty splits
-    total = tl.sum(w, 0)
-    offs_c = tl.arange(0, BLOCK_C)
+    total = tl.sum(tl.exp2(lse - m), 0)  # empty splits weigh 0
+    offs_c = tl.program_id(2) * BLOCK_CC + tl.arange(0, BLOCK_CC)
     c_ok = offs_c < RANK
-    acc = tl.zeros([BLOCK_C], tl.float32)
-    for s in range(num_splits):
-        w_s = tl.exp2(tl.load(LSE_PART + b * stride_lb + r * stride_lr + s) - m)
-        o = tl.load(O_PART + b * stride_pb + r * stride_pr + s * stride_ps + offs_c, mask=c_ok, other=0.0)
-        acc += w_s * o
+    offs_k = tl.arange(0, CHUNK_S)
+    acc = tl.zeros([BLOCK_CC], tl.float32)
+    for s0 in range(0, num_splits, CHUNK_S):
+        s_ok = s0 + offs_k < num_splits
+        w = tl.exp2(tl.load(lse_row + s0 + offs_k, mask=s_ok, other=float("-inf")) - m)
+        o = tl.load(O_PART + b * stride_pb + r * stride_pr + (s0 + offs_k)[:, None] * stride_ps + offs_c[None, :],
+                    mask=s_ok[:, None] & c_ok[None, :], other=0.0)
+        acc += tl.sum(w[:, None] * o, 0)
     acc = acc / tl.where(total > 0, total, 1.0)
     tl.store(OUT + b * stride_ob + r * stride_or + offs_c, acc.to(OUT.dtype.element_ty), mask=c_ok)
+
+
+@triton.jit
+def _empty_kernel(X):
+    """Does nothing: bench-attn times it for the launch floor of a call."""
+    pass
 
 
 @functools.cache
@@ -130,42 +168,58 @@ def _sm_count(device: torch.device) -> int:
     return 8  # the interpreter: a few splits, still exercises the combine
 
 
-def default_config(num_heads: int, num_new: int, dtype: torch.dtype) -> dict:
-    """Block shapes by query rows per sequence (tuned on the GPU machine, see bench-attn --sweep)."""
+def default_config(num_heads: int, num_new: int, dtype: torch.dtype, max_len: int = 0) -> dict:
+    """Block shapes and split policy by query rows per sequence and context, from the H100 sweep
+    (bench-attn --sweep; benchmarks/results/2026-11-21-gpu-machine-h100-attn-decode-wt5-*.json).
+    `waves`: programs per SM the split count aims at; `min_split`: fewest keys per split (each
+    split writes a [rows, 512] fp32 partial); `v_split` 2: two programs share a head block, each
+    owning half of the value columns."""
     if dtype == torch.float32:  # fp32 tiles take twice the shared memory and registers
-        return dict(block_h=16, block_n=16, num_warps=4, num_stages=1)
-    # H100 sweep at 32K (benchmarks/results/2026-11-21-gpu-machine-h100-attn-decode.json): for 16
-    # rows all configurations fell within 48-63 µs; for 128 rows 32x64 blocks with 4 warps were
-    # fastest at every context (34-260 µs against 42-275 for 64x32 with 8 warps). Larger row
-    # counts (absorbed prefill chunks) keep the 64-row blocks the crossover was measured with.
+        return dict(block_h=16, block_n=16, num_warps=4, num_stages=1, waves=2, min_split=64)
     rows = num_heads * num_new
-    if rows <= 16:
-        return dict(block_h=16, block_n=64, num_warps=4, num_stages=2)
-    if rows <= 128:
-        return dict(block_h=32, block_n=64, num_warps=4, num_stages=2)
-    return dict(block_h=64, block_n=32, num_warps=8, num_stages=2)
+    if rows <= 16:  # 16 heads, batch 1: one wave of 16x64 programs was fastest at 8K-128K
+        return dict(block_h=16, block_n=64, num_warps=4, num_stages=2, waves=1, min_split=64)
+    if rows <= 128:  # 128 heads: many 16-row programs at 8K, one wave of 64-row programs beyond
+        if max_len <= 16384:
+            return dict(block_h=16, block_n=64, num_warps=4, num_stages=2, waves=2, min_split=64)
+        return dict(block_h=64, block_n=64, num_warps=8, num_stages=2, waves=1, min_split=64)
+    return dict(block_h=64, block_n=32, num_warps=8, num_stages=2, waves=2, min_split=256)
+
+
+def choose_splits(max_len: int, programs_per_split: int, sm_count: int, *, block_n: int, waves: float,
+                  min_split: int) -> int:
+    """Splits of the KV axis: enough programs for `waves` per SM, no split shorter than min_split
+    keys (nor than one tile)."""
+    want = triton.cdiv(int(waves * sm_count), programs_per_split)
+    return max(1, min(want, triton.cdiv(max_len, max(min_split, block_n))))
 
 
 def absorbed_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, cache: LatentCache, layer: int, *, scale: float,
                     num_splits: int | None = None, block_h: int | None = None, block_n: int | None = None,
-                    num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
+                    num_warps: int | None = None, num_stages: int | None = None, waves: float | None = None,
+                    min_split: int | None = None, v_split: int | None = None) -> torch.Tensor:
     """q_latent [B, T, H, R], q_pe [B, T, H, rope] (any strides, last dim contiguous) over the
     first B sequences of `cache` -> out_latent [B, T, H, R] in q_latent's dtype."""
     B, T, H, R = q_latent.shape
     rope = q_pe.shape[-1]
     assert R + rope == cache.latent_dim and q_latent.stride(-1) == 1 and q_pe.stride(-1) == 1
     assert q_latent.dtype == q_pe.dtype and q_latent.dtype in (torch.bfloat16, torch.float16, torch.float32)
-    cfg = default_config(H, T, q_latent.dtype)
+    max_len = cache.launch_len or max(cache.lens[:B])  # launch_len: fixed while a CUDA graph is captured
+    cfg = default_config(H, T, q_latent.dtype, max_len)
     block_h = block_h or cfg["block_h"]
     block_n = block_n or cfg["block_n"]
     num_warps = num_warps or cfg["num_warps"]
     num_stages = num_stages or cfg["num_stages"]
+    v_split = v_split or cfg.get("v_split", 1)
+    if v_split not in (1, 2) or (v_split == 2 and R != triton.next_power_of_2(R)):
+        raise ValueError(f"v_split must be 1, or 2 with a power-of-two rank; got {v_split} with rank {R}")
     rows = T * H
     head_blocks = triton.cdiv(rows, block_h)
-    max_len = cache.launch_len or max(cache.lens[:B])  # launch_len: fixed while a CUDA graph is captured
-    if num_splits is None:  # about two waves of programs, splits of at least 256 keys
-        num_splits = max(1, min(triton.cdiv(2 * _sm_count(torch.device(q_latent.device)), B * head_blocks),
-                                triton.cdiv(max_len, 256)))
+    if num_splits is None:
+        num_splits = choose_splits(max_len, B * head_blocks * v_split, _sm_count(torch.device(q_latent.device)),
+                                   block_n=block_n, waves=waves or cfg["waves"],
+                                   min_split=min_split or cfg["min_split"])
+    # whole tiles per split: with pages a multiple of the tile, no tile crosses a page
     split_len = triton.cdiv(triton.cdiv(max_len, num_splits), block_n) * block_n
     num_splits = triton.cdiv(max_len, split_len)
     data = cache.data[layer]
@@ -175,21 +229,26 @@ def absorbed_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, cache: LatentCac
     o_part = out if direct else torch.empty(B, rows, num_splits, R, dtype=torch.float32, device=out.device)
     lse_part = out if direct else torch.empty(B, rows, num_splits, dtype=torch.float32, device=out.device)
     precision = "ieee" if q_latent.dtype == torch.float32 else "tf32"
-    _absorbed_split_kernel[(B, head_blocks, num_splits)](
+    block_c = max(16, triton.next_power_of_2(R))
+    _absorbed_split_kernel[(B, head_blocks * v_split, num_splits)](
         q_latent, q_pe, data, scales, cache.page_table, cache.seq_lens, out, o_part, lse_part,
         q_latent.stride(0), q_latent.stride(1), q_latent.stride(2), q_pe.stride(0), q_pe.stride(1), q_pe.stride(2),
         data.stride(0), data.stride(1), scales.stride(0), scales.stride(1), cache.page_table.stride(0),
         out.stride(0), out.stride(1), o_part.stride(0), o_part.stride(1), 0 if direct else o_part.stride(2),
         lse_part.stride(0), lse_part.stride(1),
         H, T, split_len, scale * LOG2E,
-        RANK=R, ROPE=rope, BLOCK_C=max(16, triton.next_power_of_2(R)), BLOCK_R=max(16, triton.next_power_of_2(rope)),
+        RANK=R, ROPE=rope, BLOCK_C=block_c, BLOCK_R=max(16, triton.next_power_of_2(rope)),
         PAGE=cache.page_size, BLOCK_H=block_h, BLOCK_N=block_n, FP8=cache.fp8, GROUP=FP8_GROUP, DIRECT=direct,
-        PRECISION=precision, num_warps=num_warps, num_stages=num_stages)
+        PAGE_TILES=cache.page_size % block_n == 0, V_SPLIT=v_split, PRECISION=precision, num_warps=num_warps,
+        num_stages=num_stages)
     if not direct:
-        _combine_kernel[(B, rows)](
+        # column blocks small enough for two or more programs per SM (the merge is latency-bound:
+        # 16 rows x 128 columns left most SMs idle), each loading [chunk, columns] tiles of 16 KB
+        sms = _sm_count(torch.device(q_latent.device))
+        block_cc = max(32, min(128, triton.next_power_of_2(triton.cdiv(B * rows * R, 2 * sms)) // 2))
+        block_s = max(2, triton.next_power_of_2(num_splits))
+        _combine_kernel[(B, rows, triton.cdiv(R, block_cc))](
             o_part, lse_part, out, o_part.stride(0), o_part.stride(1), o_part.stride(2),
             lse_part.stride(0), lse_part.stride(1), out.stride(0), out.stride(1), num_splits,
-            RANK=R, BLOCK_C=max(16, triton.next_power_of_2(R)), BLOCK_S=max(2, triton.next_power_of_2(num_splits)),
-            num_warps=4)
+            RANK=R, BLOCK_CC=block_cc, BLOCK_S=block_s, CHUNK_S=min(block_s, 4096 // block_cc), num_warps=4)
     return out.view(B, T, H, R)
-

@@ -100,6 +100,32 @@ def test_absorbed_kernel_matches_torch_path(heads, lens, num_new, page_size, lay
         assert rel_err(got, ref0) <= 2e-2
 
 
+@pytest.mark.parametrize("page_size,block_n,splits,v_split", [
+    (64, 16, 40, 1),  # tiles inside pages (one page id per tile); 40 splits: the combine's chunk loop with a tail
+    (16, 32, None, 1),  # pages smaller than a tile: page id per key; the split count from the SM count
+    (48, 32, 3, 2),  # pages not a multiple of the tile: per-key ids, tiles crossing pages; value halves
+    (64, 16, 1, 2),  # value halves written directly (one split)
+])
+def test_absorbed_kernel_page_addressing_and_splits(page_size, block_n, splits, v_split):
+    from gpu_attention.triton_decode import absorbed_decode
+    lens = [700, 45]  # the short sequence leaves most splits empty
+    cache, kv_b = make_cache(lens, heads=16, page_size=page_size, layout="fragmented", dtype=torch.float32)
+    q_nope, q_pe = make_queries(2, 1, 16, torch.float32)
+    w_uk, _ = absorb_weights(kv_b, num_heads=16, qk_nope_head_dim=NOPE, v_head_dim=VD)
+    q_latent = torch.einsum("bthd,hdr->bthr", q_nope, w_uk)
+    out = absorbed_decode(q_latent, q_pe, cache, 1, scale=SCALE, num_splits=splits, block_n=block_n, v_split=v_split)
+    assert rel_err(out, paged_torch.absorbed(q_latent, q_pe, cache, 1, scale=SCALE)) <= 1e-5
+
+
+def test_split_count_fills_the_gpu():
+    from gpu_attention.triton_decode import choose_splits
+    # batch 1, 16 heads (one program per split): two waves on 132 SMs once the context allows it
+    assert choose_splits(32768, 1, 132, block_n=64, waves=2, min_split=128) == 256  # 264 wanted; 128 keys at least
+    assert choose_splits(8192, 1, 132, block_n=64, waves=2, min_split=128) == 64  # no split under 128 keys
+    assert choose_splits(100, 1, 132, block_n=64, waves=2, min_split=128) == 1
+    assert choose_splits(131072, 2 * 16, 132, block_n=64, waves=4, min_split=128) == 17  # 128 heads x batch 16
+
+
 def test_absorbed_kernel_fp32_is_exact():
     cache, kv_b = make_cache([333, 70], heads=16, page_size=16, layout="fragmented", dtype=torch.float32)
     q_nope, q_pe = make_queries(2, 3, 16, torch.float32)
@@ -118,9 +144,10 @@ def test_absorbed_kernel_fp8_cache():
     q_nope, q_pe = make_queries(2, 1, 16, BF16)
     w_uk, _ = absorb_weights(kv_b, num_heads=16, qk_nope_head_dim=NOPE, v_head_dim=VD)
     q_latent = torch.einsum("bthd,hdr->bthr", q_nope, w_uk)
-    out = absorbed_decode(q_latent, q_pe, cache, 1, scale=SCALE, num_splits=2)
-    assert rel_err(out, paged_torch.absorbed(q_latent, q_pe, cache, 1, scale=SCALE)) <= 1e-2  # same fp8 data
-    assert rel_err(out, paged_torch.absorbed(q_latent, q_pe, exact, 1, scale=SCALE)) <= 6e-2  # fp8 error bound
+    for v_split in (1, 2):
+        out = absorbed_decode(q_latent, q_pe, cache, 1, scale=SCALE, num_splits=2, v_split=v_split)
+        assert rel_err(out, paged_torch.absorbed(q_latent, q_pe, cache, 1, scale=SCALE)) <= 1e-2  # same fp8 data
+        assert rel_err(out, paged_torch.absorbed(q_latent, q_pe, exact, 1, scale=SCALE)) <= 6e-2  # fp8 error bound
 
 
 @pytest.mark.parametrize("heads,lens,num_new,budget", [

@@ -28,6 +28,7 @@ def register(subparsers):
     p.add_argument("--crossover-tokens", default="16,32,64,96,128,192,256,384,512,1024",
                    help="new-token counts tried for --crossover")
     p.add_argument("--sweep", action="store_true", help="also time kernel block configurations (tuning)")
+    p.add_argument("--sweep-seconds", type=float, default=120, help="time limit of the decode sweep (default 120)")
     p.add_argument("--e2e", default=None, help="contexts for an end-to-end V2-Lite-shape decode (random weights)")
     p.add_argument("--e2e-layers", type=int, default=None, help="layers of the end-to-end model (default all 27)")
     p.add_argument("--dsa", action="store_true",
@@ -71,20 +72,26 @@ def run(args) -> int:
     result["hbm_copy_gbs"] = bw = bench.hbm_bandwidth(device)
     result["bf16_matmul_tflops"] = tflops = bench.matmul_tflops(device)
     say(f"{result['gpu']}: HBM copy {bw:.0f} GB/s, bf16 matmul {tflops:.0f} TFLOP/s")
+    try:
+        result["launch_floor"] = bench.launch_floor_us()
+    except Exception as e:  # noqa: BLE001 - a diagnostic; the measurements go on without it
+        result["launch_floor"] = dict(error=str(e).splitlines()[0][:160])
     if args.sweep:
-        result["sweep"] = _sweep(bench, heads, args, shape)
+        result["sweep"] = _sweep(bench, heads, ctxs, args, shape)
         _save(result, args)
-    best = {}  # heads -> fastest decode blocks of the sweep
+    best = {}  # (heads, ctx) -> fastest decode blocks and splits of the sweep
     for r in result.get("sweep", []):
-        if "block_h" in r and "us" in r and ("us" not in best.get(r["heads"], {}) or r["us"] < best[r["heads"]]["us"]):
-            best[r["heads"]] = r
-    best = {h: {k: r[k] for k in ("block_h", "block_n", "num_warps", "num_stages", "num_splits") if k in r}
-            for h, r in best.items()}
+        key = (r["heads"], r["ctx"])
+        if "block_h" in r and "us" in r and r["us"] < best.get(key, {}).get("us", float("inf")):
+            best[key] = r
+    best = {k: {f: r[f] for f in ("block_h", "block_n", "num_warps", "num_stages", "num_splits", "v_split")
+                if r.get(f)}
+            for k, r in best.items()}
     result["decode"], result["prefill"] = [], []
     for h in heads:
         for ctx in ctxs:
             s = bench.Shape(heads=h, ctx=ctx, **shape)
-            result["decode"].append(bench.decode_row(s, bw, tflops, tuned=best.get(h)))
+            result["decode"].append(bench.decode_row(s, bw, tflops, tuned=best.get((h, ctx))))
             if args.prefill_tokens:
                 result["prefill"].append(bench.prefill_row(s, min(args.prefill_tokens, ctx), tflops))
             del s
@@ -125,19 +132,38 @@ def run(args) -> int:
     return _finish(result, args, say)
 
 
-def _sweep(bench, heads, args, shape) -> list[dict]:
-    deadline = time.monotonic() + 90
+def _sweep(bench, heads, ctxs, args, shape) -> list[dict]:
+    """Decode blocks and split counts at every context of 8K or more (32K if none; longest first), then prefill
+    blocks; split counts are given as programs per SM (waves) over the 132-SM H100."""
+    import torch
+
+    from gpu_attention.triton_decode import _sm_count
+    sms = _sm_count(torch.device(args.device))
     rows = []
+    sweep_ctxs = sorted((c for c in ctxs if c >= 8192), reverse=True) or [32768]  # longest first
     for h in heads:
-        s = bench.Shape(heads=h, ctx=32768, **shape)
         if h <= 16:  # one head block: the split count sets how many programs share the GPU
-            configs = [dict(block_h=16, block_n=bn, num_warps=w, num_stages=st, num_splits=sp)
-                       for bn in (32, 64) for w in (4, 8) for st in (1, 2, 3) for sp in (None, 132)]
-        else:
-            configs = [dict(block_h=bh, block_n=bn, num_warps=w, num_stages=st)
-                       for bh in (32, 64) for bn in (32, 64) for w in (4, 8) for st in (1, 2)]
-        rows += bench.sweep_decode(s, configs, deadline)
-        del s
+            blocks = [dict(block_h=16, block_n=bn, num_warps=w, num_stages=st)
+                      for bn, w, st in ((64, 4, 2), (64, 8, 2), (32, 4, 2))]
+        else:  # 64-row blocks: 8 warps for a [64, 512] fp32 accumulator, or value halves (v_split 2)
+            blocks = [dict(block_h=bh, block_n=64, num_warps=w, num_stages=2, v_split=v)
+                      for bh, w, v in ((64, 8, 1), (64, 8, 2), (64, 4, 2), (32, 4, 1), (32, 4, 2), (16, 4, 1))]
+        end = time.monotonic() + args.sweep_seconds / len(heads)
+        for i, ctx in enumerate(sweep_ctxs):
+            s = bench.Shape(heads=h, ctx=ctx, **shape)
+            configs = []
+            for b in blocks:
+                head_blocks = -(-h // b["block_h"]) * args.batch * b.get("v_split", 1)
+                for waves in (1, 2) if h > 16 else (1, 2, 4):
+                    cfg = b | dict(num_splits=max(1, min(-(-waves * sms // head_blocks), ctx // 64)))
+                    if cfg not in configs:
+                        configs.append(cfg)
+            # compiles happen at the first context: it gets the larger share of the time
+            share = 0.5 if i == 0 and len(sweep_ctxs) > 1 else 1 / (len(sweep_ctxs) - i)
+            rows += bench.sweep_decode(s, configs, time.monotonic() + share * (end - time.monotonic()), rep=20)
+            del s
+            torch.cuda.empty_cache()
+    deadline = time.monotonic() + 90
     for h in sorted(heads, reverse=True) if args.prefill_tokens else []:  # 128 heads first if time runs out
         s = bench.Shape(heads=h, ctx=8192, **shape)
         configs = [dict(block_m=bm, block_n=bn, num_warps=w, num_stages=st)
