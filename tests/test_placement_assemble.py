@@ -47,35 +47,6 @@ def test_cpu_only_rules_run_the_jit_experts_with_the_references_tokens(tiny_v3):
     assert greedy(placed, PROMPT, 12)[0] == greedy(load_model(tiny_v3), PROMPT, 12)[0]
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_attention_on_the_gpu_and_the_cpu_gives_the_references_tokens(tiny_v3):
-    """Layer 0 entirely on the CPU, the other layers on cuda:0 (two attention devices, two caches, the
-    GPU's through its Triton kernels): the same greedy tokens as the reference."""
-    from placement.inventory import detect
-
-    rules = parse_rules("name: split\nrules:\n  - {layers: 0-0, device: cpu, dtype: fp32}\n"
-                        "  - {match: '.*', device: 'cuda:0', dtype: fp32}\n", "split.yaml", detect())
-    plan = build_plan(rules, load_config(tiny_v3), ctx=64)
-    placed = load_model(tiny_v3, plan=plan)
-    cache = placed.new_cache(batch=1, max_len=64)
-    assert [c.page_table.device.type for c, _ in cache.parts] == ["cpu", "cuda"]
-    assert greedy(placed, PROMPT, 12)[0] == greedy(load_model(tiny_v3), PROMPT, 12)[0]
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
-def test_shipped_two_gpu_rules_run_a_tiny_model(tiny_v3):
-    from placement.inventory import detect
-
-    rules = parse_rules(open("rules/two-gpus.yaml").read().replace("0-13", "0-0").replace("14-26", "1-99"),
-                        "two-gpus.yaml", detect())
-    plan = build_plan(rules, load_config(tiny_v3), ctx=64)
-    placed = load_model(tiny_v3, plan=plan)
-    assert [str(c.page_table.device) for c, _ in placed.new_cache(batch=1, max_len=64).parts] == ["cuda:0", "cuda:1"]
-    assert greedy(placed, PROMPT, 12)[0] == greedy(load_model(tiny_v3), PROMPT, 12)[0]
-
-
 def test_mixed_dtypes_allocate_what_the_plan_says(tiny_v3):
     rules = parse_rules("name: mixed\nrules:\n  - {match: '.*mlp\\.experts', dtype: bf16}\n"
                         "  - {match: '.*self_attn', dtype: fp16}\n", "m.yaml", MACHINE)
