@@ -15,7 +15,7 @@ import threading
 
 import numpy as np
 
-from .codegen.fields import JOB_FIELDS, POOL_FIELDS, POOL_SLOTS
+from .codegen.fields import J, JOB_FIELDS, POOL_FIELDS, POOL_SLOTS
 
 _VOID_P = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
 _WORKER = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64)
@@ -63,6 +63,7 @@ class WorkerPool:
     def submit(self, job: np.ndarray):
         """Start a job (int64 job array); returns at once."""
         assert not self.closed, "pool is closed"
+        job[J["POOL"]] = self.control_address   # its native submit/wait (bind) then name this pool too
         self.ctrl[POOL_FIELDS["JOB"]] = job.ctypes.data
         self._submit(self.control_address)
 

@@ -227,3 +227,37 @@ def test_pool_survives_10000_cycles_and_shuts_down():
     threads = ex.pool._threads
     ex.pool.close()
     assert not any(t.is_alive() for t in threads)
+
+
+def test_routing_flag_lives_on_the_pool_that_runs_the_job():
+    """Regression (the 10,000-cycle test's flake): the route task raised ROUTED on job[POOL] (the
+    shared pool the layer was built with) while the quantization tasks of a job run by another pool
+    read a stale ROUTED = 1 there and copied x rows to slots before routing had written SPOS. The
+    flag must live on the running pool, which resets it at every submit: run a job whose job[POOL]
+    names a decoy control block and check the decoy is never touched."""
+    from cpu_experts.codegen.fields import J, POOL_FIELDS, POOL_SLOTS
+    from cpu_experts.pool import WorkerPool, aligned_zeros
+    rng = np.random.default_rng(4)
+    g, u, d = (rng.standard_normal(s).astype(np.float32) * 0.1 for s in ((4, 64, 128), (4, 64, 128), (4, 128, 64)))
+    ex = CPUExperts.from_tensors(g, u, d, fmt="q8_0", threads=2, isa="avx2", numa="none")
+    x = rng.standard_normal((3, 128)).astype(np.float32)
+    ids, w = np.array([[0, 2], [1, 2], [3, 0]]), np.full((3, 2), 0.5, np.float32)
+    want = ex.forward(x, ids, w).copy()
+    pool = WorkerPool(ex.lib, 2, cpus=None)
+    try:
+        out = np.empty_like(want)
+        ex.bind(x, ids, w, out)
+        decoy = aligned_zeros(POOL_SLOTS, np.int64)
+        ex.job[J["POOL"]] = decoy.ctypes.data
+        pool.ctrl[POOL_FIELDS["JOB"]] = ex.job.ctypes.data
+        pool._submit(pool.control_address)   # native submit on this pool, job[POOL] left as the decoy
+        pool.wait()
+        np.testing.assert_array_equal(out, want)
+        assert not decoy.any(), "a task wrote its pool state through job[POOL] instead of the running pool"
+        pool.submit(ex.job)   # the Python submit re-binds the job to the pool that runs it
+        pool.wait()
+        assert ex.job[J["POOL"]] == pool.control_address
+        np.testing.assert_array_equal(out, want)
+    finally:
+        pool.close()
+        ex.job[J["POOL"]] = ex.pool.control_address

@@ -122,8 +122,8 @@ class _Builder:
     def _emit_route(self):
         """Counting sort of slots by expert: OFF[E+1], STOK/SW in expert order, SPOS, ACT list, N1; then
         ROUTED = 1 (the quantization tasks wait for it)."""
-        fn, b = define(self.m, "task_route", VOID, [PTR], internal=True)
-        job = fn.args[0]
+        fn, b = define(self.m, "task_route", VOID, [PTR, PTR], internal=True)
+        job, pool = fn.args   # the pool running the job (its submit reset ROUTED), not job[POOL]
         T, K, E, I = (field(b, job, J[n]) for n in ("T", "TOPK", "E", "I"))
         ids, w = field(b, job, J["IDS"], True), field(b, job, J["W"], True)
         cnt, off = field(b, job, J["CNT"], True), field(b, job, J["OFF"], True)
@@ -157,17 +157,17 @@ class _Builder:
         na = b.load(nact, typ=I64)
         store(b, na, job, J["NACT"], align=8)
         store(b, b.mul(na, b.udiv(I, i64(self.tiles.rows_up))), job, J["N1"], align=8)
-        sched.astore(b, field(b, job, J["POOL"], True), POOL_FIELDS["ROUTED"], 1)
+        sched.astore(b, pool, POOL_FIELDS["ROUTED"], 1)
         b.ret_void()
         return fn
 
     def _emit_quant_rows(self):
         """Quantize x rows [r0, r1) into the slot-ordered XQ/XD/XS/XT rows of their k slots."""
-        fn, b = define(self.m, "task_quant_x", VOID, [PTR, I64], internal=True)
-        job, idx = fn.args
+        fn, b = define(self.m, "task_quant_x", VOID, [PTR, I64, PTR], internal=True)
+        job, idx, pool = fn.args
         T, K, H, xstride = (field(b, job, J[n]) for n in ("T", "TOPK", "H", "XSTRIDE"))
         x, xq, xd, xs, xt, xb, spos = (field(b, job, J[n], True) for n in ("X", "XQ", "XD", "XS", "XT", "XB", "SPOS"))
-        sched.spin_until_equal(b, field(b, job, J["POOL"], True), POOL_FIELDS["ROUTED"], i64(1), "routed")
+        sched.spin_until_equal(b, pool, POOL_FIELDS["ROUTED"], i64(1), "routed")
         r0 = b.mul(idx, i64(self.tiles.quant_rows))
         r1 = b.add(r0, i64(self.tiles.quant_rows))
         r1 = b.select(b.icmp_signed("<", r1, T), r1, T)

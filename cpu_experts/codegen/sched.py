@@ -56,10 +56,10 @@ def emit_run_job(m, route, quant_x, gateup, down):
         with p0:
             with b.if_else(b.icmp_signed("==", idx, i64(0))) as (r, q):
                 with r:
-                    b.call(route, [job])
+                    b.call(route, [job, pool])
                 with q:
                     if quant_x is not None:
-                        b.call(quant_x, [job, b.sub(idx, i64(1))])
+                        b.call(quant_x, [job, b.sub(idx, i64(1)), pool])
             _aadd(b, pool, POOL_FIELDS["DONE0"])
         with rest:
             spin_until_equal(b, pool, POOL_FIELDS["DONE0"], n0, "bar0")
