@@ -235,7 +235,7 @@ class CPUExperts:
                              "OFF": aligned_zeros(E + 1, np.int32), "STOK": aligned_zeros(S, np.int32),
                              "SW": aligned_zeros(S, np.float32), "SPOS": aligned_zeros(S, np.int32),
                              "ACT": aligned_zeros(E, np.int32)}
-        bf16_acts = self.tiles.amx and self.tiles.amx_mode == "bf16"
+        bf16_acts = self.tiles.amx and self.tiles.amx_mode != "int8"   # bf16 or mixed
         for pre, k in (("X", H), ("H", I)):   # slot-ordered int8 activations, scale, sums per 16, term
             rows = (S + P) if self.fmt != "bf16" else 1
             s.update({pre + "Q": aligned_zeros(rows * k, np.int8), pre + "D": aligned_zeros(rows * k // 32, np.float32),

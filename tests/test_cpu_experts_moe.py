@@ -82,7 +82,7 @@ HOST_AMX = isa_mod.host_isa().amx
 @pytest.mark.skipif(not HOST_AMX, reason="needs AMX (run on the GPU machine)")
 @pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q4_k"])
 @pytest.mark.parametrize("threads,min_slots,mode", [(1, 16, "int8"), (2, 16, "int8"), (2, 1, "int8"),
-                                                    (1, 16, "bf16"), (2, 1, "bf16")])
+                                                    (1, 16, "bf16"), (2, 1, "bf16"), (2, 1, "mixed")])
 def test_forward_amx_matches_reference(fmt, threads, min_slots, mode):
     from cpu_experts.codegen.moe import Tiles
     tiles = Tiles(tokens=8, amx=True, amx_min_slots=min_slots, amx_mode=mode)
@@ -117,6 +117,26 @@ def test_forward_emulated_amx_matches_reference(fmt, min_slots, max_slots, threa
         ids = routing(rng, T)
         w = rng.uniform(0.05, 1.0, (T, K)).astype(np.float32)
         check(ex.forward(x, ids, w), moe_reference(x, ids, w, *dq), fmt)
+
+
+@pytest.mark.skipif(not AVX512, reason="the AMX kernel needs 16-row groups (AVX-512)")
+@pytest.mark.parametrize("fmt,min_slots,hardware", [("q8_0", 1, False), ("q4_k", 5, False)]
+                         + [(f, 1, True) for f in ("q8_0", "q4_k") if HOST_AMX])
+def test_forward_amx_mixed_mode_matches_reference(fmt, min_slots, hardware):
+    """amx_mode "mixed": in one job, expert 0 (in every token: 40 slots, two chunks, the second
+    partial) takes the bf16 kernel and experts 1-3 (~27 slots each) the int8 one."""
+    from cpu_experts.codegen.moe import Tiles
+    tiles = Tiles(tokens=8, amx=True, amx_emulate=not hardware, amx_min_slots=min_slots, amx_mode="mixed",
+                  amx_bf16_min_slots=32)
+    ex, dq = experts(fmt, "avx512vnni" if hardware else AVX512[0], 2, tiles=tiles)
+    rng = np.random.default_rng(17)
+    T = 40
+    ids = np.stack([np.r_[0, 1 + rng.permutation(E - 3)[:K - 1]] for _ in range(T)])
+    counts = np.bincount(ids.ravel(), minlength=E)
+    assert counts[0] == T and 0 < counts[1:E - 2].max() < 32 and counts[E - 2:].sum() == 0
+    x = rng.standard_normal((T, H)).astype(np.float32)
+    w = rng.uniform(0.05, 1.0, (T, K)).astype(np.float32)
+    check(ex.forward(x, ids, w), moe_reference(x, ids, w, *dq), fmt)
 
 
 def test_amx_refused_without_hardware_or_for_unsupported_formats():

@@ -46,7 +46,9 @@ class Tiles:
     amx_max_slots: int = 128  # slots per AMX call (accumulators: 2 x 128 x 64 bytes on the stack)
     amx_emulate: bool = False  # tests: the AMX kernel with tile instructions emulated in plain IR
     amx_mode: str = "bf16"  # "int8": tdpbsud per 32-weight block + float epilogue; "bf16": blocks
-    #                         dequantized to bf16 once per call, tdpbf16ps accumulates over all K
+    #                         dequantized to bf16 once per call, tdpbf16ps accumulates over all K;
+    #                         "mixed": bf16 for experts with >= amx_bf16_min_slots slots, int8 below
+    amx_bf16_min_slots: int = 32
 
 
 class _Builder:
@@ -70,13 +72,13 @@ class _Builder:
             assert supports_amx(geo) and tiles.rows_down % 32 == 0 and tiles.amx_max_slots % amx.CHUNK == 0
             assert (isa.amx or tiles.amx_emulate) and (isa.vnni or geo.fmt != "q8_0" or tiles.amx_min_slots <= 1), \
                 "unsigned q8_0 codes need VNNI dots for experts below amx_min_slots"
-            assert tiles.amx_mode in ("int8", "bf16"), tiles.amx_mode
-            if tiles.amx_mode == "bf16":
-                self.amx_mm = amx_bf16.emit_amx_bf16_mm(self.m, geo, pf, emulate=tiles.amx_emulate)
+            assert tiles.amx_mode in ("int8", "bf16", "mixed"), tiles.amx_mode
+            if tiles.amx_mode != "int8":
+                self.amx_bf = amx_bf16.emit_amx_bf16_mm(self.m, geo, pf, emulate=tiles.amx_emulate)
                 self.to_bf16 = self._emit_to_bf16()
-            else:
-                self.amx_mm = amx.emit_amx_mm(self.m, geo, pf, emulate=tiles.amx_emulate)
-        self.bf16_acts = tiles.amx and tiles.amx_mode == "bf16"
+            if tiles.amx_mode != "bf16":
+                self.amx_i8 = amx.emit_amx_mm(self.m, geo, pf, emulate=tiles.amx_emulate)
+        self.bf16_acts = tiles.amx and tiles.amx_mode != "int8"
 
     # ------------------------------------------------------------ activation quantization
     def _emit_quant_block(self):
@@ -323,13 +325,12 @@ class _Builder:
                 grp = b.udiv(row0, i64(R))
                 gp, gs, gb, _ = self._weights(b, job, "G", e, grp, H)
                 up, us, ub, _ = self._weights(b, job, "U", e, grp, H)
-                if self.bf16_acts:
-                    b.call(self.amx_mm, [nb, m, gep(b, xb, b.mul(s0, H), I16), b.mul(H, i64(2)), gp, gs, gb,
-                                         up, us, ub, b.bitcast(accbuf, PTR), i64(MS * R * 4), bbuf])
-                else:
-                    b.call(self.amx_mm, [nb, m, gep(b, xq, b.mul(s0, H)), H, gep(b, xd, b.mul(s0, nb), F32),
-                                         gep(b, xt, b.mul(s0, nb), F32), nb, gp, gs, gb, up, us, ub,
-                                         b.bitcast(accbuf, PTR), i64(MS * R * 4)])
+                self._amx_call(b, b.sub(s_end, s_beg),
+                               lambda: [nb, m, gep(b, xb, b.mul(s0, H), I16), b.mul(H, i64(2)), gp, gs, gb,
+                                        up, us, ub, b.bitcast(accbuf, PTR), i64(MS * R * 4), bbuf],
+                               lambda: [nb, m, gep(b, xq, b.mul(s0, H)), H, gep(b, xd, b.mul(s0, nb), F32),
+                                        gep(b, xt, b.mul(s0, nb), F32), nb, gp, gs, gb, up, us, ub,
+                                        b.bitcast(accbuf, PTR), i64(MS * R * 4)])
                 with for_range(b, 0, m, name="h") as n:
                     g = load(b, accbuf, vf, b.mul(n, i64(R)), align=64)
                     u = load(b, accbuf, vf, b.add(b.mul(n, i64(R)), i64(MS * R)), align=64)
@@ -426,6 +427,19 @@ class _Builder:
         b.ret_void()
         return fn
 
+    def _amx_call(self, b, nslots, bf16_args, int8_args):
+        """The AMX kernel of the mode; "mixed": bf16 for experts with >= amx_bf16_min_slots slots
+        (dequantization amortized over enough slots), int8 below."""
+        mode = self.tiles.amx_mode
+        if mode != "mixed":
+            b.call(self.amx_bf if mode == "bf16" else self.amx_i8, bf16_args() if mode == "bf16" else int8_args())
+            return
+        with b.if_else(b.icmp_signed(">=", nslots, i64(self.tiles.amx_bf16_min_slots))) as (big, small):
+            with big:
+                b.call(self.amx_bf, bf16_args())
+            with small:
+                b.call(self.amx_i8, int8_args())
+
     def _prefetch_next_down(self, b, job, a, nact, gi, r0, I):
         """Head of the weights the next vector call of this down task reads: the next row group of
         this expert, or the first of the next active expert."""
@@ -459,13 +473,12 @@ class _Builder:
                 grp = b.udiv(row0, i64(R))
                 w0 = self._weights(b, job, "D", e, grp, I)[:3]
                 w1 = self._weights(b, job, "D", e, b.add(grp, i64(1)), I)[:3]
-                if self.bf16_acts:
-                    b.call(self.amx_mm, [nb, m, gep(b, hb, b.mul(s0, I), I16), b.mul(I, i64(2)), *w0, *w1,
-                                         b.bitcast(accbuf, PTR), i64(MS * R * 4), bbuf])
-                else:
-                    b.call(self.amx_mm, [nb, m, gep(b, hq, b.mul(s0, I)), I, gep(b, hd, b.mul(s0, nb), F32),
-                                         gep(b, ht, b.mul(s0, nb), F32), nb, *w0, *w1,
-                                         b.bitcast(accbuf, PTR), i64(MS * R * 4)])
+                self._amx_call(b, b.sub(s_end, s_beg),
+                               lambda: [nb, m, gep(b, hb, b.mul(s0, I), I16), b.mul(I, i64(2)), *w0, *w1,
+                                        b.bitcast(accbuf, PTR), i64(MS * R * 4), bbuf],
+                               lambda: [nb, m, gep(b, hq, b.mul(s0, I)), I, gep(b, hd, b.mul(s0, nb), F32),
+                                        gep(b, ht, b.mul(s0, nb), F32), nb, *w0, *w1,
+                                        b.bitcast(accbuf, PTR), i64(MS * R * 4)])
                 with for_range(b, 0, m, name="dep") as n:
                     for half in range(2):
                         v = load(b, accbuf, vf, b.add(b.mul(n, i64(R)), i64(half * MS * R)), align=64)
