@@ -15,7 +15,7 @@ import threading
 
 import numpy as np
 
-from .codegen.fields import J, JOB_FIELDS, POOL_FIELDS, POOL_SLOTS
+from .codegen.fields import J, JOB_FIELDS, POOL_FIELDS, POOL_SLOTS, PROF_COUNTERS, PROF_THREADS
 
 _VOID_P = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
 _WORKER = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64)
@@ -75,6 +75,15 @@ class WorkerPool:
         decode loop where layers follow each other faster than the spin window."""
         self.submit(self._empty)
         self.wait()
+
+    def profile(self, reset: bool = True) -> dict:
+        """Cycle counters summed over the workers since the last reset (only a library built with
+        Tiles(profile=True) writes them): {counter: cycles}, see fields.PROF_COUNTERS."""
+        lines = self.ctrl[POOL_FIELDS["PROF"]:].reshape(PROF_THREADS, 8)
+        out = {name: int(lines[:, i].sum()) for i, name in enumerate(PROF_COUNTERS)}
+        if reset:
+            lines[:] = 0
+        return out
 
     def close(self):
         if self.closed:

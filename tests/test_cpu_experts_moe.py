@@ -6,6 +6,8 @@ output errors of about 1% of the output's scale (measured 1.0-1.8%). We allow 4%
 element and 1.5% on average: a wrong row, block, scale or slot gives errors near 100%. bf16 uses fp32
 activations, so only summation order differs (1e-5).
 """
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -281,3 +283,22 @@ def test_routing_flag_lives_on_the_pool_that_runs_the_job():
     finally:
         pool.close()
         ex.job[J["POOL"]] = ex.pool.control_address
+
+
+def test_profile_counters_cover_the_phases_and_are_off_by_default():
+    """Tiles(profile=True): every worker adds rdtsc spans of its tasks and barrier waits; the parts
+    lie within run_job's span. The default library has no counter code at all."""
+    from cpu_experts.codegen.moe import Tiles, build_ir
+    ex0, _ = experts("q8_0", HOST_ISAS[-1], 2)
+    assert "readcyclecounter" not in build_ir(ex0.geo, ex0.isa, ex0.tiles)
+    ex, (g, u, d) = experts("q8_0", HOST_ISAS[-1], 2, tiles=dataclasses.replace(ex0.tiles, profile=True))
+    ex.pool.profile()
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((17, H)).astype(np.float32)
+    ids, w = routing(rng, 17), rng.uniform(0.05, 1.0, (17, K)).astype(np.float32)
+    check(ex.forward(x, ids, w), moe_reference(x, ids, w, g, u, d), "q8_0")
+    pc = ex.pool.profile()
+    assert pc["task0"] > 0 and pc["task1"] > 0 and pc["task2"] > 0
+    parts = sum(v for k, v in pc.items() if k != "run_job")
+    assert 0 < parts <= pc["run_job"]
+    assert ex.pool.profile() == dict.fromkeys(pc, 0)   # reset by the previous read

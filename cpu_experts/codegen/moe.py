@@ -49,6 +49,7 @@ class Tiles:
     #                         dequantized to bf16 once per call, tdpbf16ps accumulates over all K;
     #                         "mixed": bf16 for experts with >= amx_bf16_min_slots slots, int8 below
     amx_bf16_min_slots: int = 32
+    profile: bool = False   # per-worker rdtsc counters of task and barrier time (sched.py, WorkerPool.profile)
 
 
 class _Builder:
@@ -489,7 +490,7 @@ class _Builder:
     def build(self) -> str:
         route = self._emit_route()
         quant_x = self._emit_quant_rows() if self.quant else None
-        run_job = sched.emit_run_job(self.m, route, quant_x, self._emit_gateup(), self._emit_down())
+        run_job = sched.emit_run_job(self.m, route, quant_x, self._emit_gateup(), self._emit_down(), self.tiles.profile)
         sched.emit_worker(self.m, run_job)
         sched.emit_submit_wait(self.m)
         return str(self.m)
