@@ -21,7 +21,8 @@ from .bench import SHAPES, _commit, cpu_model, routing
 from .experts import CPUExperts, default_threads
 from .pool import WorkerPool
 
-VARIANTS = {   # changes to the default tiling (codegen/moe.py Tiles)
+VARIANTS = {   # changes to the default tiling (codegen/moe.py Tiles; AMX fields spelled out, so a name keeps
+    #            its meaning when the defaults move: base = mixed_v8_24 since session 3)
     "base": {},
     "cold": {},   # base, but the workers are asleep (futex) when the job arrives
     "old_pf": {"prefetch_all": False, "prefetch_next": False, "rows_down": 32},   # session 1's vector tiling
@@ -32,18 +33,22 @@ VARIANTS = {   # changes to the default tiling (codegen/moe.py Tiles)
     "nta": {"prefetch_locality": 0},
     "rd32": {"rows_down": 32},
     "nonext": {"prefetch_next": False},
-    "int8": {"amx_mode": "int8"},
+    "int8": {"amx_mode": "int8", "amx_min_slots": 16},
     "int8_min1": {"amx_mode": "int8", "amx_min_slots": 1},
-    "min4": {"amx_min_slots": 4},
-    "min8": {"amx_min_slots": 8},
-    "min32": {"amx_min_slots": 32},
-    "max64": {"amx_max_slots": 64},
+    "min4": {"amx_mode": "bf16", "amx_min_slots": 4},   # min*, max64: the bf16 kernel (session 2's mode)
+    "min8": {"amx_mode": "bf16", "amx_min_slots": 8},
+    "min32": {"amx_mode": "bf16", "amx_min_slots": 32},
+    "max64": {"amx_mode": "bf16", "amx_min_slots": 16, "amx_max_slots": 64},
+    "bf16_min16": {"amx_mode": "bf16", "amx_min_slots": 16},   # session 2's default (bf16 kernel from 16 slots)
     "ru64": {"rows_up": 64},
-    "mixed": {"amx_mode": "mixed", "amx_min_slots": 1},   # int8 AMX below 32 slots, bf16 from 32
+    "mixed": {"amx_mode": "mixed", "amx_min_slots": 1, "amx_bf16_min_slots": 32},   # int8 AMX below 32 slots
     "mixed16": {"amx_mode": "mixed", "amx_min_slots": 1, "amx_bf16_min_slots": 16},
-    "mixed_v16": {"amx_mode": "mixed"},   # vector below 16 slots, int8 AMX 16-31, bf16 from 32
-    "mixed_v8": {"amx_mode": "mixed", "amx_min_slots": 8},
-    "prof": {"profile": True},   # base + rdtsc counters per phase (a little slower): where the time goes
+    "mixed_v16": {"amx_mode": "mixed", "amx_min_slots": 16, "amx_bf16_min_slots": 32},   # vector < 16, int8 16-31
+    "mixed_v8": {"amx_mode": "mixed", "amx_min_slots": 8, "amx_bf16_min_slots": 32},
+    "mixed_v8_24": {"amx_mode": "mixed", "amx_min_slots": 8, "amx_bf16_min_slots": 24},
+    "mixed_v8_48": {"amx_mode": "mixed", "amx_min_slots": 8, "amx_bf16_min_slots": 48},
+    "int8_min8": {"amx_mode": "int8", "amx_min_slots": 8},
+    "prof": {"profile": True},   # base + rdtsc counters per phase (no cost above noise measured): where the time goes
     "w15": {},       # base tiling, a pool of threads-1 workers: one CPU left to the caller
     "w15spin": {},   # w15, and the caller spins in wait() for the whole job (no futex wake)
 }

@@ -42,13 +42,13 @@ class Tiles:
     prefetch_next: bool = True  # prefetch the head of the next vector call's weights before each call
     prefetch_locality: int = 3  # weight prefetches: 3 = prefetcht0, 2 = prefetcht1 (L2), 0 = prefetchnta
     amx: bool = False     # AMX tiles for experts with at least amx_min_slots slots
-    amx_min_slots: int = 16  # tuned on the GPU machine (NOTES.md)
+    amx_min_slots: int = 8   # tuned on the GPU machine with the modes below (NOTES.md, session 3)
     amx_max_slots: int = 128  # slots per AMX call (accumulators: 2 x 128 x 64 bytes on the stack)
     amx_emulate: bool = False  # tests: the AMX kernel with tile instructions emulated in plain IR
-    amx_mode: str = "bf16"  # "int8": tdpbsud per 32-weight block + float epilogue; "bf16": blocks
-    #                         dequantized to bf16 once per call, tdpbf16ps accumulates over all K;
-    #                         "mixed": bf16 for experts with >= amx_bf16_min_slots slots, int8 below
-    amx_bf16_min_slots: int = 32
+    amx_mode: str = "mixed"  # "int8": tdpbsud per 32-weight block + float epilogue; "bf16": blocks
+    #                          dequantized to bf16 once per call, tdpbf16ps accumulates over all K;
+    #                          "mixed": bf16 for experts with >= amx_bf16_min_slots slots, int8 below
+    amx_bf16_min_slots: int = 24
     profile: bool = False   # per-worker rdtsc counters of task and barrier time (sched.py, WorkerPool.profile)
 
 
