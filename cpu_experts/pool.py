@@ -29,7 +29,8 @@ def aligned_zeros(n: int, dtype, align: int = 64) -> np.ndarray:
 
 
 class WorkerPool:
-    def __init__(self, lib, threads: int, cpus: list[int] | None = None, spin: int = 20000, wait_spin: int = 2000):
+    def __init__(self, lib, threads: int, cpus: list[int] | None = None, spin: int = 20000, wait_spin: int = 2000,
+                 yield_every: int = 0):
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
         self.threads = threads
@@ -38,6 +39,7 @@ class WorkerPool:
         self.ctrl[POOL_FIELDS["NTHREADS"]] = threads
         self.ctrl[POOL_FIELDS["SPIN"]] = spin
         self.ctrl[POOL_FIELDS["WAIT_SPIN"]] = wait_spin
+        self.ctrl[POOL_FIELDS["YIELD"]] = yield_every   # sched_yield every n idle spins (0: never)
         self.control_address = self.ctrl.ctypes.data
         self.submit_address = lib.address("hmoe_submit")
         self.wait_address = lib.address("hmoe_wait")

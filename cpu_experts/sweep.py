@@ -51,9 +51,11 @@ VARIANTS = {   # changes to the default tiling (codegen/moe.py Tiles; AMX fields
     "prof": {"profile": True},   # base + rdtsc counters per phase (no cost above noise measured): where the time goes
     "w15": {},       # base tiling, a pool of threads-1 workers: one CPU left to the caller
     "w15spin": {},   # w15, and the caller spins in wait() for the whole job (no futex wake)
+    "yield64": {},   # base, idle spinners (workers, caller) sched_yield every 64 pauses
 }
 COLD = {"cold"}
-POOL_OPTS = {"w15": dict(spare=1), "w15spin": dict(spare=1, wait_spin=1 << 40)}   # private pools
+POOL_OPTS = {"w15": dict(spare=1), "w15spin": dict(spare=1, wait_spin=1 << 40),   # private pools
+             "yield64": dict(spare=0, yield_every=64)}
 
 
 def run(shape: str, fmt: str, threads: int, tokens: list[int], variants: list[str], repeats: int = 20,
@@ -76,7 +78,7 @@ def run(shape: str, fmt: str, threads: int, tokens: list[int], variants: list[st
             opt, ex = POOL_OPTS[name], engines[name]
             cpus = base.pool.cpus or list(range(threads))
             ex.pool = WorkerPool(ex.lib, threads - opt["spare"], cpus=cpus[opt["spare"]:],
-                                 wait_spin=opt.get("wait_spin", 2000))
+                                 wait_spin=opt.get("wait_spin", 2000), yield_every=opt.get("yield_every", 0))
     bw0 = measure_read_bandwidth(threads, cpus=base.pool.cpus)
     huge = _anon_huge_gb()
     log(f"# {shape} {fmt} threads={threads} isa={base.isa.name} amx={base.tiles.amx} read bandwidth {bw0:.1f} GB/s "

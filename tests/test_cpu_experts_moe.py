@@ -234,15 +234,19 @@ def test_user_errors_are_one_line():
         CPUExperts.from_tensors(*_weights(), fmt="q8_0", numa="spread")
 
 
-def test_pool_survives_10000_cycles_and_shuts_down():
+@pytest.mark.parametrize("yield_every", [0, 3])   # 3: idle spinners call sched_yield every 3rd pause
+def test_pool_survives_10000_cycles_and_shuts_down(yield_every):
     rng = np.random.default_rng(3)
     g, u, d = (rng.standard_normal(s).astype(np.float32) * 0.1 for s in ((4, 64, 128), (4, 64, 128), (4, 128, 64)))
     from cpu_experts.pool import WorkerPool
     ex = CPUExperts.from_tensors(g, u, d, fmt="q8_0", threads=2, isa="avx2", numa="none")
-    ex.pool = WorkerPool(ex.lib, 2, cpus=None, spin=200, wait_spin=100)  # private pool, sleeps often
     x = rng.standard_normal((1, 128)).astype(np.float32)
     ids, w = np.array([[0, 2]]), np.array([[0.25, 0.75]], np.float32)
+    want = ex.forward(x, ids, w).copy()   # on the shared pool
+    ex.pool = WorkerPool(ex.lib, 2, cpus=None, spin=200, wait_spin=100,   # private pool, sleeps often
+                         yield_every=yield_every)
     first = ex.forward(x, ids, w).copy()
+    np.testing.assert_array_equal(first, want)
     for i in range(10_000):
         out = ex.forward(x, ids, w)
         if i % 1000 == 0:

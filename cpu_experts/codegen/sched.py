@@ -7,7 +7,8 @@ and the last worker out publishes FINISHED (and wakes a sleeping waiter).
 from contextlib import contextmanager
 
 from .fields import J, POOL_FIELDS, PROF_COUNTERS, PROF_THREADS
-from .irutil import I32, I64, PTR, VOID, define, field, futex_wait, futex_wake_all, gep, i64, intrinsic, local, pause
+from .irutil import SYS_SCHED_YIELD, I32, I64, PTR, VOID, define, field, futex_wait, futex_wake_all, gep, i64, intrinsic, \
+    local, pause, syscall
 
 def _slot(b, base, idx):
     return gep(b, base, idx, I64)
@@ -65,6 +66,18 @@ class _Profile:
         yield
         slot = gep(b, self.pool, b.add(self.line, i64(PROF_COUNTERS.index(name))), I64)
         b.store(b.add(b.load(slot, typ=I64), b.sub(b.call(tsc, []), t0)), slot)
+
+
+def spin_pause(b, pool, n):
+    """One idle spin step: pause, and every pool[YIELD]-th step (0 = never) a sched_yield, so that a
+    thread sharing this CPU (the caller woken from its futex, or a worker) runs now rather than at
+    the end of our time slice."""
+    pause(b)
+    y = field(b, pool, POOL_FIELDS["YIELD"])
+    due = b.and_(b.icmp_signed(">", y, i64(0)), b.icmp_signed("==", b.urem(n, b.select(
+        b.icmp_signed(">", y, i64(0)), y, i64(1))), b.sub(y, i64(1))))
+    with b.if_then(due):
+        syscall(b, [SYS_SCHED_YIELD])
 
 
 def emit_run_job(m, route, quant_x, gateup, down, profile: bool = False):
@@ -146,7 +159,7 @@ def emit_worker(m, run_job):
     b.store(b.add(n, i64(1)), spins)
     with b.if_else(b.icmp_signed("<", n, spin_max)) as (spin, sleep):
         with spin:
-            pause(b)
+            spin_pause(b, pool, n)
         with sleep:
             _aadd(b, pool, P["SLEEPERS"], 1)
             g2 = _aload(b, pool, P["GEN"])
@@ -210,7 +223,7 @@ def emit_submit_wait(m):
     b.store(b.add(n, i64(1)), spins)
     with b.if_then(b.icmp_signed(">=", n, spin_max)):
         b.branch(sleep)
-    pause(b)
+    spin_pause(b, pool, n)
     b.branch(head)
 
     b.position_at_end(sleep)
