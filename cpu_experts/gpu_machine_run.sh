@@ -11,7 +11,7 @@ export PYTHONPATH=. PYTHONUNBUFFERED=1 HMOE_CACHE_DIR=${HMOE_CACHE_DIR:-/tmp/hmo
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 LOG=$OUT/log.txt
 SHAPE=${SHAPE:-v3}; THREADS=${THREADS:-16}; REPEATS=${REPEATS:-12}; SWEEP_S=${SWEEP_S:-150}
-DEC=${DEC:-base,cold,prof,w15,w15spin,ru64,rd32,pf1k,pf4k,t1,nonext}
+DEC=${DEC:-base,cold,prof,yield64,w15,ru64,rd32,pf4k,nonext}
 PRE=${PRE:-base,prof,bf16_min16,int8_min8,mixed_v8,mixed_v8_48}
 FMTS=${FMTS:-q4_k q8_0}
 FULL=${FULL:-1}
