@@ -2,7 +2,8 @@
 # The lead's GPU-machine run (H100 + 16 cores): every GPU test of the suite, then `hmoe bench` on a
 # 4-layer V2-Lite model (attention, dense and shared experts on cuda:0 in bf16, routed experts q8_0 in
 # the CPU kernels): decode from CUDA graphs and eagerly (--compare-no-graph), routing statistics
-# collected on the way, then the same with the 8 most used experts per layer kept on the GPU.
+# collected on the way, then the same with the 8 most used experts per layer kept on the GPU; before
+# that every GPU test and the AMX/VNNI CPU-expert tests.
 # Results land in $OUT; the per-script budget is $BUDGET seconds (default 240).
 export HMOE_CACHE_DIR=/tmp/hc PYTHONPATH=. PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT; BUDGET=${BUDGET:-240}
@@ -11,6 +12,9 @@ T0=$(date +%s); left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
 ( [ -d /tmp/v2l4 ] || python3 -m runtime make-model --preset v2-lite --layers 4 --out /tmp/v2l4 >/dev/null 2>&1 ) &
 MM=$!
 timeout $(( BUDGET / 2 )) python3 -m pytest -m gpu -q -p no:cacheprovider -rfE tests/ 2>&1 | tail -12
+# the CPU-expert tests that only run on an AMX/VNNI host (skipped on the CI box)
+timeout $(( BUDGET / 5 )) python3 -m pytest -q -p no:cacheprovider -rfE -k "amx or vnni or mixed" \
+  tests/test_cpu_experts_moe.py tests/test_cpu_experts_mixed.py tests/test_cpu_experts_codegen.py 2>&1 | tail -6
 wait $MM; echo "tests and model ready after $(( $(date +%s) - T0 )) s"
 rules() {  # $1 = name, $2 = the experts rule's extra line
   printf "name: V2-Lite 4 layers, %s\nrules:\n  - match: 'model\\\\.layers\\\\.\\\\d+\\\\.mlp\\\\.experts'\n    device: cpu\n    op: jit\n    quant: q8_0\n%s\n  - match: '.*'\n    device: cuda:0\n    dtype: bf16\n" "$1" "$2" > /tmp/$1.yaml

@@ -259,7 +259,7 @@ class CPUExperts:
                              "OFF": aligned_zeros(E + 1, np.int32), "STOK": aligned_zeros(S, np.int32),
                              "SW": aligned_zeros(S, np.float32), "SPOS": aligned_zeros(S, np.int32),
                              "ACT": aligned_zeros(E, np.int32)}
-        bf16_acts = self.tiles.amx and self.tiles.amx_mode == "bf16"
+        bf16_acts = self.tiles.amx and self.tiles.amx_mode != "int8"   # bf16 or mixed
         for pre, k, f in (("X", H, self.fmt), ("H", I, self.down_fmt)):   # slot-ordered int8 activations,
             rows = (S + P) if f != "bf16" else 1                            # scale, sums per 16, term
             s.update({pre + "Q": aligned_zeros(rows * k, np.int8), pre + "D": aligned_zeros(rows * k // 32, np.float32),

@@ -15,7 +15,7 @@ import threading
 
 import numpy as np
 
-from .codegen.fields import JOB_FIELDS, POOL_FIELDS, POOL_SLOTS
+from .codegen.fields import J, JOB_FIELDS, POOL_FIELDS, POOL_SLOTS, PROF_COUNTERS, PROF_THREADS
 
 _VOID_P = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
 _WORKER = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64)
@@ -29,7 +29,8 @@ def aligned_zeros(n: int, dtype, align: int = 64) -> np.ndarray:
 
 
 class WorkerPool:
-    def __init__(self, lib, threads: int, cpus: list[int] | None = None, spin: int = 20000, wait_spin: int = 2000):
+    def __init__(self, lib, threads: int, cpus: list[int] | None = None, spin: int = 20000, wait_spin: int = 2000,
+                 yield_every: int = 0):
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
         self.threads = threads
@@ -38,6 +39,7 @@ class WorkerPool:
         self.ctrl[POOL_FIELDS["NTHREADS"]] = threads
         self.ctrl[POOL_FIELDS["SPIN"]] = spin
         self.ctrl[POOL_FIELDS["WAIT_SPIN"]] = wait_spin
+        self.ctrl[POOL_FIELDS["YIELD"]] = yield_every   # sched_yield every n idle spins (0: never)
         self.control_address = self.ctrl.ctypes.data
         self.submit_address = lib.address("hmoe_submit")
         self.wait_address = lib.address("hmoe_wait")
@@ -63,6 +65,7 @@ class WorkerPool:
     def submit(self, job: np.ndarray):
         """Start a job (int64 job array); returns at once."""
         assert not self.closed, "pool is closed"
+        job[J["POOL"]] = self.control_address   # its native submit/wait (bind) then name this pool too
         self.ctrl[POOL_FIELDS["JOB"]] = job.ctypes.data
         self._submit(self.control_address)
 
@@ -74,6 +77,15 @@ class WorkerPool:
         decode loop where layers follow each other faster than the spin window."""
         self.submit(self._empty)
         self.wait()
+
+    def profile(self, reset: bool = True) -> dict:
+        """Cycle counters summed over the workers since the last reset (only a library built with
+        Tiles(profile=True) writes them): {counter: cycles}, see fields.PROF_COUNTERS."""
+        lines = self.ctrl[POOL_FIELDS["PROF"]:].reshape(PROF_THREADS, 8)
+        out = {name: int(lines[:, i].sum()) for i, name in enumerate(PROF_COUNTERS)}
+        if reset:
+            lines[:] = 0
+        return out
 
     def close(self):
         if self.closed:

@@ -68,13 +68,14 @@ def jobs(sweep: list[str], sweep_fmts=FORMATS) -> list:
     for isa_name in emu:
         for fmt, mn, mx, mode in (("q8_0", 1, 128, "int8"), ("q4_0", 1, 32, "int8"), ("q4_0", 5, 128, "int8"),
                                   ("q4_k", 1, 64, "int8"), ("q4_k", 40, 128, "int8"), ("q8_0", 1, 64, "bf16"),
-                                  ("q4_0", 5, 32, "bf16"), ("q4_k", 1, 128, "bf16")):
+                                  ("q4_0", 5, 32, "bf16"), ("q4_k", 1, 128, "bf16"), ("q4_k", 8, 128, "mixed"),
+                                  ("q4_0", 8, 128, "mixed")):
             out.append((fmt, isa_name, Tiles(tokens=8, amx=True, amx_emulate=True, amx_min_slots=mn, amx_max_slots=mx,
                                              amx_mode=mode)))
     if best.amx:
         for fmt in ("q8_0", "q4_0", "q4_k"):
-            for mn in (1, 16):
-                for mode in ("int8", "bf16"):
+            for mn in (1, 8, 16):
+                for mode in ("int8", "bf16", "mixed"):
                     out.append((fmt, "avx512vnni", Tiles(tokens=8, amx=True, amx_min_slots=mn, amx_mode=mode)))
     for fmt in sweep_fmts:
         geo = _geometry(fmt, best, None)

@@ -19,8 +19,10 @@ import numpy as np
 from .bandwidth import Flusher, measure_read_bandwidth
 from .bench import SHAPES, _commit, cpu_model, routing
 from .experts import CPUExperts, default_threads
+from .pool import WorkerPool
 
-VARIANTS = {   # changes to the default tiling (codegen/moe.py Tiles)
+VARIANTS = {   # changes to the default tiling (codegen/moe.py Tiles; AMX fields spelled out, so a name keeps
+    #            its meaning when the defaults move: base = mixed_v8_24 since session 3)
     "base": {},
     "cold": {},   # base, but the workers are asleep (futex) when the job arrives
     "old_pf": {"prefetch_all": False, "prefetch_next": False, "rows_down": 32},   # session 1's vector tiling
@@ -31,14 +33,29 @@ VARIANTS = {   # changes to the default tiling (codegen/moe.py Tiles)
     "nta": {"prefetch_locality": 0},
     "rd32": {"rows_down": 32},
     "nonext": {"prefetch_next": False},
-    "int8": {"amx_mode": "int8"},
+    "int8": {"amx_mode": "int8", "amx_min_slots": 16},
     "int8_min1": {"amx_mode": "int8", "amx_min_slots": 1},
-    "min4": {"amx_min_slots": 4},
-    "min8": {"amx_min_slots": 8},
-    "min32": {"amx_min_slots": 32},
-    "max64": {"amx_max_slots": 64},
+    "min4": {"amx_mode": "bf16", "amx_min_slots": 4},   # min*, max64: the bf16 kernel (session 2's mode)
+    "min8": {"amx_mode": "bf16", "amx_min_slots": 8},
+    "min32": {"amx_mode": "bf16", "amx_min_slots": 32},
+    "max64": {"amx_mode": "bf16", "amx_min_slots": 16, "amx_max_slots": 64},
+    "bf16_min16": {"amx_mode": "bf16", "amx_min_slots": 16},   # session 2's default (bf16 kernel from 16 slots)
+    "ru64": {"rows_up": 64},
+    "mixed": {"amx_mode": "mixed", "amx_min_slots": 1, "amx_bf16_min_slots": 32},   # int8 AMX below 32 slots
+    "mixed16": {"amx_mode": "mixed", "amx_min_slots": 1, "amx_bf16_min_slots": 16},
+    "mixed_v16": {"amx_mode": "mixed", "amx_min_slots": 16, "amx_bf16_min_slots": 32},   # vector < 16, int8 16-31
+    "mixed_v8": {"amx_mode": "mixed", "amx_min_slots": 8, "amx_bf16_min_slots": 32},
+    "mixed_v8_24": {"amx_mode": "mixed", "amx_min_slots": 8, "amx_bf16_min_slots": 24},
+    "mixed_v8_48": {"amx_mode": "mixed", "amx_min_slots": 8, "amx_bf16_min_slots": 48},
+    "int8_min8": {"amx_mode": "int8", "amx_min_slots": 8},
+    "prof": {"profile": True},   # base + rdtsc counters per phase (no cost above noise measured): where the time goes
+    "w15": {},       # base tiling, a pool of threads-1 workers: one CPU left to the caller
+    "w15spin": {},   # w15, and the caller spins in wait() for the whole job (no futex wake)
+    "yield64": {},   # base, idle spinners (workers, caller) sched_yield every 64 pauses
 }
 COLD = {"cold"}
+POOL_OPTS = {"w15": dict(spare=1), "w15spin": dict(spare=1, wait_spin=1 << 40),   # private pools
+             "yield64": dict(spare=0, yield_every=64)}
 
 
 def run(shape: str, fmt: str, threads: int, tokens: list[int], variants: list[str], repeats: int = 20,
@@ -57,11 +74,19 @@ def run(shape: str, fmt: str, threads: int, tokens: list[int], variants: list[st
         if any(f.startswith("amx") for f in fields) and not base.tiles.amx:
             continue
         engines[name] = base.retiled(dataclasses.replace(base.tiles, **fields))
+        if name in POOL_OPTS:
+            opt, ex = POOL_OPTS[name], engines[name]
+            cpus = base.pool.cpus or list(range(threads))
+            ex.pool = WorkerPool(ex.lib, threads - opt["spare"], cpus=cpus[opt["spare"]:],
+                                 wait_spin=opt.get("wait_spin", 2000), yield_every=opt.get("yield_every", 0))
     bw0 = measure_read_bandwidth(threads, cpus=base.pool.cpus)
+    huge = _anon_huge_gb()
     log(f"# {shape} {fmt} threads={threads} isa={base.isa.name} amx={base.tiles.amx} read bandwidth {bw0:.1f} GB/s "
-        f"(weights {build_s:.1f} s, variants {', '.join(engines)})")
+        f"(weights {build_s:.1f} s, {base.bytes_per_expert() * E / 1e9:.1f} GB, on huge pages {huge} GB; "
+        f"variants {', '.join(engines)})")
     rng = np.random.default_rng(seed)
     flush = Flusher(threads, base.pool.cpus)
+    hz = tsc_hz() if any(e.tiles.profile for e in engines.values()) else None
     rows = {name: [] for name in engines}
     for T in tokens:
         x = rng.standard_normal((T, H)).astype(np.float32)
@@ -71,6 +96,8 @@ def run(shape: str, fmt: str, threads: int, tokens: list[int], variants: list[st
             ex.forward(x, routing(rng, T, E, k), w)   # warm: scratch, pages, code
         times = {name: [] for name in active}
         touched = {name: [] for name in active}
+        for ex in active.values():
+            ex.pool.profile()   # reset
         for _ in range(repeats if T <= 64 else max(2, repeats // 6)):
             for name, ex in active.items():   # fresh routing per run: no weights left in the LLC by the last
                 ids = routing(rng, T, E, k)
@@ -87,6 +114,15 @@ def run(shape: str, fmt: str, threads: int, tokens: list[int], variants: list[st
             r = dict(tokens=T, ms=dt * 1e3, ms_min=min(ts) * 1e3, experts_touched=float(np.mean(touched[name])),
                      weight_gb=nbytes / 1e9, gbs=nbytes / dt / 1e9, gflops=2.0 * 3 * T * k * H * I / dt / 1e9,
                      pct_bandwidth=100 * nbytes / dt / 1e9 / bw0)
+            if engines[name].tiles.profile:   # fractions of the workers' run_job cycles
+                pc = engines[name].pool.profile()
+                total = max(pc["run_job"], 1)
+                r["profile"] = {k: round(v / total, 4) for k, v in pc.items() if k != "run_job"}
+                r["profile"]["claim_other"] = round(1 - sum(r["profile"].values()), 4)
+                # mean span of a worker's run_job per timed run, as a share of the measured median ms
+                span_ms = pc["run_job"] / len(times[name]) / engines[name].pool.threads / hz * 1e3
+                r["profile"]["run_job_ms"] = round(span_ms, 4)
+                log(f"  {name:12s} tokens {T:5d} share of run_job cycles: {r['profile']}")
             rows[name].append(r)
             log(f"  {name:12s} tokens {T:5d} {r['ms']:9.3f} ms {r['gbs']:7.1f} GB/s {r['pct_bandwidth']:5.1f}% of "
                 f"the first reading  {r['gflops']:8.1f} GFLOP/s")
@@ -100,12 +136,45 @@ def run(shape: str, fmt: str, threads: int, tokens: list[int], variants: list[st
             log(f"{name:12s} tokens {r['tokens']:5d} {r['ms']:9.3f} ms {r['gbs']:7.1f} GB/s {r['pct_bandwidth']:5.1f}% "
                 f"{r['gflops']:8.1f} GFLOP/s")
     res = _result(base, engines, rows, shape, fmt, threads, [bw0, bw1])
+    for name in POOL_OPTS:
+        if name in engines:
+            engines[name].pool.close()
     base.close()
     return res
 
 
+def tsc_hz() -> float:
+    """rdtsc ticks per second (llvm.readcyclecounter around a 50 ms sleep): converts the profile's
+    cycles to time, to compare run_job's span with the measured layer time."""
+    import ctypes
+    from llvmlite import ir
+    from .codegen.irutil import I64, define, intrinsic
+    from .isa import host_isa
+    from .jit import Library
+    m = ir.Module(name="hmoe_tsc")
+    fn, b = define(m, "hmoe_tsc", I64, [])
+    b.ret(b.call(intrinsic(m, "llvm.readcyclecounter", I64, []), []))
+    lib = Library(str(m), host_isa())
+    tsc = ctypes.CFUNCTYPE(ctypes.c_int64)(lib.address("hmoe_tsc"))
+    t0, c0 = time.perf_counter(), tsc()
+    time.sleep(0.05)
+    t1, c1 = time.perf_counter(), tsc()
+    return (c1 - c0) / (t1 - t0)
+
+
+def _anon_huge_gb():
+    """GB of this process's memory on transparent huge pages (None where /proc does not say)."""
+    try:
+        with open("/proc/self/smaps_rollup") as f:
+            kb = next(int(line.split()[1]) for line in f if line.startswith("AnonHugePages:"))
+        return round(kb / 1e6, 2)
+    except (OSError, StopIteration):
+        return None
+
+
 def _result(base, engines, rows, shape, fmt, threads, bws) -> dict:
-    out = {name: dict(tiles=dataclasses.asdict(engines[name].tiles), results=rs) for name, rs in rows.items()}
+    out = {name: dict(tiles=dataclasses.asdict(engines[name].tiles), workers=engines[name].pool.threads, results=rs)
+           for name, rs in rows.items()}
     return dict(date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), device=cpu_model(), isa=base.isa.name,
                 cpu=base.isa.cpu, threads=threads, cpus=base.pool.cpus, numa=base.numa, shape=shape, fmt=fmt,
                 read_bandwidth_gbs=max(bws), read_bandwidth_before_after_gbs=bws,

@@ -6,6 +6,8 @@ output errors of about 1% of the output's scale (measured 1.0-1.8%). We allow 4%
 element and 1.5% on average: a wrong row, block, scale or slot gives errors near 100%. bf16 uses fp32
 activations, so only summation order differs (1e-5).
 """
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -82,7 +84,7 @@ HOST_AMX = isa_mod.host_isa().amx
 @pytest.mark.skipif(not HOST_AMX, reason="needs AMX (run on the GPU machine)")
 @pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q4_k"])
 @pytest.mark.parametrize("threads,min_slots,mode", [(1, 16, "int8"), (2, 16, "int8"), (2, 1, "int8"),
-                                                    (1, 16, "bf16"), (2, 1, "bf16")])
+                                                    (1, 16, "bf16"), (2, 1, "bf16"), (2, 1, "mixed")])
 def test_forward_amx_matches_reference(fmt, threads, min_slots, mode):
     from cpu_experts.codegen.moe import Tiles
     tiles = Tiles(tokens=8, amx=True, amx_min_slots=min_slots, amx_mode=mode)
@@ -117,6 +119,27 @@ def test_forward_emulated_amx_matches_reference(fmt, min_slots, max_slots, threa
         ids = routing(rng, T)
         w = rng.uniform(0.05, 1.0, (T, K)).astype(np.float32)
         check(ex.forward(x, ids, w), moe_reference(x, ids, w, *dq), fmt)
+
+
+@pytest.mark.skipif(not AVX512, reason="the AMX kernel needs 16-row groups (AVX-512)")
+@pytest.mark.parametrize("fmt,hardware", [("q4_k", False), ("q4_0", False)]
+                         + [(f, True) for f in ("q8_0", "q4_k") if HOST_AMX])
+def test_forward_amx_mixed_mode_matches_reference(fmt, hardware):
+    """The default AMX choice ("mixed": vector below amx_min_slots = 8, int8 AMX 8-23, bf16 AMX from
+    amx_bf16_min_slots = 24) with every band in one job: experts 0, 3, 4 get 40, 35, 28 slots (bf16;
+    two chunks, the second partial), expert 1 12 (int8), expert 2 5 (vector), expert 5 none.
+    Emulated here on formats whose vector path needs no VNNI (q8_0's does: hardware only)."""
+    from cpu_experts.codegen.moe import Tiles
+    tiles = Tiles(tokens=8, amx=True, amx_emulate=not hardware)
+    assert (tiles.amx_mode, tiles.amx_min_slots, tiles.amx_bf16_min_slots) == ("mixed", 8, 24)
+    ex, dq = experts(fmt, "avx512vnni" if hardware else AVX512[0], 2, tiles=tiles)
+    T = 40
+    ids = np.array([[0, 1 if t < 12 else 3, (2 if t < 5 else 3) if t < 12 else 4] for t in range(T)])
+    assert np.bincount(ids.ravel(), minlength=E).tolist() == [40, 12, 5, 35, 28, 0]
+    rng = np.random.default_rng(17)
+    x = rng.standard_normal((T, H)).astype(np.float32)
+    w = rng.uniform(0.05, 1.0, (T, K)).astype(np.float32)
+    check(ex.forward(x, ids, w), moe_reference(x, ids, w, *dq), fmt)
 
 
 def test_amx_refused_without_hardware_or_for_unsupported_formats():
@@ -211,15 +234,19 @@ def test_user_errors_are_one_line():
         CPUExperts.from_tensors(*_weights(), fmt="q8_0", numa="spread")
 
 
-def test_pool_survives_10000_cycles_and_shuts_down():
+@pytest.mark.parametrize("yield_every", [0, 3])   # 3: idle spinners call sched_yield every 3rd pause
+def test_pool_survives_10000_cycles_and_shuts_down(yield_every):
     rng = np.random.default_rng(3)
     g, u, d = (rng.standard_normal(s).astype(np.float32) * 0.1 for s in ((4, 64, 128), (4, 64, 128), (4, 128, 64)))
     from cpu_experts.pool import WorkerPool
     ex = CPUExperts.from_tensors(g, u, d, fmt="q8_0", threads=2, isa="avx2", numa="none")
-    ex.pool = WorkerPool(ex.lib, 2, cpus=None, spin=200, wait_spin=100)  # private pool, sleeps often
     x = rng.standard_normal((1, 128)).astype(np.float32)
     ids, w = np.array([[0, 2]]), np.array([[0.25, 0.75]], np.float32)
+    want = ex.forward(x, ids, w).copy()   # on the shared pool
+    ex.pool = WorkerPool(ex.lib, 2, cpus=None, spin=200, wait_spin=100,   # private pool, sleeps often
+                         yield_every=yield_every)
     first = ex.forward(x, ids, w).copy()
+    np.testing.assert_array_equal(first, want)
     for i in range(10_000):
         out = ex.forward(x, ids, w)
         if i % 1000 == 0:
@@ -227,3 +254,56 @@ def test_pool_survives_10000_cycles_and_shuts_down():
     threads = ex.pool._threads
     ex.pool.close()
     assert not any(t.is_alive() for t in threads)
+
+
+def test_routing_flag_lives_on_the_pool_that_runs_the_job():
+    """Regression (the 10,000-cycle test's flake): the route task raised ROUTED on job[POOL] (the
+    shared pool the layer was built with) while the quantization tasks of a job run by another pool
+    read a stale ROUTED = 1 there and copied x rows to slots before routing had written SPOS. The
+    flag must live on the running pool, which resets it at every submit: run a job whose job[POOL]
+    names a decoy control block and check the decoy is never touched."""
+    from cpu_experts.codegen.fields import J, POOL_FIELDS, POOL_SLOTS
+    from cpu_experts.pool import WorkerPool, aligned_zeros
+    rng = np.random.default_rng(4)
+    g, u, d = (rng.standard_normal(s).astype(np.float32) * 0.1 for s in ((4, 64, 128), (4, 64, 128), (4, 128, 64)))
+    ex = CPUExperts.from_tensors(g, u, d, fmt="q8_0", threads=2, isa="avx2", numa="none")
+    x = rng.standard_normal((3, 128)).astype(np.float32)
+    ids, w = np.array([[0, 2], [1, 2], [3, 0]]), np.full((3, 2), 0.5, np.float32)
+    want = ex.forward(x, ids, w).copy()
+    pool = WorkerPool(ex.lib, 2, cpus=None)
+    try:
+        out = np.empty_like(want)
+        ex.bind(x, ids, w, out)
+        decoy = aligned_zeros(POOL_SLOTS, np.int64)
+        ex.job[J["POOL"]] = decoy.ctypes.data
+        pool.ctrl[POOL_FIELDS["JOB"]] = ex.job.ctypes.data
+        pool._submit(pool.control_address)   # native submit on this pool, job[POOL] left as the decoy
+        pool.wait()
+        np.testing.assert_array_equal(out, want)
+        assert not decoy.any(), "a task wrote its pool state through job[POOL] instead of the running pool"
+        pool.submit(ex.job)   # the Python submit re-binds the job to the pool that runs it
+        pool.wait()
+        assert ex.job[J["POOL"]] == pool.control_address
+        np.testing.assert_array_equal(out, want)
+    finally:
+        pool.close()
+        ex.job[J["POOL"]] = ex.pool.control_address
+
+
+def test_profile_counters_cover_the_phases_and_are_off_by_default():
+    """Tiles(profile=True): every worker adds rdtsc spans of its tasks and barrier waits; the parts
+    lie within run_job's span. The default library has no counter code at all."""
+    from cpu_experts.codegen.moe import Tiles, build_ir
+    ex0, _ = experts("q8_0", HOST_ISAS[-1], 2)
+    assert "readcyclecounter" not in build_ir(ex0.geo, ex0.isa, ex0.tiles)
+    ex, (g, u, d) = experts("q8_0", HOST_ISAS[-1], 2, tiles=dataclasses.replace(ex0.tiles, profile=True))
+    ex.pool.profile()
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((17, H)).astype(np.float32)
+    ids, w = routing(rng, 17), rng.uniform(0.05, 1.0, (17, K)).astype(np.float32)
+    check(ex.forward(x, ids, w), moe_reference(x, ids, w, g, u, d), "q8_0")
+    pc = ex.pool.profile()
+    assert pc["task0"] > 0 and pc["task1"] > 0 and pc["task2"] > 0
+    parts = sum(v for k, v in pc.items() if k != "run_job")
+    assert 0 < parts <= pc["run_job"]
+    assert ex.pool.profile() == dict.fromkeys(pc, 0)   # reset by the previous read

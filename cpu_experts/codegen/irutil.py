@@ -136,6 +136,7 @@ def syscall(b, args):
 
 
 SYS_FUTEX, FUTEX_WAIT_PRIVATE, FUTEX_WAKE_PRIVATE = 202, 128, 129
+SYS_SCHED_YIELD = 24
 
 
 def futex_wait(b, addr, expected_i32):

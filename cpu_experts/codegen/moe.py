@@ -42,11 +42,14 @@ class Tiles:
     prefetch_next: bool = True  # prefetch the head of the next vector call's weights before each call
     prefetch_locality: int = 3  # weight prefetches: 3 = prefetcht0, 2 = prefetcht1 (L2), 0 = prefetchnta
     amx: bool = False     # AMX tiles for experts with at least amx_min_slots slots
-    amx_min_slots: int = 16  # tuned on the GPU machine (NOTES.md)
+    amx_min_slots: int = 8   # tuned on the GPU machine with the modes below (NOTES.md, session 3)
     amx_max_slots: int = 128  # slots per AMX call (accumulators: 2 x 128 x 64 bytes on the stack)
     amx_emulate: bool = False  # tests: the AMX kernel with tile instructions emulated in plain IR
-    amx_mode: str = "bf16"  # "int8": tdpbsud per 32-weight block + float epilogue; "bf16": blocks
-    #                         dequantized to bf16 once per call, tdpbf16ps accumulates over all K
+    amx_mode: str = "mixed"  # "int8": tdpbsud per 32-weight block + float epilogue; "bf16": blocks
+    #                          dequantized to bf16 once per call, tdpbf16ps accumulates over all K;
+    #                          "mixed": bf16 for experts with >= amx_bf16_min_slots slots, int8 below
+    amx_bf16_min_slots: int = 24
+    profile: bool = False   # per-worker rdtsc counters of task and barrier time (sched.py, WorkerPool.profile)
 
 
 @dataclass
@@ -57,7 +60,8 @@ class _Side:
     amx: bool            # experts with >= amx_min_slots slots take the AMX kernel in this phase
     dots: list = None    # vector microkernels, dots[nt - 1] for nt activation rows
     qblock: object = None  # quantizer of this phase's activations (its term follows geo.offset)
-    amx_mm: object = None
+    amx_bf: object = None  # AMX kernels by activation type (Tiles.amx_mode says which exist)
+    amx_i8: object = None
 
     @property
     def R(self) -> int:
@@ -80,11 +84,11 @@ class _Builder:
         self.amx_on = self.gu.amx or self.dn.amx
         if tiles.amx:
             assert self.amx_on, "AMX tiles need q8_0, q4_0 or q4_k weights in at least one phase"
-            assert tiles.amx_max_slots % amx.CHUNK == 0 and tiles.amx_mode in ("int8", "bf16"), tiles
+            assert tiles.amx_max_slots % amx.CHUNK == 0 and tiles.amx_mode in ("int8", "bf16", "mixed"), tiles
             assert isa.amx or tiles.amx_emulate
         if self.dn.amx:
             assert tiles.rows_down % 32 == 0
-        self.bf16_acts = self.amx_on and tiles.amx_mode == "bf16"
+        self.bf16_acts = self.amx_on and tiles.amx_mode != "int8"   # bf16 or mixed
         if self.bf16_acts:
             self.to_bf16 = self._emit_to_bf16()
         if self.gu.quant or self.dn.quant:
@@ -107,16 +111,16 @@ class _Builder:
         existing = getattr(self, "gu", None)
         if existing is not None and existing.geo == geo:   # one format for both phases: share the code
             side.dots = existing.dots
-            side.amx_mm = existing.amx_mm
+            side.amx_bf, side.amx_i8 = existing.amx_bf, existing.amx_i8
             return side
         side.dots = [emit(self.m, geo, isa, nt, pf, pfa, loc) for nt in range(1, tiles.tokens + 1)]
         if side.amx:
             assert isa.vnni or geo.fmt != "q8_0" or tiles.amx_min_slots <= 1, \
                 "unsigned q8_0 codes need VNNI dots for experts below amx_min_slots"
-            if tiles.amx_mode == "bf16":
-                side.amx_mm = amx_bf16.emit_amx_bf16_mm(self.m, geo, pf, emulate=tiles.amx_emulate)
-            else:
-                side.amx_mm = amx.emit_amx_mm(self.m, geo, pf, emulate=tiles.amx_emulate)
+            if tiles.amx_mode != "int8":
+                side.amx_bf = amx_bf16.emit_amx_bf16_mm(self.m, geo, pf, emulate=tiles.amx_emulate)
+            if tiles.amx_mode != "bf16":
+                side.amx_i8 = amx.emit_amx_mm(self.m, geo, pf, emulate=tiles.amx_emulate)
         return side
 
     # ------------------------------------------------------------ activation quantization
@@ -164,8 +168,8 @@ class _Builder:
     def _emit_route(self):
         """Counting sort of slots by expert: OFF[E+1], STOK/SW in expert order, SPOS, ACT list, N1; then
         ROUTED = 1 (the quantization tasks wait for it)."""
-        fn, b = define(self.m, "task_route", VOID, [PTR], internal=True)
-        job = fn.args[0]
+        fn, b = define(self.m, "task_route", VOID, [PTR, PTR], internal=True)
+        job, pool = fn.args   # the pool running the job (its submit reset ROUTED), not job[POOL]
         T, K, E, I = (field(b, job, J[n]) for n in ("T", "TOPK", "E", "I"))
         ids, w = field(b, job, J["IDS"], True), field(b, job, J["W"], True)
         cnt, off = field(b, job, J["CNT"], True), field(b, job, J["OFF"], True)
@@ -199,17 +203,17 @@ class _Builder:
         na = b.load(nact, typ=I64)
         store(b, na, job, J["NACT"], align=8)
         store(b, b.mul(na, b.udiv(I, i64(self.tiles.rows_up))), job, J["N1"], align=8)
-        sched.astore(b, field(b, job, J["POOL"], True), POOL_FIELDS["ROUTED"], 1)
+        sched.astore(b, pool, POOL_FIELDS["ROUTED"], 1)
         b.ret_void()
         return fn
 
     def _emit_quant_rows(self):
         """Quantize x rows [r0, r1) into the slot-ordered XQ/XD/XS/XT rows of their k slots."""
-        fn, b = define(self.m, "task_quant_x", VOID, [PTR, I64], internal=True)
-        job, idx = fn.args
+        fn, b = define(self.m, "task_quant_x", VOID, [PTR, I64, PTR], internal=True)
+        job, idx, pool = fn.args
         T, K, H, xstride = (field(b, job, J[n]) for n in ("T", "TOPK", "H", "XSTRIDE"))
         x, xq, xd, xs, xt, xb, spos = (field(b, job, J[n], True) for n in ("X", "XQ", "XD", "XS", "XT", "XB", "SPOS"))
-        sched.spin_until_equal(b, field(b, job, J["POOL"], True), POOL_FIELDS["ROUTED"], i64(1), "routed")
+        sched.spin_until_equal(b, pool, POOL_FIELDS["ROUTED"], i64(1), "routed")
         r0 = b.mul(idx, i64(self.tiles.quant_rows))
         r1 = b.add(r0, i64(self.tiles.quant_rows))
         r1 = b.select(b.icmp_signed("<", r1, T), r1, T)
@@ -366,13 +370,12 @@ class _Builder:
                 grp = b.udiv(row0, i64(R))
                 gp, gs, gb, _ = self._weights(b, job, "G", e, grp, H)
                 up, us, ub, _ = self._weights(b, job, "U", e, grp, H)
-                if self.bf16_acts:
-                    b.call(self.gu.amx_mm, [nb, m, gep(b, xb, b.mul(s0, H), I16), b.mul(H, i64(2)), gp, gs, gb,
-                                            up, us, ub, b.bitcast(accbuf, PTR), i64(MS * R * 4), bbuf])
-                else:
-                    b.call(self.gu.amx_mm, [nb, m, gep(b, xq, b.mul(s0, H)), H, gep(b, xd, b.mul(s0, nb), F32),
-                                         gep(b, xt, b.mul(s0, nb), F32), nb, gp, gs, gb, up, us, ub,
-                                         b.bitcast(accbuf, PTR), i64(MS * R * 4)])
+                self._amx_call(b, self.gu, b.sub(s_end, s_beg),
+                               lambda: [nb, m, gep(b, xb, b.mul(s0, H), I16), b.mul(H, i64(2)), gp, gs, gb,
+                                        up, us, ub, b.bitcast(accbuf, PTR), i64(MS * R * 4), bbuf],
+                               lambda: [nb, m, gep(b, xq, b.mul(s0, H)), H, gep(b, xd, b.mul(s0, nb), F32),
+                                        gep(b, xt, b.mul(s0, nb), F32), nb, gp, gs, gb, up, us, ub,
+                                        b.bitcast(accbuf, PTR), i64(MS * R * 4)])
                 with for_range(b, 0, m, name="h") as n:
                     g = load(b, accbuf, vf, b.mul(n, i64(R)), align=64)
                     u = load(b, accbuf, vf, b.add(b.mul(n, i64(R)), i64(MS * R)), align=64)
@@ -470,6 +473,19 @@ class _Builder:
         b.ret_void()
         return fn
 
+    def _amx_call(self, b, side, nslots, bf16_args, int8_args):
+        """The AMX kernel of the mode; "mixed": bf16 for experts with >= amx_bf16_min_slots slots
+        (dequantization amortized over enough slots), int8 below."""
+        mode = self.tiles.amx_mode
+        if mode != "mixed":
+            b.call(side.amx_bf if mode == "bf16" else side.amx_i8, bf16_args() if mode == "bf16" else int8_args())
+            return
+        with b.if_else(b.icmp_signed(">=", nslots, i64(self.tiles.amx_bf16_min_slots))) as (big, small):
+            with big:
+                b.call(side.amx_bf, bf16_args())
+            with small:
+                b.call(side.amx_i8, int8_args())
+
     def _prefetch_next_down(self, b, job, a, nact, gi, r0, I):
         """Head of the weights the next vector call of this down task reads: the next row group of
         this expert, or the first of the next active expert."""
@@ -503,13 +519,12 @@ class _Builder:
                 grp = b.udiv(row0, i64(R))
                 w0 = self._weights(b, job, "D", e, grp, I)[:3]
                 w1 = self._weights(b, job, "D", e, b.add(grp, i64(1)), I)[:3]
-                if self.bf16_acts:
-                    b.call(self.dn.amx_mm, [nb, m, gep(b, hb, b.mul(s0, I), I16), b.mul(I, i64(2)), *w0, *w1,
-                                            b.bitcast(accbuf, PTR), i64(MS * R * 4), bbuf])
-                else:
-                    b.call(self.dn.amx_mm, [nb, m, gep(b, hq, b.mul(s0, I)), I, gep(b, hd, b.mul(s0, nb), F32),
-                                         gep(b, ht, b.mul(s0, nb), F32), nb, *w0, *w1,
-                                         b.bitcast(accbuf, PTR), i64(MS * R * 4)])
+                self._amx_call(b, self.dn, b.sub(s_end, s_beg),
+                               lambda: [nb, m, gep(b, hb, b.mul(s0, I), I16), b.mul(I, i64(2)), *w0, *w1,
+                                        b.bitcast(accbuf, PTR), i64(MS * R * 4), bbuf],
+                               lambda: [nb, m, gep(b, hq, b.mul(s0, I)), I, gep(b, hd, b.mul(s0, nb), F32),
+                                        gep(b, ht, b.mul(s0, nb), F32), nb, *w0, *w1,
+                                        b.bitcast(accbuf, PTR), i64(MS * R * 4)])
                 with for_range(b, 0, m, name="dep") as n:
                     for half in range(2):
                         v = load(b, accbuf, vf, b.add(b.mul(n, i64(R)), i64(half * MS * R)), align=64)
@@ -520,7 +535,7 @@ class _Builder:
     def build(self) -> str:
         route = self._emit_route()
         quant_x = self._emit_quant_rows() if self.gu.quant else None
-        run_job = sched.emit_run_job(self.m, route, quant_x, self._emit_gateup(), self._emit_down())
+        run_job = sched.emit_run_job(self.m, route, quant_x, self._emit_gateup(), self._emit_down(), self.tiles.profile)
         sched.emit_worker(self.m, run_job)
         sched.emit_submit_wait(self.m)
         return str(self.m)

@@ -4,8 +4,11 @@ Pool control block: int64 slots, hot words on separate cache lines. A job is cla
 from one atomic counter; `hmoe_worker` waits for a new generation (spin, then futex), runs the job,
 and the last worker out publishes FINISHED (and wakes a sleeping waiter).
 """
-from .fields import J, POOL_FIELDS
-from .irutil import I32, I64, PTR, VOID, define, field, futex_wait, futex_wake_all, gep, i64, local, pause
+from contextlib import contextmanager
+
+from .fields import J, POOL_FIELDS, PROF_COUNTERS, PROF_THREADS
+from .irutil import SYS_SCHED_YIELD, I32, I64, PTR, VOID, define, field, futex_wait, futex_wake_all, gep, i64, intrinsic, \
+    local, pause, syscall
 
 def _slot(b, base, idx):
     return gep(b, base, idx, I64)
@@ -43,10 +46,46 @@ def spin_until_equal(b, base, idx, value, name):
     b.position_at_end(end)
 
 
-def emit_run_job(m, route, quant_x, gateup, down):
+class _Profile:
+    """Cycle counters of one worker (Tiles.profile): `with prof(b, "task1"):` adds the rdtsc
+    difference around the block to the worker's counter. No code at all when off."""
+
+    def __init__(self, b, pool, tid, on: bool):
+        self.on = on
+        if on:
+            self.b, self.pool = b, pool
+            self.line = b.add(i64(POOL_FIELDS["PROF"]), b.mul(b.urem(tid, i64(PROF_THREADS)), i64(8)))
+
+    @contextmanager
+    def __call__(self, b, name):
+        if not self.on:
+            yield
+            return
+        tsc = intrinsic(b.module, "llvm.readcyclecounter", I64, [])
+        t0 = b.call(tsc, [])
+        yield
+        slot = gep(b, self.pool, b.add(self.line, i64(PROF_COUNTERS.index(name))), I64)
+        b.store(b.add(b.load(slot, typ=I64), b.sub(b.call(tsc, []), t0)), slot)
+
+
+def spin_pause(b, pool, n):
+    """One idle spin step: pause, and every pool[YIELD]-th step (0 = never) a sched_yield, so that a
+    thread sharing this CPU (the caller woken from its futex, or a worker) runs now rather than at
+    the end of our time slice."""
+    pause(b)
+    y = field(b, pool, POOL_FIELDS["YIELD"])
+    due = b.and_(b.icmp_signed(">", y, i64(0)), b.icmp_signed("==", b.urem(n, b.select(
+        b.icmp_signed(">", y, i64(0)), y, i64(1))), b.sub(y, i64(1))))
+    with b.if_then(due):
+        syscall(b, [SYS_SCHED_YIELD])
+
+
+def emit_run_job(m, route, quant_x, gateup, down, profile: bool = False):
     fn, b = define(m, "run_job", VOID, [PTR, PTR, I64], internal=True)
     pool, job, tid = fn.args
+    prof = _Profile(b, pool, tid, profile)
     n0, n2 = field(b, job, J["N0"]), field(b, job, J["N2"])
+    t_all = b.call(intrinsic(m, "llvm.readcyclecounter", I64, []), []) if profile else None
     loop = b.append_basic_block("claim")
     done = b.append_basic_block("done")
     b.branch(loop)
@@ -54,30 +93,39 @@ def emit_run_job(m, route, quant_x, gateup, down):
     idx = _aadd(b, pool, POOL_FIELDS["CLAIM"])
     with b.if_else(b.icmp_signed("<", idx, n0)) as (p0, rest):
         with p0:
-            with b.if_else(b.icmp_signed("==", idx, i64(0))) as (r, q):
-                with r:
-                    b.call(route, [job])
-                with q:
-                    if quant_x is not None:
-                        b.call(quant_x, [job, b.sub(idx, i64(1))])
+            with prof(b, "task0"):
+                with b.if_else(b.icmp_signed("==", idx, i64(0))) as (r, q):
+                    with r:
+                        b.call(route, [job, pool])
+                    with q:
+                        if quant_x is not None:
+                            b.call(quant_x, [job, b.sub(idx, i64(1)), pool])
             _aadd(b, pool, POOL_FIELDS["DONE0"])
         with rest:
-            spin_until_equal(b, pool, POOL_FIELDS["DONE0"], n0, "bar0")
+            with prof(b, "bar0"):
+                spin_until_equal(b, pool, POOL_FIELDS["DONE0"], n0, "bar0")
             n1 = b.load_atomic(_slot(b, job, J["N1"]), "acquire", 8, typ=I64)
             i1 = b.sub(idx, n0)
             with b.if_else(b.icmp_signed("<", i1, n1)) as (p1, rest2):
                 with p1:
-                    b.call(gateup, [job, i1, tid])
+                    with prof(b, "task1"):
+                        b.call(gateup, [job, i1, tid])
                     _aadd(b, pool, POOL_FIELDS["DONE1"])
                 with rest2:
-                    spin_until_equal(b, pool, POOL_FIELDS["DONE1"], n1, "bar1")
+                    with prof(b, "bar1"):
+                        spin_until_equal(b, pool, POOL_FIELDS["DONE1"], n1, "bar1")
                     i2 = b.sub(i1, n1)
                     with b.if_then(b.icmp_signed(">=", i2, n2)):
                         b.branch(done)
-                    b.call(down, [job, i2, tid])
+                    with prof(b, "task2"):
+                        b.call(down, [job, i2, tid])
                     _aadd(b, pool, POOL_FIELDS["DONE2"])
     b.branch(loop)
     b.position_at_end(done)
+    if profile:
+        slot = gep(b, pool, b.add(prof.line, i64(PROF_COUNTERS.index("run_job"))), I64)
+        t1 = b.call(intrinsic(m, "llvm.readcyclecounter", I64, []), [])
+        b.store(b.add(b.load(slot, typ=I64), b.sub(t1, t_all)), slot)
     b.ret_void()
     return fn
 
@@ -111,7 +159,7 @@ def emit_worker(m, run_job):
     b.store(b.add(n, i64(1)), spins)
     with b.if_else(b.icmp_signed("<", n, spin_max)) as (spin, sleep):
         with spin:
-            pause(b)
+            spin_pause(b, pool, n)
         with sleep:
             _aadd(b, pool, P["SLEEPERS"], 1)
             g2 = _aload(b, pool, P["GEN"])
@@ -175,7 +223,7 @@ def emit_submit_wait(m):
     b.store(b.add(n, i64(1)), spins)
     with b.if_then(b.icmp_signed(">=", n, spin_max)):
         b.branch(sleep)
-    pause(b)
+    spin_pause(b, pool, n)
     b.branch(head)
 
     b.position_at_end(sleep)
