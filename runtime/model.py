@@ -148,8 +148,7 @@ class DeepseekForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, *, cache: LatentCache | DSACache | LayerCaches,
-                start_pos: int | torch.Tensor = 0,
-                form: str = "auto", last_only: bool = False) -> torch.Tensor:
+                start_pos: int | torch.Tensor = 0, form: str = "auto", last_only: bool = False) -> torch.Tensor:
         """input_ids [B, T] at positions start_pos.. -> logits [B, T, V] fp32 ([B, 1, V] if last_only).
         start_pos as a device tensor [1] (int64): a graph-capturable step (runtime.graph)."""
         B, T = input_ids.shape
