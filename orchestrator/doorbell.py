@@ -120,6 +120,21 @@ class Mailbox:
         self._index: dict[int, int] = {}  # job address -> bell value (table row + 1)
         self.closed = False
 
+    @classmethod
+    def from_env(cls) -> "Mailbox":
+        """Settings from $HMOE_DOORBELL_SPIN / _YIELD / _SLEEP_US where set (for measuring)."""
+        import os
+
+        names = {"spin": "HMOE_DOORBELL_SPIN", "yield_every": "HMOE_DOORBELL_YIELD", "sleep_us": "HMOE_DOORBELL_SLEEP_US"}
+        settings = {}
+        for key, name in names.items():
+            if os.environ.get(name):
+                try:
+                    settings[key] = int(os.environ[name])
+                except ValueError:
+                    raise ValueError(f"{name} must be an integer, got {os.environ[name]!r}") from None
+        return cls(**settings)
+
     def bell_for(self, job: np.ndarray, submit: int, wait: int) -> int:
         """The bell value that runs `job` (native submit, then wait); one table row per job."""
         address = job.ctypes.data
@@ -134,7 +149,8 @@ class Mailbox:
             self.slots[COUNT] = n + 1  # published after the row: the dispatcher reads COUNT first
         else:  # the job's engine may have rebound its functions: keep the row current
             row = TABLE + (bell - 1) * ENTRY
-            self.slots[row + 1:row + ENTRY] = (submit, wait)
+            if self.slots[row + 1] != submit or self.slots[row + 2] != wait:
+                self.slots[row + 1:row + ENTRY] = (submit, wait)
         return bell
 
     def start(self) -> None:

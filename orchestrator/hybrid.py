@@ -99,7 +99,7 @@ class HostStaging:
                 self.handover = "hostfunc"
                 return None
         if self.mailbox is None:
-            self.mailbox = Mailbox()
+            self.mailbox = Mailbox.from_env()
         if cuda and not self.mailbox_device:
             self.mailbox_device = cuda_host.register_mapped(self.mailbox.address, self.mailbox.slots.nbytes)
         self.mailbox.start()

@@ -115,6 +115,17 @@ def test_bad_settings_and_a_full_mailbox_are_refused(monkeypatch):
         mailbox.bell_for(jobs[2], *engine.fns)
 
 
+def test_mailbox_settings_from_the_environment(monkeypatch):
+    monkeypatch.setenv("HMOE_DOORBELL_SPIN", "123")
+    monkeypatch.setenv("HMOE_DOORBELL_YIELD", "0")
+    mailbox = Mailbox.from_env()
+    assert (mailbox.slots[doorbell.SPIN], mailbox.slots[doorbell.YIELD], mailbox.slots[doorbell.SLEEP_NS]) == \
+        (123, 0, 50_000)
+    monkeypatch.setenv("HMOE_DOORBELL_SLEEP_US", "fast")
+    with pytest.raises(ValueError, match="HMOE_DOORBELL_SLEEP_US must be an integer, got 'fast'"):
+        Mailbox.from_env()
+
+
 # ---------------------------------------------------------------- selection and fallback
 
 def test_handover_mode_default_env_and_bad_value(monkeypatch):
