@@ -101,7 +101,8 @@ class HostStaging:
         if self.mailbox is None:
             self.mailbox = Mailbox.from_env()
         if cuda and not self.mailbox_device:
-            self.mailbox_device = cuda_host.register_mapped(self.mailbox.address, self.mailbox.slots.nbytes)
+            with torch.cuda.device(device):  # the device pointer is the one this device's context maps
+                self.mailbox_device = cuda_host.register_mapped(self.mailbox.address, self.mailbox.slots.nbytes)
         self.mailbox.start()
         return self.mailbox
 
