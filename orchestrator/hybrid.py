@@ -92,7 +92,7 @@ class HostStaging:
             return None
         cuda = device.type == "cuda"
         if cuda and not self.mailbox_device:
-            if torch.cuda.is_current_stream_capturing():  # the probe synchronizes: not inside a capture
+            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():  # the probe syncs
                 raise RuntimeError("HMOE_HANDOVER=memops: the first launch on a GPU came inside a CUDA graph "
                                    "capture; run the step once without capture first")
             why = cuda_host.memops_unsupported(device)
