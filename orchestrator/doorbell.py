@@ -125,7 +125,8 @@ class Mailbox:
         """Settings from $HMOE_DOORBELL_SPIN / _YIELD / _SLEEP_US where set (for measuring)."""
         import os
 
-        names = {"spin": "HMOE_DOORBELL_SPIN", "yield_every": "HMOE_DOORBELL_YIELD", "sleep_us": "HMOE_DOORBELL_SLEEP_US"}
+        names = {"spin": "HMOE_DOORBELL_SPIN", "yield_every": "HMOE_DOORBELL_YIELD",
+                 "sleep_us": "HMOE_DOORBELL_SLEEP_US"}
         settings = {}
         for key, name in names.items():
             if os.environ.get(name):
