@@ -3,7 +3,8 @@
 | module | job |
 | --- | --- |
 | `hybrid.py` | `HybridExperts`: a GPU model's routed experts on cpu_experts, stream-ordered through host functions; `attach(model)` |
-| `cuda_host.py` | `cudaLaunchHostFunc` through ctypes |
+| `cuda_host.py` | `cudaLaunchHostFunc` through ctypes; stream memory operations (write/wait a mapped host word) and their probe |
+| `doorbell.py` | the memops hand-over's CPU side (`HMOE_HANDOVER=memops`): mailbox and native dispatcher thread |
 | `threshold.py` | the prefill token count above which streaming a layer's experts to the GPU beats the CPU (pure) |
 | `measure.py` | PCIe pinned bandwidth and the CPU expert curve on this machine; `python -m orchestrator.measure` |
 | `streamed.py` | streamed-expert prefill: `StreamedPrefill` (host layers page-locked in place, two device slots, copy stream), `StreamedExperts` (per call: streamed for T >= threshold on the GPU, else the CPU path), `attach` |

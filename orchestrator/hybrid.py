@@ -15,17 +15,38 @@ launch, and one job array per layer and token count. So a step can be captured i
 once each token count has run eagerly. On CPU inputs the same buffers and jobs are used and the
 calling thread plays the stream (it calls the native submit and wait itself): the stand-in that
 CI runs. Batches larger than the buffers go in chunks; only the last overlaps the shared experts.
+
+Two hand-overs (HostStaging.handover; `HMOE_HANDOVER`, default `hostfunc`): the two host functions
+above, or `memops`: the stream rings a mailbox in mapped host memory (cuStreamWriteValue32) that a
+native dispatcher thread polls, and waits (cuStreamWaitValue32) for the DONE word that thread writes
+after the job (doorbell.py; NOTES.md, "The memops hand-over"). On CPU inputs with `memops` the
+calling thread plays the stream's part: it rings the bell and polls DONE.
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
+import sys
+import time
 
 import numpy as np
 import torch
 from torch import nn
 
+from . import cuda_host
 from .cuda_host import launch_host_func
+from .doorbell import BELL, DONE, Mailbox
+
+HANDOVERS = ("hostfunc", "memops")
+
+
+def handover_mode(value: str | None = None) -> str:
+    """The hand-over asked for: `value`, else $HMOE_HANDOVER, else hostfunc."""
+    mode = value if value is not None else (os.environ.get("HMOE_HANDOVER") or "hostfunc")
+    if mode not in HANDOVERS:
+        raise ValueError(f"HMOE_HANDOVER must be one of {', '.join(HANDOVERS)}, got {mode!r}")
+    return mode
 
 _NATIVE = ctypes.CFUNCTYPE(None, ctypes.c_void_p)  # void f(void *job); ctypes drops the GIL around the call
 
@@ -42,8 +63,12 @@ class HostStaging:
     rather than taken from torch's pinned allocator: the buffers never move or get recycled, and
     torch records no allocator events on copies from them (nothing to upset a graph capture)."""
 
-    def __init__(self, *, max_tokens: int, hidden: int, top_k: int):
+    def __init__(self, *, max_tokens: int, hidden: int, top_k: int, handover: str | None = None):
         from cpu_experts.pool import aligned_zeros
+
+        self.handover = handover_mode(handover)
+        self.mailbox: Mailbox | None = None
+        self.mailbox_device = 0  # the mailbox's device address once registered (memops on a GPU)
 
         self.max_tokens, self.hidden_size, self.top_k = max_tokens, hidden, top_k
         M, H, k = max_tokens, hidden, top_k
@@ -59,7 +84,39 @@ class HostStaging:
                 torch.cuda.check_error(cudart.cudaHostRegister(a.ctypes.data, a.nbytes, 1))
             self.registered = True
 
+    def mailbox_for(self, device: torch.device) -> Mailbox | None:
+        """The mailbox when the memops hand-over carries launches on `device`, else None. On a GPU
+        first checks that the driver can (else says so once and keeps host functions); registers
+        the mailbox mapped; starts the dispatcher."""
+        if self.handover != "memops":
+            return None
+        cuda = device.type == "cuda"
+        if cuda and not self.mailbox_device:
+            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():  # the probe syncs
+                raise RuntimeError("HMOE_HANDOVER=memops: the first launch on a GPU came inside a CUDA graph "
+                                   "capture; run the step once without capture first")
+            why = cuda_host.memops_unsupported(device)
+            if why:
+                print(f"hmoe: warning: HMOE_HANDOVER=memops: stream memory operations unavailable ({why}); "
+                      f"using host functions", file=sys.stderr)
+                self.handover = "hostfunc"
+                return None
+        if self.mailbox is None:
+            self.mailbox = Mailbox.from_env()
+        if cuda and not self.mailbox_device:
+            with torch.cuda.device(device):  # the device pointer is the one this device's context maps
+                self.mailbox_device = cuda_host.register_mapped(self.mailbox.address, self.mailbox.slots.nbytes)
+        self.mailbox.start()
+        return self.mailbox
+
     def __del__(self):
+        if self.mailbox is not None:
+            self.mailbox.close()
+            if self.mailbox_device:
+                try:
+                    cuda_host.unregister(self.mailbox.address)
+                except Exception:  # interpreter shutdown, as below
+                    pass
         if self.registered:
             self.registered = False
             try:
@@ -84,6 +141,15 @@ class _Stream:
     def call(self, fn: int, job: np.ndarray) -> None:
         launch_host_func(self.stream, fn, job.ctypes.data)
 
+    def ring(self, staging: HostStaging, bell: int) -> None:
+        # DONE = 0 first, on the stream: a replay's constants then never meet the last layer's DONE
+        stream_write = cuda_host.stream_write32
+        stream_write(self.stream, staging.mailbox_device + 8 * DONE, 0)
+        stream_write(self.stream, staging.mailbox_device + 8 * BELL, bell)
+
+    def await_done(self, staging: HostStaging) -> None:
+        cuda_host.stream_wait32(self.stream, staging.mailbox_device + 8 * DONE, 1)
+
     def copy_out(self, src: torch.Tensor) -> torch.Tensor:
         return src.to(self.device, non_blocking=True)
 
@@ -98,6 +164,19 @@ class _Host:
 
     def call(self, fn: int, job: np.ndarray) -> None:
         _NATIVE(fn)(job.ctypes.data)
+
+    def ring(self, staging: HostStaging, bell: int) -> None:
+        slots = staging.mailbox.slots
+        slots[DONE] = 0
+        slots[BELL] = bell  # x86 keeps stores in order: the dispatcher sees DONE = 0 first
+
+    def await_done(self, staging: HostStaging) -> None:
+        mailbox, polls = staging.mailbox, 0
+        while mailbox.slots[DONE] != 1:
+            if not mailbox.running and mailbox.slots[DONE] != 1:
+                raise RuntimeError("hand-over dispatcher stopped while a job was waiting for it")
+            polls += 1
+            time.sleep(0 if polls < 1000 else 1e-4)
 
     def copy_out(self, src: torch.Tensor) -> torch.Tensor:
         return src.clone()  # the buffer is the next layer's
@@ -152,12 +231,19 @@ class HybridExperts(nn.Module):
         lane.copy_in(h[:T], hidden.detach())
         lane.copy_in(ids[:T], topk_ids)
         lane.copy_in(w[:T], topk_weights.detach())
-        lane.call(self._fns[0], job)
-        return T, job
+        mailbox = self.staging.mailbox_for(lane.device)
+        if mailbox is None:
+            lane.call(self._fns[0], job)
+        else:  # the dispatcher runs submit and wait; the bell is static per job (graph-safe)
+            lane.ring(self.staging, mailbox.bell_for(job, *self._fns))
+        return T, job, mailbox is not None
 
     def _collect(self, lane, launched) -> torch.Tensor:
-        T, job = launched
-        lane.call(self._fns[1], job)
+        T, job, rung = launched
+        if rung:
+            lane.await_done(self.staging)
+        else:
+            lane.call(self._fns[1], job)
         return lane.copy_out(self.staging.tensors[3][:T])
 
     def _job(self, T: int, lane) -> np.ndarray:
@@ -194,15 +280,16 @@ class HybridExperts(nn.Module):
 
 
 def attach(model: nn.Module, *, max_tokens: int = 512, fmt: str = "bf16", threads: int | None = None,
-           numa: str = "interleave") -> int:
+           numa: str = "interleave", handover: str | None = None) -> int:
     """Make every MoE layer's routed experts HybridExperts, all sharing one HostStaging; returns the
     number of layers. Experts already on cpu_experts (anything with `.engine`) keep their engine;
-    torch reference experts are quantized to `fmt`."""
+    torch reference experts are quantized to `fmt`. handover: HMOE_HANDOVER's values (None: read it)."""
     from cpu_experts.experts import CPUExperts
     from runtime.moe import MoE, TorchExperts
 
     cfg = model.cfg
-    staging = HostStaging(max_tokens=max_tokens, hidden=cfg.hidden_size, top_k=cfg.num_experts_per_tok)
+    staging = HostStaging(max_tokens=max_tokens, hidden=cfg.hidden_size, top_k=cfg.num_experts_per_tok,
+                          handover=handover)
     count = 0
     for layer in model.model.layers:
         if not isinstance(layer.mlp, MoE):

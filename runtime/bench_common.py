@@ -44,9 +44,16 @@ def machine() -> dict:
     return out
 
 
+def settings_from_env() -> dict:
+    """HMOE_* variables that change what runs (HMOE_HANDOVER, HMOE_CUDA_SYNC, ...): part of the command."""
+    return {k: v for k, v in sorted(os.environ.items())
+            if k.startswith("HMOE_") and k not in ("HMOE_CACHE_DIR", "HMOE_COMMIT")}
+
+
 def metadata(command: str) -> dict:
+    env = settings_from_env()
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            **machine(), "commit": commit(), "command": command}
+            **machine(), "commit": commit(), "command": command, **({"env": env} if env else {})}
 
 
 def command_line(name: str, args, skip: tuple[str, ...] = ()) -> str:
