@@ -6,7 +6,7 @@
 #    cuda:0), graphs and --compare-no-graph, once per hand-over, alternating (A B A B) so drift
 #    shows; 4. one V3 MoE layer's overhead over its CPU experts alone, per hand-over.
 # Results land in $OUT; budget $BUDGET seconds (default 540). Run from the repository root, e.g.
-#   cd _dev/wt6m && OUT=$OUT bash benchmarks/gpu_handover_run.sh
+#   OUT=$OUT bash benchmarks/gpu_handover_run.sh
 export HMOE_CACHE_DIR=/tmp/hc PYTHONPATH=. PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT; BUDGET=${BUDGET:-540}
 exec > >(tee $OUT/log-handover.txt) 2>&1
