@@ -226,18 +226,20 @@ def _build_split_experts(ckpt, model_dir, cfg: ModelConfig, p, layer: int, cache
     _fill(ckpt, model_dir, targets(fast, fast_ids), bar)
     slow_names = [f"{prefix}.{e}.{proj}.weight" for proj in ("gate_proj", "up_proj", "down_proj") for e in slow_ids]
     slow, path = None, None
+    down_fmt = p.down_format or p.format  # a GGUF's own down format (Q4_K_M: q6_k)
     if cache is not None:
-        path = cache.path(ckpt.fingerprint(slow_names), layer, p.format)  # the names pick the subset
-        slow = cache.load(path, fmt=p.format, num_experts=len(slow_ids), hidden=H, inter=I, threads=p.threads,
-                          numa=p.numa)
+        path = cache.path(ckpt.fingerprint(slow_names), layer, p.format, down_fmt)  # the names pick the subset
+        slow = cache.load(path, fmt=p.format, down_fmt=down_fmt, num_experts=len(slow_ids), hidden=H, inter=I,
+                          threads=p.threads, numa=p.numa)
     if slow is not None:
         bar.update(len(slow_names))
         return SplitExperts(fast, slow, fast_ids, E)
     if hasattr(ckpt, "expert_blocks"):  # GGUF: the file's own blocks of the CPU experts
         from .jit_experts import build_from_blocks
 
-        blocks = [b[slow_ids] for b in ckpt.expert_blocks(layer, p.format)]
-        slow = build_from_blocks(layer, p.format, *blocks, hidden=H, inter=I, threads=p.threads, numa=p.numa)
+        blocks = [b[slow_ids] for b in ckpt.expert_blocks(layer, p.format, down_fmt)]
+        slow = build_from_blocks(layer, p.format, *blocks, hidden=H, inter=I, threads=p.threads, numa=p.numa,
+                                 down_fmt=down_fmt)
         bar.update(len(slow_names))
     else:
         slow_ref = stacked(len(slow_ids), "cpu", resolve_dtype(cfg, "auto"))

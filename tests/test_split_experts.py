@@ -304,3 +304,21 @@ def test_split_of_a_gguf_model_takes_the_files_blocks(tiny_v3, tmp_path):
     assert isinstance(split.model.layers[1].mlp.experts, SplitExperts)
     a, b = greedy(split, PROMPT, 6), greedy(whole, PROMPT, 6)
     assert a[0] == b[0] and rel_err(a[1], b[1]) < 1e-2
+
+
+def test_split_of_a_gguf_layer_keeps_its_own_down_format(tiny_v3, tmp_path):
+    pytest.importorskip("gguf")
+    from gguf import GGMLQuantizationType as Q
+
+    from .test_gguf import llama_cpp_gguf
+
+    (path,) = llama_cpp_gguf(tiny_v3, tmp_path / "m.gguf", experts=Q.Q4_0, projection_types={"down": Q.Q8_0})
+    from runtime.gguf_weights import GGUFWeights
+
+    rules = parse_rules(split_rules().replace("quant: bf16", "quant: q4_0"), str(tmp_path / "r.yaml"), MACHINE)
+    plan = build_plan(rules, load_config(path), ctx=64, stored_experts=GGUFWeights(path).stored_formats())
+    model = load_model(path, plan=plan, progress=False)
+    engine = model.model.layers[1].mlp.experts.slow.engine
+    assert (engine.fmt, engine.down_fmt) == ("q4_0", "q8_0")  # the file's blocks, not requantized
+    allocated, usage = allocated_bytes(model), plan.usage()
+    assert abs(allocated["cpu"] - usage["cpu"].weights) <= 1024, (allocated, usage)
