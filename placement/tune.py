@@ -23,15 +23,15 @@ from runtime.errors import HmoeError
 from .formats import PRECISION_ORDER, auto_format, cache_bytes_per_token
 from .inventory import Inventory
 from .modules import Unit, model_units
-from .ops import FEATURES_TODAY, OPS, runs_today
+from .ops import FEATURES_TODAY, OPS, gpu_experts_run_today, runs_today
+from .plan import Plan, build_plan, raw_bytes
+from .preflight import RESERVE, check, gib
+from .schema import AUTO, RuleSet, parse_rules
 
 # Default rules keep experts on the GPU beside CPU ones only when at least this share of a layer's
 # experts fits: a split layer launches ~20 more small GPU kernels per step (runtime/split_experts.py),
 # which a 1-of-256 split does not repay while the step is launch-bound.
 MIN_GPU_EXPERTS_SHARE = 20
-from .plan import Plan, build_plan, raw_bytes
-from .preflight import RESERVE, check, gib
-from .schema import AUTO, RuleSet, parse_rules
 
 PAGE_SIZE = DEFAULT_PAGE_SIZE  # latent cache page (tokens)
 
@@ -72,7 +72,8 @@ def tune(cfg: ModelConfig, inventory: Inventory, *, ctx: int, expert_quant: str 
     per_layer_gpu = 0
     if gpu is not None:
         core_fmt, cache_dtype, left = gpu
-        gpu_fmt = core_fmt  # experts on the GPU use the format the core settled on
+        # experts on the GPU use the format the core settled on, where the runtime runs experts in it
+        gpu_fmt = core_fmt if not runnable_only or gpu_experts_run_today("cuda:0", core_fmt) else "bf16"
         layer_bytes = _sum(experts[:1], gpu_fmt, base) if experts else 0
         n_whole = min(left // layer_bytes, len(experts)) if layer_bytes else 0
         on_gpu_layers = [u.layer for u in experts[:n_whole]]
@@ -119,7 +120,7 @@ def tune(cfg: ModelConfig, inventory: Inventory, *, ctx: int, expert_quant: str 
         fields = dict(layers=_span([u.layer for u in rest]) if on_gpu_layers else None, device="cpu", op="jit",
                       quant=fmt, threads="auto")
         if per_layer_gpu:
-            fields["gpu_experts"] = f"{{count: {per_layer_gpu}, device: cuda:0, quant: {gpu[0]}}}"
+            fields["gpu_experts"] = f"{{count: {per_layer_gpu}, device: cuda:0, quant: {gpu_fmt}}}"
         rules.append(_rule(EXPERTS, **fields))
     if gpu is not None:
         core_fmt, cache_dtype, _ = gpu

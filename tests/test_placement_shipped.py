@@ -170,3 +170,11 @@ def test_detect_reads_free_vram_and_available_ram(monkeypatch):
     machine = detect()
     assert machine.devices == ("cpu", "cuda:0", "cuda:1") and machine.detected
     assert machine.capacity("cuda:1") == 21 * GiB and machine.capacity("cpu") == 100 * GiB
+
+
+@pytest.mark.parametrize("vram", [8, 16, 24, 26, 28, 30, 32, 48, 80, 141])
+@pytest.mark.parametrize("cfg", [V3, V2_LITE], ids=["v3", "v2-lite"])
+def test_default_rules_always_load(cfg, vram):
+    """What hmoe picks without --rules must pass assembly's check on any GPU size (fp8 attention
+    next to experts kept on the GPU, which torch runs only in float formats, included)."""
+    check_runnable(tune(cfg, hypothetical([vram], 1024), ctx=4096, runnable_only=True).plan)
