@@ -14,6 +14,8 @@ import ctypes.util
 import re
 from functools import lru_cache
 
+from runtime.errors import HmoeError
+
 
 @lru_cache(maxsize=None)
 def _launcher():
@@ -65,7 +67,7 @@ def set_host_sync(mode: str) -> bool:
     """Set every GPU's primary-context scheduling flag to `mode` (SYNC_FLAGS), best before torch
     creates the contexts (recent drivers also accept it after); True if every GPU reads it back."""
     if mode not in SYNC_FLAGS:
-        raise ValueError(f"host sync mode must be one of {', '.join(SYNC_FLAGS)}, got {mode!r}")
+        raise HmoeError(f"HMOE_CUDA_SYNC (host sync mode) must be one of {', '.join(SYNC_FLAGS)}, got {mode!r}")
     try:
         cuda = ctypes.CDLL("libcuda.so.1")
     except OSError:

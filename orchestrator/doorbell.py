@@ -19,6 +19,8 @@ from functools import lru_cache
 
 import numpy as np
 
+from runtime.errors import HmoeError
+
 BELL, DONE, STOP, SPIN, YIELD, SLEEP_NS, RUNS, BAD, COUNT, TABLE = 0, 8, 16, 24, 25, 26, 32, 33, 40, 64
 ENTRY = 3  # table entry: job address, native submit(job), native wait(job)
 CAPACITY = 4096  # jobs per mailbox (a model's MoE layers x the token counts it has run)
@@ -112,7 +114,7 @@ class Mailbox:
 
         self.closed, self._thread = True, None  # until built: nothing for __del__ to stop
         if spin < 0 or yield_every < 0 or sleep_us < 1:
-            raise ValueError(f"mailbox needs spin >= 0, yield_every >= 0, sleep_us >= 1; got {spin}, "
+            raise HmoeError(f"the hand-over mailbox (HMOE_DOORBELL_*) needs spin >= 0, yield_every >= 0, sleep_us >= 1; got {spin}, "
                              f"{yield_every}, {sleep_us}")
         self.slots = aligned_zeros(SLOTS, np.int64, align=4096)  # page-aligned: registered on its own
         self.slots[SPIN], self.slots[YIELD], self.slots[SLEEP_NS] = spin, yield_every, sleep_us * 1000
@@ -133,7 +135,7 @@ class Mailbox:
                 try:
                     settings[key] = int(os.environ[name])
                 except ValueError:
-                    raise ValueError(f"{name} must be an integer, got {os.environ[name]!r}") from None
+                    raise HmoeError(f"{name} must be an integer, got {os.environ[name]!r}") from None
         return cls(**settings)
 
     def bell_for(self, job: np.ndarray, submit: int, wait: int) -> int:

@@ -34,6 +34,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from runtime.errors import HmoeError
+
 from . import cuda_host
 from .cuda_host import launch_host_func
 from .doorbell import BELL, DONE, Mailbox
@@ -45,7 +47,7 @@ def handover_mode(value: str | None = None) -> str:
     """The hand-over asked for: `value`, else $HMOE_HANDOVER, else hostfunc."""
     mode = value if value is not None else (os.environ.get("HMOE_HANDOVER") or "hostfunc")
     if mode not in HANDOVERS:
-        raise ValueError(f"HMOE_HANDOVER must be one of {', '.join(HANDOVERS)}, got {mode!r}")
+        raise HmoeError(f"HMOE_HANDOVER must be one of {', '.join(HANDOVERS)}, got {mode!r}")
     return mode
 
 _NATIVE = ctypes.CFUNCTYPE(None, ctypes.c_void_p)  # void f(void *job); ctypes drops the GIL around the call

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from runtime.errors import HmoeError
+
 from .gpu_dequant import dequantize_packed
 from .schedule import Compute, Copy, DoubleBuffer
 
@@ -257,24 +259,25 @@ class StreamedExperts(nn.Module):
         return {"cpu": nbytes(self.engine)}
 
 
-def attach(experts: list[tuple[nn.Module, nn.Module]], device, *, min_tokens: int | None,
+def attach(experts: list[tuple[nn.Module, nn.Module]], device, *, min_tokens: int | None | list[int | None],
            log=lambda text: print(f"hmoe: {text}", file=sys.stderr)) -> StreamedPrefill:
     """Give each (moe block, its CPU experts) pair in model order the streamed prefill path on
-    `device`. min_tokens None: the threshold measured here (threshold.py); $HMOE_STREAM_MIN_TOKENS
-    overrides either."""
+    `device`. min_tokens: one threshold for all, or one per pair (each rule's own); None: the
+    threshold measured here (threshold.py); $HMOE_STREAM_MIN_TOKENS overrides every one."""
     prefill = StreamedPrefill([inner.engine for _, inner in experts], device)
+    per_layer = list(min_tokens) if isinstance(min_tokens, (list, tuple)) else [min_tokens] * len(experts)
     env = os.environ.get(ENV_MIN_TOKENS)
     if env:
         if not env.isdigit() or int(env) < 1:
-            raise ValueError(f"${ENV_MIN_TOKENS} must be a positive integer, got {env!r}")
-        min_tokens = int(env)
-    elif min_tokens is None:
+            raise HmoeError(f"${ENV_MIN_TOKENS} must be a positive integer, got {env!r}")
+        per_layer = [int(env)] * len(experts)
+    elif None in per_layer:
         found, facts = measured_threshold(prefill, top_k=experts[0][0].gate.top_k)
         log(f"streamed prefill from {found} tokens ({facts})" if found else
             f"streamed prefill never beats the CPU here ({facts})")
-        min_tokens = found
-    for j, (moe, inner) in enumerate(experts):
-        moe.experts = StreamedExperts(inner, prefill, j, min_tokens if min_tokens is not None else float("inf"))
+        per_layer = [found if n is None else n for n in per_layer]
+    for j, ((moe, inner), n) in enumerate(zip(experts, per_layer)):
+        moe.experts = StreamedExperts(inner, prefill, j, n if n is not None else float("inf"))
     return prefill
 
 

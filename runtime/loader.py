@@ -160,10 +160,9 @@ def _stream_prefill(plan, hybrid) -> None:
         return
     from orchestrator import streamed
 
-    for device, layers in by_device.items():
-        known = {prefill[i].min_tokens for i, _ in layers}
-        min_tokens = min(known - {None}) if known - {None} else None  # one threshold per device
-        streamed.attach([(moe, moe.experts) for _, moe in layers], device, min_tokens=min_tokens)
+    for device, layers in by_device.items():  # each layer streams from its own rule's min_tokens
+        streamed.attach([(moe, moe.experts) for _, moe in layers], device,
+                        min_tokens=[prefill[i].min_tokens for i, _ in layers])
 
 
 def _build_experts(ckpt: Checkpoint, model_dir, cfg: ModelConfig, p, layer: int, reference: TorchExperts,

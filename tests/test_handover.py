@@ -15,6 +15,7 @@ from orchestrator.doorbell import BAD, BELL, DONE, Mailbox
 from orchestrator.hybrid import HostStaging, HybridExperts, attach, handover_mode
 from runtime.loader import load_model
 from runtime.moe import MoE
+from runtime.errors import HmoeError
 
 _JOB_FN = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
 
@@ -104,7 +105,7 @@ def test_close_stops_the_dispatcher_and_releases_a_waiting_stream(spin):
 
 
 def test_bad_settings_and_a_full_mailbox_are_refused(monkeypatch):
-    with pytest.raises(ValueError, match="sleep_us >= 1"):
+    with pytest.raises(HmoeError, match="sleep_us >= 1"):
         Mailbox(sleep_us=0)
     monkeypatch.setattr(doorbell, "CAPACITY", 2)
     mailbox, engine = Mailbox(), _FakeEngine()
@@ -122,7 +123,7 @@ def test_mailbox_settings_from_the_environment(monkeypatch):
     assert (mailbox.slots[doorbell.SPIN], mailbox.slots[doorbell.YIELD], mailbox.slots[doorbell.SLEEP_NS]) == \
         (123, 0, 50_000)
     monkeypatch.setenv("HMOE_DOORBELL_SLEEP_US", "fast")
-    with pytest.raises(ValueError, match="HMOE_DOORBELL_SLEEP_US must be an integer, got 'fast'"):
+    with pytest.raises(HmoeError, match="HMOE_DOORBELL_SLEEP_US must be an integer, got 'fast'"):
         Mailbox.from_env()
 
 
@@ -136,7 +137,7 @@ def test_handover_mode_default_env_and_bad_value(monkeypatch):
     assert HostStaging(max_tokens=2, hidden=8, top_k=2).handover == "memops"
     assert handover_mode("hostfunc") == "hostfunc"  # an explicit value wins
     monkeypatch.setenv("HMOE_HANDOVER", "futex")
-    with pytest.raises(ValueError, match="HMOE_HANDOVER must be one of hostfunc, memops, got 'futex'"):
+    with pytest.raises(HmoeError, match="HMOE_HANDOVER must be one of hostfunc, memops, got 'futex'"):
         handover_mode()
 
 

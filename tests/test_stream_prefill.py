@@ -11,6 +11,7 @@ from cpu_experts.formats import dequantize, quantize
 from orchestrator import streamed
 from orchestrator.schedule import Compute, Copy, DoubleBuffer
 from orchestrator.streamed import StreamedExperts, StreamedPrefill
+from runtime.errors import HmoeError
 
 from .conftest import rel_err
 
@@ -141,8 +142,24 @@ def test_min_tokens_override_from_the_environment(monkeypatch):
     streamed.attach([(moe, moe.experts)], "cpu", min_tokens=100)
     assert isinstance(moe.experts, StreamedExperts) and moe.experts.min_tokens == 7
     monkeypatch.setenv(streamed.ENV_MIN_TOKENS, "seven")
-    with pytest.raises(ValueError, match="HMOE_STREAM_MIN_TOKENS must be a positive integer, got 'seven'"):
+    with pytest.raises(HmoeError, match="HMOE_STREAM_MIN_TOKENS must be a positive integer, got 'seven'"):
         streamed.attach([(moe, moe.experts.inner)], "cpu", min_tokens=None)
+
+
+def test_each_layer_streams_from_its_own_rules_threshold(monkeypatch):
+    monkeypatch.delenv(streamed.ENV_MIN_TOKENS, raising=False)
+    moes = []
+    for _ in range(2):
+        engine, _ = _layer("q8_0")
+
+        class Moe(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.gate = type("G", (), {"top_k": K})()
+                self.experts = _Inner(engine)
+        moes.append(Moe())
+    streamed.attach([(moe, moe.experts) for moe in moes], "cpu", min_tokens=[4096, 512])
+    assert [moe.experts.min_tokens for moe in moes] == [4096, 512]
 
 
 def test_cpu_threshold_is_measured_when_auto():
