@@ -133,7 +133,11 @@ class MoE(nn.Module):
         weights, ids = self.gate(x)
         if hasattr(self.experts, "start"):  # routed experts elsewhere (the CPU): start them, run the shared
             self.experts.start(x, ids, weights)  # experts here meanwhile, then join (orchestrator.hybrid)
-            shared = self.shared_experts(x) if self.shared_experts is not None else None
+            try:
+                shared = self.shared_experts(x) if self.shared_experts is not None else None
+            except BaseException:  # (Ctrl-C, a failed capture) join the started work: the experts stay usable
+                self.experts.finish()
+                raise
             out = self.experts.finish()
             return (out if shared is None else out + shared).view(shape)
         out = self.experts(x, ids, weights)

@@ -89,8 +89,16 @@ class SplitExperts(nn.Module):
             self.slow.engine.submit(*args)
             slow_started = ("engine", args)  # the engine reads these until wait()
         dev = self.fast_device
-        fast_out = fast_forward(self.fast, hidden.to(dev, non_blocking=True), fast_ids.to(dev, non_blocking=True),
-                                fast_w.to(dev, non_blocking=True))
+        copy = dict(non_blocking=dev.type != "cpu")  # a GPU -> CPU copy must be complete when read
+        try:
+            fast_out = fast_forward(self.fast, hidden.to(dev, **copy), fast_ids.to(dev, **copy),
+                                    fast_w.to(dev, **copy))
+        except BaseException:  # join the CPU part before the error goes on, so this module stays usable
+            if slow_started == "start":
+                self.slow.finish()
+            elif slow_started is not None:
+                self.slow.engine.wait()
+            raise
         self._pending = (hidden, slow_ids, slow_w, slow_started, fast_out)
 
     def finish(self) -> torch.Tensor:

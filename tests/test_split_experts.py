@@ -322,3 +322,28 @@ def test_split_of_a_gguf_layer_keeps_its_own_down_format(tiny_v3, tmp_path):
     assert (engine.fmt, engine.down_fmt) == ("q4_0", "q8_0")  # the file's blocks, not requantized
     allocated, usage = allocated_bytes(model), plan.usage()
     assert abs(allocated["cpu"] - usage["cpu"].weights) <= 1024, (allocated, usage)
+
+
+def test_an_error_between_start_and_finish_leaves_the_experts_usable(tiny_v3, monkeypatch):
+    """Ctrl-C in the shared experts (or a failed graph capture) must not leave the CPU part started:
+    the next forward would refuse with 'start() twice'."""
+    from runtime.moe import MoE
+
+    plan = build_plan(parse_rules(split_rules(), "r.yaml", MACHINE), load_config(tiny_v3), ctx=64)
+    model = load_model(tiny_v3, plan=plan, progress=False)
+    moe = next(layer.mlp for layer in model.model.layers if isinstance(layer.mlp, MoE))
+    x = torch.randn(3, model.cfg.hidden_size)
+    want = moe(x)
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(moe.shared_experts, "forward", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            moe(x)
+    with monkeypatch.context() as m:
+        m.setattr("runtime.split_experts.fast_forward", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            moe(x)
+    torch.testing.assert_close(moe(x), want)
