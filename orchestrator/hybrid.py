@@ -43,6 +43,9 @@ from .doorbell import BELL, DONE, Mailbox
 HANDOVERS = ("hostfunc", "memops")
 
 
+MEMOPS_MAX_TOKENS = 16  # launches of up to this many tokens use the memops hand-over when it is on
+
+
 def handover_mode(value: str | None = None) -> str:
     """The hand-over asked for: `value`, else $HMOE_HANDOVER, else hostfunc."""
     mode = value if value is not None else (os.environ.get("HMOE_HANDOVER") or "hostfunc")
@@ -233,7 +236,9 @@ class HybridExperts(nn.Module):
         lane.copy_in(h[:T], hidden.detach())
         lane.copy_in(ids[:T], topk_ids)
         lane.copy_in(w[:T], topk_weights.detach())
-        mailbox = self.staging.mailbox_for(lane.device)
+        # memops for decode-sized launches only: each (layer, T) keeps a mailbox row for good, and
+        # prompts (any T, one launch per layer) gain nothing from a faster hand-over
+        mailbox = self.staging.mailbox_for(lane.device) if T <= MEMOPS_MAX_TOKENS else None
         if mailbox is None:
             lane.call(self._fns[0], job)
         else:  # the dispatcher runs submit and wait; the bell is static per job (graph-safe)

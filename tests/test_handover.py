@@ -278,3 +278,15 @@ def test_memops_graph_replay_equals_eager_and_hostfunc(on_gpu):
         assert torch.equal(eager, want_moe(x))
     torch.cuda.synchronize()
     assert staging.mailbox.runs == runs + 40
+
+
+def test_prompt_sized_launches_keep_host_functions(tiny_v3):
+    """Every (layer, token count) rung through the mailbox keeps a table row for good: only decode
+    sizes (<= MEMOPS_MAX_TOKENS) use it, so prompts of any length never fill it."""
+    model = load_model(tiny_v3, dtype="float32")
+    attach(model, fmt="bf16", threads=2, max_tokens=64, handover="memops")
+    moe = next(layer.mlp for layer in model.model.layers if isinstance(layer.mlp, MoE))
+    staging = moe.experts.staging
+    for T in (1, 2, hybrid.MEMOPS_MAX_TOKENS, hybrid.MEMOPS_MAX_TOKENS + 1, 40, 64):
+        moe(torch.randn(1, T, model.cfg.hidden_size))
+    assert staging.mailbox.runs == 3
