@@ -260,12 +260,13 @@ class CPUExperts:
                              "SW": aligned_zeros(S, np.float32), "SPOS": aligned_zeros(S, np.int32),
                              "ACT": aligned_zeros(E, np.int32)}
         bf16_acts = self.tiles.amx and self.tiles.amx_mode != "int8"   # bf16 or mixed
-        for pre, k, f in (("X", H, self.fmt), ("H", I, self.down_fmt)):   # slot-ordered int8 activations,
-            rows = (S + P) if f != "bf16" else 1                            # scale, sums per 16, term
+        for pre, k, f, geo in (("X", H, self.fmt, self.geo), ("H", I, self.down_fmt, self.down_geo)):
+            rows = (S + P) if f != "bf16" else 1   # slot-ordered int8 activations, scale, sums per 16, term
+            amx_bf16 = bf16_acts and supports_amx(geo)  # bf16 copies only for a phase AMX-BF16 runs
             s.update({pre + "Q": aligned_zeros(rows * k, np.int8), pre + "D": aligned_zeros(rows * k // 32, np.float32),
                       pre + "S": aligned_zeros(rows * k // 16, np.int32),
                       pre + "T": aligned_zeros(rows * k // 32, np.float32),
-                      pre + "B": aligned_zeros(rows * k if bf16_acts else 32, np.uint16)})
+                      pre + "B": aligned_zeros(rows * k if amx_bf16 else 32, np.uint16)})
         stride = max(H, I) // 32 * 2048 if bf16_acts else 0   # AMX-BF16: a row group's dequantized blocks
         s["AMXB"] = aligned_zeros(max(stride * self.threads, 64), np.uint8)
         self.job[J["AMXB_STRIDE"]] = stride

@@ -23,7 +23,7 @@ MIXED_PAIRS = (("q4_k", "q6_k"), ("q4_0", "q8_0"), ("q8_0", "q6_k"), ("bf16", "q
 # their AMX tilings: (gate/up, down, amx_mode, amx_min_slots), emulated on the first AVX-512 ISA
 MIXED_EMULATED = (("q4_k", "q6_k", "bf16", 1), ("q4_k", "q6_k", "int8", 5), ("q4_0", "q8_0", "bf16", 1),
                   ("q4_0", "q8_0", "int8", 1), ("q8_0", "q6_k", "bf16", 1), ("q6_k", "q4_k", "bf16", 1),
-                  ("bf16", "q4_k", "int8", 1))
+                  ("bf16", "q4_k", "int8", 1), ("q4_k", "q6_k", "mixed", 1), ("q4_0", "q8_0", "mixed", 1))
 MIXED_AMX = (("q4_k", "q6_k"), ("q4_0", "q8_0"), ("q8_0", "q6_k"), ("q6_k", "q4_k"))
 
 

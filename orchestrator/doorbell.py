@@ -113,8 +113,8 @@ class Mailbox:
         from cpu_experts.pool import aligned_zeros
 
         self.closed, self._thread = True, None  # until built: nothing for __del__ to stop
-        if spin < 0 or yield_every < 0 or sleep_us < 1:
-            raise HmoeError(f"the hand-over mailbox (HMOE_DOORBELL_*) needs spin >= 0, yield_every >= 0, sleep_us >= 1; got {spin}, "
+        if spin < 0 or yield_every < 0 or not 1 <= sleep_us < 1_000_000:  # nanosleep's tv_nsec < 1e9
+            raise HmoeError(f"the hand-over mailbox (HMOE_DOORBELL_*) needs spin >= 0, yield_every >= 0, 1 <= sleep_us < 1000000; got {spin}, "
                              f"{yield_every}, {sleep_us}")
         self.slots = aligned_zeros(SLOTS, np.int64, align=4096)  # page-aligned: registered on its own
         self.slots[SPIN], self.slots[YIELD], self.slots[SLEEP_NS] = spin, yield_every, sleep_us * 1000
@@ -139,7 +139,8 @@ class Mailbox:
         return cls(**settings)
 
     def bell_for(self, job: np.ndarray, submit: int, wait: int) -> int:
-        """The bell value that runs `job` (native submit, then wait); one table row per job."""
+        """The bell value that runs `job` (native submit, then wait); one table row per job. A row
+        rewritten for new functions must not be in flight (callers bind before launching)."""
         address = job.ctypes.data
         bell = self._index.get(address)
         if bell is None:

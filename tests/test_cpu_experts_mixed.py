@@ -59,7 +59,7 @@ def test_mixed_formats_emulated_amx_match_reference(fmt, down_fmt, mode, min_slo
 
 @pytest.mark.skipif(not HOST_AMX, reason="needs AMX (run on the GPU machine)")
 @pytest.mark.parametrize("fmt,down_fmt", MIXED_AMX)
-@pytest.mark.parametrize("mode", ["bf16", "int8"])
+@pytest.mark.parametrize("mode", ["bf16", "int8", "mixed"])
 def test_mixed_formats_amx_match_reference(fmt, down_fmt, mode):
     tiles = Tiles(tokens=8, amx=True, amx_min_slots=16, amx_mode=mode)
     ex, dq = mixed(fmt, down_fmt, "avx512vnni", 2, tiles=tiles)

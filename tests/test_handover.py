@@ -105,7 +105,7 @@ def test_close_stops_the_dispatcher_and_releases_a_waiting_stream(spin):
 
 
 def test_bad_settings_and_a_full_mailbox_are_refused(monkeypatch):
-    with pytest.raises(HmoeError, match="sleep_us >= 1"):
+    with pytest.raises(HmoeError, match="1 <= sleep_us < 1000000"):
         Mailbox(sleep_us=0)
     monkeypatch.setattr(doorbell, "CAPACITY", 2)
     mailbox, engine = Mailbox(), _FakeEngine()
