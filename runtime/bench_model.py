@@ -165,8 +165,11 @@ def cpu_experts_step_ms(model, steps: int = 50, seed: int = 0) -> float | None:
     runs them. None without cpu_experts. The rest of a step is what the target calls 'outside'."""
     import numpy as np
 
-    engines = [e for e in (getattr(getattr(layer.mlp, "experts", None), "engine", None)
-                           for layer in model.model.layers if isinstance(layer.mlp, MoE)) if e is not None]
+    def engine(experts):  # a SplitExperts' CPU part is its `slow` module
+        return getattr(getattr(experts, "slow", experts), "engine", None)
+
+    engines = [e for e in (engine(layer.mlp.experts) for layer in model.model.layers if isinstance(layer.mlp, MoE))
+               if e is not None]
     if not engines:
         return None
     cfg, rng = model.cfg, np.random.default_rng(seed)

@@ -88,7 +88,7 @@ class TorchExperts(nn.Module):
 
     def forward(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         if hidden.is_cuda and hidden.shape[0] <= GATHER_MAX_TOKENS:
-            return self._gathered(hidden, topk_ids, topk_weights)
+            return self.gathered(hidden, topk_ids, topk_weights)
         out = torch.zeros_like(hidden)
         flat_ids = topk_ids.flatten()
         order = flat_ids.argsort(stable=True)
@@ -107,7 +107,7 @@ class TorchExperts(nn.Module):
             start += count
         return out
 
-    def _gathered(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+    def gathered(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         """Decode on a GPU: the chosen experts' weights gathered per (token, slot), one batched matmul
         each; no counts read back to the host, so a CUDA graph can capture it."""
         T, k = topk_ids.shape

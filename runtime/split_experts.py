@@ -149,12 +149,7 @@ def _dense(experts, x, ids, weights):
 
 
 def _gather(experts, x, ids, weights):
-    T, k = ids.shape
-    flat = ids.flatten()
-    xs = x.repeat_interleave(k, dim=0)[:, :, None]  # [S, H, 1]
-    h = F.silu(torch.bmm(experts.gate_proj[flat], xs)) * torch.bmm(experts.up_proj[flat], xs)  # [S, I, 1]
-    y = torch.bmm(experts.down_proj[flat], h)[..., 0]  # [S, H]
-    return (y * weights.flatten()[:, None].to(y.dtype)).view(T, k, -1).sum(1)
+    return experts.gathered(x, ids, weights)  # TorchExperts' sync-free gather, as its decode path
 
 
 def _grouped(experts, x, ids, weights):
