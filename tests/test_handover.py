@@ -13,9 +13,11 @@ import torch
 from orchestrator import doorbell, hybrid
 from orchestrator.doorbell import BAD, BELL, DONE, Mailbox
 from orchestrator.hybrid import HostStaging, HybridExperts, attach, handover_mode
+from runtime.errors import HmoeError
 from runtime.loader import load_model
 from runtime.moe import MoE
-from runtime.errors import HmoeError
+
+from .test_orchestrator import _round_experts_to_bf16
 
 _JOB_FN = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
 
@@ -158,15 +160,6 @@ def test_unsupported_memops_fall_back_to_host_functions_with_one_message(monkeyp
 
 
 # ---------------------------------------------------------------- HybridExperts on CPU inputs
-
-def _round_experts_to_bf16(model):
-    with torch.no_grad():
-        for layer in model.model.layers:
-            if isinstance(layer.mlp, MoE):
-                for p in layer.mlp.experts.parameters():
-                    p.copy_(p.bfloat16().float())
-    return model
-
 
 @pytest.fixture(scope="module")
 def pair(tiny_v3):

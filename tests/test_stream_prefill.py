@@ -128,16 +128,17 @@ def test_threshold_decides_per_call(monkeypatch):
     assert inner.calls == 2
 
 
+class _Moe(torch.nn.Module):
+    """What attach reads of a MoE block: its router's top-k and its CPU experts."""
+
+    def __init__(self, engine):
+        super().__init__()
+        self.gate = type("G", (), {"top_k": K})()
+        self.experts = _Inner(engine)
+
+
 def test_min_tokens_override_from_the_environment(monkeypatch):
-    engine, _ = _layer("q8_0")
-
-    class Moe(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.gate = type("G", (), {"top_k": K})()
-            self.experts = _Inner(engine)
-
-    moe = Moe()
+    moe = _Moe(_layer("q8_0")[0])
     monkeypatch.setenv(streamed.ENV_MIN_TOKENS, "7")
     streamed.attach([(moe, moe.experts)], "cpu", min_tokens=100)
     assert isinstance(moe.experts, StreamedExperts) and moe.experts.min_tokens == 7
@@ -148,16 +149,7 @@ def test_min_tokens_override_from_the_environment(monkeypatch):
 
 def test_each_layer_streams_from_its_own_rules_threshold(monkeypatch):
     monkeypatch.delenv(streamed.ENV_MIN_TOKENS, raising=False)
-    moes = []
-    for _ in range(2):
-        engine, _ = _layer("q8_0")
-
-        class Moe(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.gate = type("G", (), {"top_k": K})()
-                self.experts = _Inner(engine)
-        moes.append(Moe())
+    moes = [_Moe(_layer("q8_0")[0]) for _ in range(2)]
     streamed.attach([(moe, moe.experts) for moe in moes], "cpu", min_tokens=[4096, 512])
     assert [moe.experts.min_tokens for moe in moes] == [4096, 512]
 
