@@ -84,7 +84,7 @@ def test_a_plan_that_does_not_fit_is_refused_with_what_to_change(capsys):
     assert code == 2
     assert err.startswith(f"hmoe: error: {RULES_DIR / 'deepseek-v3-1gpu.yaml'}: the plan does not fit cuda:0: it "
                           f"needs 19.2 GiB (weights 16.0 GiB, latent cache 2.14 GiB for 32768 tokens, reserve 1.00 GiB)"
-                          f" and 16.0 GiB is free; to free 3.19 GiB: move rule 2 (line 15) (10.6 GiB of self_attn) "
+                          f" and 16.0 GiB is free; to free 3.19 GiB: move rule 2 (line 16) (10.6 GiB of self_attn) "
                           f"to the CPU or narrow its layers (enough alone)")
 
 
