@@ -82,10 +82,14 @@ _POOLS: dict = {}
 
 
 def shared_pool(lib: Library, threads: int) -> WorkerPool:
-    """One pool per (library, thread count): layers of a model share their workers."""
-    key = (id(lib), threads)
+    """One pool per (thread count, CPUs), whatever the library: every layer of a model shares its
+    workers, also across format pairs (a job names its library's run function, job[RUN]), so no
+    second set of workers pinned to the same cores spins while the other set works. `lib` supplies
+    the worker loop of a pool started here (the pool keeps a reference to it)."""
+    cpus = numa_mod.worker_cpus(threads)
+    key = (threads, tuple(cpus))
     if key not in _POOLS or _POOLS[key].closed:
-        _POOLS[key] = WorkerPool(lib, threads, cpus=numa_mod.worker_cpus(threads))
+        _POOLS[key] = WorkerPool(lib, threads, cpus=cpus)
     return _POOLS[key]
 
 
@@ -248,6 +252,7 @@ class CPUExperts:
         j[J["D_PAY_E"]], j[J["D_SC_E"]] = self.down.pay_e, self.down.sc_e
         j[J["N2"]] = self.H // self.tiles.rows_down
         j[J["POOL"]] = self.pool.control_address
+        j[J["RUN"]] = self.lib.address("hmoe_run_job")   # what any pool's workers call for this job
 
     def _ensure_scratch(self, T: int, k: int):
         if T <= self._capacity[0] and T * k <= self._capacity[1]:

@@ -8,6 +8,10 @@ already gives a GIL-free native call; the cost is only paid once, at start.
 
 `submit_job_address` / `wait_job_address` are native `void f(void *job)` functions: the orchestrator
 passes them to cudaLaunchHostFunc with a layer's job address (CPUExperts.bind) as userData.
+
+A pool runs the jobs of any library, not only of the one whose worker loop it runs: the loop calls
+the `hmoe_run_job` that job[RUN] names (every library's loop, submit and wait are the same code), so
+the layers of a model with several format pairs (Q4_K_M: q4_k/q4_k and q4_k/q6_k) share one pool.
 """
 import ctypes
 import os
@@ -49,8 +53,9 @@ class WorkerPool:
         self._submit = _VOID_P(self.submit_address)
         self._wait = _VOID_P(self.wait_address)
         self._worker = _WORKER(lib.address("hmoe_worker"))
-        self._lib = lib  # keeps the code alive as long as the pool
+        self._lib = lib  # keeps the worker loop's code alive as long as the pool
         self._empty = aligned_zeros(len(JOB_FIELDS), np.int64)   # N0 = N1 = N2 = 0: no tasks
+        self._empty[J["RUN"]] = lib.address("hmoe_run_job")
         self._threads = [threading.Thread(target=self._run, args=(t,), name=f"hmoe-worker-{t}", daemon=True)
                          for t in range(threads)]
         for th in self._threads:
@@ -65,6 +70,7 @@ class WorkerPool:
     def submit(self, job: np.ndarray):
         """Start a job (int64 job array); returns at once."""
         assert not self.closed, "pool is closed"
+        assert job[J["RUN"]], "job[RUN] is not set: the workers would call address 0"
         job[J["POOL"]] = self.control_address   # its native submit/wait (bind) then name this pool too
         self.ctrl[POOL_FIELDS["JOB"]] = job.ctypes.data
         self._submit(self.control_address)

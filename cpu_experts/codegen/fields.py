@@ -4,9 +4,12 @@
 # (token, expert) pairs sorted by expert): XQ/XD/XS/XT and HQ/HD/HS/HT rows are slots, so an
 # expert's rows are consecutive (AMX loads them as tiles); SPOS[t*k + j] = slot of pair (t, j).
 # XB/HB: the same rows in bf16 (AMX-BF16 mode); AMXB: per-worker scratch, AMXB_STRIDE bytes each.
+# RUN: address of the job's own library's `hmoe_run_job` (written with the static fields): a pool's
+# worker loop calls it through this pointer, so one pool runs the jobs of every library (format pair).
+# It is the last slot, so every other slot keeps the index the kernels were built with.
 JOB_FIELDS = """T TOPK H I E X XSTRIDE IDS W OUT OSTRIDE
 GP GS GB UP US UB DP DS DB GU_PAY_E GU_SC_E D_PAY_E D_SC_E
-XQ XD XS XT XB HF HQ HD HS HT HB CNT OFF STOK SW SPOS ACT NACT N0 N1 N2 POOL AMXB AMXB_STRIDE""".split()
+XQ XD XS XT XB HF HQ HD HS HT HB CNT OFF STOK SW SPOS ACT NACT N0 N1 N2 POOL AMXB AMXB_STRIDE RUN""".split()
 J = {name: i for i, name in enumerate(JOB_FIELDS)}
 
 # pool control block: i64 slots, hot words on separate cache lines (8 slots = 64 bytes)

@@ -535,8 +535,8 @@ class _Builder:
     def build(self) -> str:
         route = self._emit_route()
         quant_x = self._emit_quant_rows() if self.gu.quant else None
-        run_job = sched.emit_run_job(self.m, route, quant_x, self._emit_gateup(), self._emit_down(), self.tiles.profile)
-        sched.emit_worker(self.m, run_job)
+        sched.emit_run_job(self.m, route, quant_x, self._emit_gateup(), self._emit_down(), self.tiles.profile)
+        sched.emit_worker(self.m)
         sched.emit_submit_wait(self.m)
         return str(self.m)
 

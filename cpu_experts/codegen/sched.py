@@ -1,10 +1,13 @@
 """The native scheduler: the worker loop, the task claim loop with its phase barriers, submit/wait.
 
 Pool control block: int64 slots, hot words on separate cache lines. A job is claimed task by task
-from one atomic counter; `hmoe_worker` waits for a new generation (spin, then futex), runs the job,
-and the last worker out publishes FINISHED (and wakes a sleeping waiter).
+from one atomic counter; `hmoe_worker` waits for a new generation (spin, then futex), runs the job
+through the function pointer it carries (job[RUN] = its library's `hmoe_run_job`, so one pool runs the
+jobs of every library), and the last worker out publishes FINISHED (and wakes a sleeping waiter).
 """
 from contextlib import contextmanager
+
+from llvmlite import ir
 
 from .fields import J, POOL_FIELDS, PROF_COUNTERS, PROF_THREADS
 from .irutil import SYS_SCHED_YIELD, I32, I64, PTR, VOID, define, field, futex_wait, futex_wake_all, gep, i64, intrinsic, \
@@ -80,8 +83,15 @@ def spin_pause(b, pool, n):
         syscall(b, [SYS_SCHED_YIELD])
 
 
+# void hmoe_run_job(pool, job, tid): one worker's share of a job, on the pool that runs it
+RUN_JOB_TYPE = ir.FunctionType(VOID, [PTR, PTR, I64])
+
+
 def emit_run_job(m, route, quant_x, gateup, down, profile: bool = False):
-    fn, b = define(m, "run_job", VOID, [PTR, PTR, I64], internal=True)
+    """hmoe_run_job(pool, job, tid): exported, not inlined into the worker loop: a job carries its
+    library's address of it (job[RUN], CPUExperts._write_static_fields) and any library's worker loop
+    calls it through that pointer, so one pool serves layers of every format pair."""
+    fn, b = define(m, "hmoe_run_job", VOID, [PTR, PTR, I64])
     pool, job, tid = fn.args
     prof = _Profile(b, pool, tid, profile)
     n0, n2 = field(b, job, J["N0"]), field(b, job, J["N2"])
@@ -129,8 +139,10 @@ def emit_run_job(m, route, quant_x, gateup, down, profile: bool = False):
     b.ret_void()
     return fn
 
-def emit_worker(m, run_job):
-    """void hmoe_worker(pool, tid): wait for a new generation (spin, then futex), run it, repeat."""
+def emit_worker(m):
+    """void hmoe_worker(pool, tid): wait for a new generation (spin, then futex), run it, repeat.
+    The job is run by the function its job[RUN] names (its own library's hmoe_run_job): the loop
+    itself is the same code in every library, so a pool started from one library runs any job."""
     fn, b = define(m, "hmoe_worker", VOID, [PTR, I64])
     pool = fn.args[0]
     P = POOL_FIELDS
@@ -172,7 +184,9 @@ def emit_worker(m, run_job):
     b.branch(wait)
 
     b.position_at_end(work)
-    b.call(run_job, [pool, field(b, pool, P["JOB"], True), fn.args[1]])
+    job = field(b, pool, P["JOB"], True)
+    run_job = b.inttoptr(field(b, job, J["RUN"]), RUN_JOB_TYPE.as_pointer())   # an indirect call
+    b.call(run_job, [pool, job, fn.args[1]])
     exited = _aadd(b, pool, P["EXITED"])
     last = b.icmp_signed("==", b.add(exited, i64(1)), field(b, pool, P["NTHREADS"]))
     with b.if_then(last):
