@@ -22,7 +22,6 @@ from torch import nn
 from runtime.errors import HmoeError
 from runtime.fp8_linear import to_fp8
 
-from .ops import runtime_gaps
 from .plan import Plan
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -35,9 +34,9 @@ class AssemblyError(HmoeError):
 
 def check_runnable(plan: Plan) -> None:
     """Refuse, by rule and module, any placement whose op or feature the runtime cannot run yet."""
-    attention_of = {p.unit.layer: p.device for p in plan.placements if p.unit.kind == "attention"}
+    gaps = plan.gaps()
     for p in plan.placements:
-        missing = runtime_gaps(p, attention_of.get(p.unit.layer, "none"))
+        missing = gaps[p.name]
         if missing:
             where = p.rule.label if p.rule else "'defaults'"
             raise AssemblyError(f"{plan.rules.source}: {where} places {p.name} with {' and '.join(missing)}, "
@@ -71,7 +70,7 @@ def connect(model: nn.Module, plan: Plan) -> None:
     (the decode step pays for no hook it does not need); a one-device plan gets no hooks at all."""
     if len({p.device for p in plan.placements}) == 1:
         return
-    attention = {p.unit.layer: p.device for p in plan.placements if p.unit.kind == "attention"}
+    attention = plan.attention_devices
     for p in plan.placements:
         module = model.get_submodule(p.name)
         if p.unit.layer is not None and p.device == attention[p.unit.layer]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .ops import FEATURES_TODAY, SLOW_FALLBACKS, device_type, runtime_gaps
+from .ops import FEATURES_TODAY, SLOW_FALLBACKS, device_type
 from .plan import Placement, Plan
 from .preflight import Fit, gib
 
@@ -94,7 +94,7 @@ def render(plan: Plan, result: list[Fit], model_label: str) -> str:
     defaulted = [p.name for p in plan.placements if p.rule is None]
     if defaulted:
         lines.append(f"placed by defaults (no rule matches): {len(defaulted)} modules, e.g. {', '.join(defaulted[:3])}")
-    gaps = _gaps(plan)
+    gaps = plan.gaps()
     missing = sorted({f"{gap} ({p.rule.label if p.rule else 'defaults'})" for p in plan.placements for gap in gaps[p.name]})
     if missing:
         lines.append(f"not in the runtime yet: {', '.join(missing)}")
@@ -105,19 +105,13 @@ def render(plan: Plan, result: list[Fit], model_label: str) -> str:
     return "\n".join(lines)
 
 
-def _gaps(plan: Plan) -> dict[str, list[str]]:
-    """Per module, what the runtime cannot run yet of its placement (assembly refuses on these)."""
-    attention = {p.unit.layer: p.device for p in plan.placements if p.unit.kind == "attention"}
-    return {p.name: runtime_gaps(p, attention.get(p.unit.layer, "none")) for p in plan.placements}
-
-
 def _table(rows: list[tuple]) -> list[str]:
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     return ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
 
 
 def to_json(plan: Plan, result: list[Fit], model_label: str) -> dict:
-    gaps = _gaps(plan)
+    gaps = plan.gaps()
 
     def module(p: Placement) -> dict:
         g = p.gpu_experts

@@ -21,7 +21,7 @@ from gpu_attention.latent_cache import DEFAULT_PAGE_SIZE
 from .formats import FORMATS, auto_format, cache_bytes_per_token, fits_rows, jit_bytes_per_weight
 from .match import assign, unused_rule_warnings
 from .modules import Unit, model_units
-from .ops import OPS, format_problem, weights_home
+from .ops import OPS, format_problem, runtime_gaps, weights_home
 from .schema import AUTO, GpuExperts, Prefill, Rule, RuleSet
 from .yaml_lines import RulesError
 
@@ -94,6 +94,17 @@ class Plan:
     @property
     def total_weight_bytes(self) -> int:
         return sum(p.bytes + p.gpu_bytes for p in self.placements)
+
+    @property
+    def attention_devices(self) -> dict[int, str]:
+        """Layer -> the device its attention (and so its residual stream and latent cache) is on."""
+        return {p.unit.layer: p.device for p in self.placements if p.unit.kind == "attention"}
+
+    def gaps(self) -> dict[str, list[str]]:
+        """Per module, what the runtime cannot run yet of its placement (assembly refuses on these,
+        `rules explain` lists them)."""
+        attention = self.attention_devices
+        return {p.name: runtime_gaps(p, attention.get(p.unit.layer, "none")) for p in self.placements}
 
 
 def build_plan(rules: RuleSet, cfg: ModelConfig, *, ctx: int, numa_nodes: int = 1, auto_dtype: str | None = None,

@@ -127,6 +127,11 @@ def run_tests(runner: Runner, tests: list[BenchTest], *, reps: int, warmup: bool
     return results
 
 
+def cpu_part(experts):
+    """A layer's routed experts as the CPU runs them: a SplitExperts' `slow` part, else themselves."""
+    return getattr(experts, "slow", experts)
+
+
 def routed_experts(model) -> dict:
     """What one decode token must read of the routed experts: per MoE layer top-k experts."""
     cfg = model.cfg
@@ -136,7 +141,7 @@ def routed_experts(model) -> dict:
             continue
         experts = layer.mlp.experts
         fast = getattr(experts, "fast_ids", None) and (len(experts.fast_ids), experts.fast_device)
-        experts = getattr(experts, "slow", experts)  # SplitExperts: the roofline of its CPU part
+        experts = cpu_part(experts)  # SplitExperts: the roofline of its CPU part
         engine = getattr(experts, "engine", None)
         if engine is not None:
             per_expert, kind = engine.bytes_per_expert(), f"{engine.fmt} (cpu_experts)"
@@ -165,11 +170,8 @@ def cpu_experts_step_ms(model, steps: int = 50, seed: int = 0) -> float | None:
     runs them. None without cpu_experts. The rest of a step is what the target calls 'outside'."""
     import numpy as np
 
-    def engine(experts):  # a SplitExperts' CPU part is its `slow` module
-        return getattr(getattr(experts, "slow", experts), "engine", None)
-
-    engines = [e for e in (engine(layer.mlp.experts) for layer in model.model.layers if isinstance(layer.mlp, MoE))
-               if e is not None]
+    engines = [e for e in (getattr(cpu_part(layer.mlp.experts), "engine", None)
+                           for layer in model.model.layers if isinstance(layer.mlp, MoE)) if e is not None]
     if not engines:
         return None
     cfg, rng = model.cfg, np.random.default_rng(seed)

@@ -13,7 +13,6 @@ from tqdm import tqdm
 
 from .checkpoint import Checkpoint
 from .config import ModelConfig, load_config
-from .errors import HmoeError
 from .fp8 import quantize_fp8_blocks
 from .model import DeepseekForCausalLM
 from .moe import MoE, TorchExperts
@@ -126,23 +125,19 @@ HYBRID_STAGING_TOKENS = 1024
 def _overlap_on_gpu(model, cfg: ModelConfig, plan, moe_layers) -> None:
     """CPU experts of layers whose attention runs on a GPU: computed stream-ordered (HybridExperts),
     overlapping the GPU's shared experts, instead of a synchronous copy to the CPU and back."""
-    attention = {p.unit.layer: p.device for p in plan.placements if p.unit.kind == "attention"}
-    def owner(moe):  # the module whose `experts` are the CPU kernels: the layer, or its split's CPU part
-        split = getattr(moe.experts, "slow", None)
-        return moe.experts if split is not None else moe
-
-    hybrid = [owner(moe) for i, moe in moe_layers if attention[i].startswith("cuda")]
-    hybrid = [o for o in hybrid if hasattr(getattr(o, "slow", None) or o.experts, "engine")]
+    attention = plan.attention_devices
+    hybrid = []  # (module, attribute) holding CPU-kernel experts: the layer's `experts`, or a split's `slow`
+    for i, moe in moe_layers:
+        holder, name = (moe.experts, "slow") if hasattr(moe.experts, "slow") else (moe, "experts")
+        if attention[i].startswith("cuda") and hasattr(getattr(holder, name), "engine"):
+            hybrid.append((holder, name))
     if not hybrid:
         return
     from orchestrator.hybrid import HostStaging, HybridExperts
 
     staging = HostStaging(max_tokens=HYBRID_STAGING_TOKENS, hidden=cfg.hidden_size, top_k=cfg.num_experts_per_tok)
-    for o in hybrid:
-        if hasattr(o, "slow"):
-            o.slow = HybridExperts(o.slow.engine, staging)
-        else:
-            o.experts = HybridExperts(o.experts.engine, staging)
+    for holder, name in hybrid:
+        setattr(holder, name, HybridExperts(getattr(holder, name).engine, staging))
     # long prompts: the experts of whole-layer CPU placements stream to the GPU (split layers do not)
     _stream_prefill(plan, [(i, moe) for i, moe in moe_layers if isinstance(moe.experts, HybridExperts)])
 
