@@ -64,6 +64,15 @@ def _visible(cache: LatentCache, batch: int, num_new: int, begin: int, end: int,
     return keys[None, None, :] <= q_pos[..., None]
 
 
+def _key_chunks(cache: LatentCache, layer: int, batch: int, step: int, rank: int):
+    """(begin, end, c_kv [B, C, rank], k_pe [B, C, rope]) for each chunk of `step` cached positions."""
+    S = max(cache.lens[:batch])
+    for begin in range(0, S, step):
+        end = min(begin + step, S)
+        latent = cache.read(layer, batch, begin, end)
+        yield begin, end, latent[..., :rank], latent[..., rank:]
+
+
 def absorbed(q_latent, q_pe, cache: LatentCache, layer: int, *, scale: float, budget: int = DEFAULT_BUDGET,
              return_lse: bool = False):
     """Absorbed form: keys [c_kv ‖ k_pe], values c_kv -> out_latent [B, T, H, R]."""
@@ -71,10 +80,7 @@ def absorbed(q_latent, q_pe, cache: LatentCache, layer: int, *, scale: float, bu
     acc = _Softmax()
     step = chunk_keys(cache, B * H * T * 8, budget)  # fp32 scores + probabilities
     qf, qpf = q_latent.float(), q_pe.float()
-    for begin in range(0, max(cache.lens[:B]), step):
-        end = min(begin + step, max(cache.lens[:B]))
-        latent = cache.read(layer, B, begin, end)
-        c_kv, k_pe = latent[..., :R], latent[..., R:]
+    for begin, end, c_kv, k_pe in _key_chunks(cache, layer, B, step, R):
         scores = torch.einsum("bthr,bsr->bhts", qf, c_kv.float())
         scores += torch.einsum("bthr,bsr->bhts", qpf, k_pe.float())
         acc.add(scores * scale, lambda p: torch.einsum("bhts,bsr->bthr", p.to(c_kv.dtype), c_kv),
@@ -91,10 +97,7 @@ def decompressed(q_nope, q_pe, cache: LatentCache, layer: int, kv_b_weight, *, v
     acc = _Softmax()
     step = chunk_keys(cache, B * H * (T * 8 + (nope + v_head_dim) * kv_b_weight.element_size()), budget)
     qf, qpf = q_nope.float(), q_pe.float()
-    for begin in range(0, max(cache.lens[:B]), step):
-        end = min(begin + step, max(cache.lens[:B]))
-        latent = cache.read(layer, B, begin, end)
-        c_kv, k_pe = latent[..., :R], latent[..., R:]
+    for begin, end, c_kv, k_pe in _key_chunks(cache, layer, B, step, R):
         kv = (c_kv.to(kv_b_weight.dtype) @ kv_b_weight.T).view(B, end - begin, H, nope + v_head_dim)
         k_nope, v = kv.split([nope, v_head_dim], dim=-1)
         scores = torch.einsum("bthd,bshd->bhts", qf, k_nope.float())

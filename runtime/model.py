@@ -7,7 +7,6 @@ then `runtime.loader` fills it tensor by tensor. Shapes: B batch, T new tokens, 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from gpu_attention.attention import backend_for, choose_form, mla_attention

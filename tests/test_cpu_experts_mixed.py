@@ -4,7 +4,6 @@ test_cpu_experts_moe (int8 activations: 4% of max|ref| per element, 1.5% on aver
 import numpy as np
 import pytest
 
-from cpu_experts import isa as isa_mod
 from cpu_experts.codegen.moe import Tiles
 from cpu_experts.experts import CPUExperts
 from cpu_experts.precompile import MIXED_AMX, MIXED_EMULATED, MIXED_PAIRS

@@ -293,7 +293,7 @@ def test_routing_flag_lives_on_the_pool_that_runs_the_job():
 def test_profile_counters_cover_the_phases_and_are_off_by_default():
     """Tiles(profile=True): every worker adds rdtsc spans of its tasks and barrier waits; the parts
     lie within run_job's span. The default library has no counter code at all."""
-    from cpu_experts.codegen.moe import Tiles, build_ir
+    from cpu_experts.codegen.moe import build_ir
     ex0, _ = experts("q8_0", HOST_ISAS[-1], 2)
     assert "readcyclecounter" not in build_ir(ex0.geo, ex0.isa, ex0.tiles)
     ex, (g, u, d) = experts("q8_0", HOST_ISAS[-1], 2, tiles=dataclasses.replace(ex0.tiles, profile=True))

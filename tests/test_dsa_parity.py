@@ -6,11 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from runtime.generate import Generator
 from runtime.loader import load_model
 from runtime.make_model import write_model, write_tokenizer
-from runtime.sampling import SamplingParams
-from runtime.tokenizer import Tokenizer
 
 from .conftest import V3_KWARGS, hf_logits, prompt, randomize_, rel_err
 from .test_parity_hf import greedy_tokens

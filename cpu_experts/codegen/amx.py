@@ -51,7 +51,6 @@ def emit_amx_mm(module, geo: Geometry, prefetch_bytes: int, emulate: bool = Fals
     acc, acc_stride = fn.args[13:15]
     tiles = make_tiles(b, "int8", emulate)
     vf, vi = vec(F32, R), vec(I32, R)
-    bpb = geo.block_payload_bytes
     cbuf = local(b, ir.ArrayType(I8, 2 * STEP_BYTES), name="cbuf")
     cbuf.align = 64
     bbuf = None

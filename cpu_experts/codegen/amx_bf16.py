@@ -9,7 +9,7 @@ dequantizes block b+1 while the tile unit works on block b.
 from ..layout import Geometry
 from .amx import CHUNK
 from .irutil import F16, F32, I8, I32, I64, PTR, VOID, define, fma, for_range, gep, i64, load, prefetch, splat, \
-    store, vec
+    specialize, store, vec
 from .tiles import A_TILE, B_TILE, C_TILE, make_tiles
 
 BF16_BLOCK_BYTES = 1024   # one dequantized 32 x 16 block: 16 tile rows of 64 bytes
@@ -125,19 +125,7 @@ def emit_amx_bf16_mm(module, geo: Geometry, prefetch_bytes: int, emulate: bool =
         for mat in range(2):
             for half in range(2):
                 tiles.zero(C_TILE[mat, half])
-        with b.if_else(first) as (then, otherwise):
-            with then:
-                with b.if_else(two) as (t2, t1):
-                    with t2:
-                        block_loop(s0, True, True)
-                    with t1:
-                        block_loop(s0, True, False)
-            with otherwise:
-                with b.if_else(two) as (t2, t1):
-                    with t2:
-                        block_loop(s0, False, True)
-                    with t1:
-                        block_loop(s0, False, False)
+        specialize(b, (first, two), lambda f, t: block_loop(s0, f, t))
         for mat in range(2):
             dst = gep(b, acc, b.add(b.mul(i64(mat), acc_stride), b.mul(s0, i64(64))))
             tiles.store(C_TILE[mat, 0], dst, i64(64))

@@ -72,7 +72,7 @@ def emit_quant_dot(module, geo: Geometry, isa: Isa, nt: int, prefetch_bytes: int
     aterm = fn.args[4 + 3 * nt:4 + 4 * nt]
     out = fn.args[4 + 4 * nt]
     use_term = geo.scales_per_block == 1   # the quantizer's term is per 32
-    vf, vi32 = vec(F32, R), vec(I32, R)
+    vf = vec(F32, R)
     spb = geo.scales_per_block
     quads_per_group = 8 // spb
     acc = [local(b, vf, splat(F32, R, 0.0)) for _ in range(nt)]

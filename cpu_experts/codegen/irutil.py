@@ -75,6 +75,19 @@ def for_range(b, start, stop, step=1, name="i"):
     b.position_at_end(end)
 
 
+def specialize(b, flags, emit, known=()):
+    """One copy of emit(*bools) per combination of the run-time i1 `flags` (True branch first), so
+    the code inside sees each flag as a Python constant."""
+    if not flags:
+        emit(*known)
+        return
+    with b.if_else(flags[0]) as (on, off):
+        with on:
+            specialize(b, flags[1:], emit, known + (True,))
+        with off:
+            specialize(b, flags[1:], emit, known + (False,))
+
+
 def gep(b, ptr, index, etype=I8):
     index = i64(index) if isinstance(index, int) else index
     return b.gep(ptr, [index], source_etype=etype)
@@ -102,7 +115,6 @@ def field(b, base, idx, as_ptr=False):
 
 
 def shuffle(b, v, mask):
-    n = v.type.count
     return b.shuffle_vector(v, ir.Constant(v.type, ir.Undefined), ir.Constant(vec(I32, len(mask)), mask))
 
 

@@ -17,6 +17,7 @@ Experts with at least `amx_min_slots` slots use the AMX kernel (amx.py: every sl
 against two 16-row weight groups per call); the others the vector kernels (dot.py, `tokens` slots
 per call).
 """
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from llvmlite import ir
@@ -355,27 +356,15 @@ class _Builder:
         """Up to amx_max_slots slots per call: for each 16-row group of the task, gate and up of every
         slot in one AMX call, then h = silu(gate) * up from the accumulators."""
         H = field(b, job, J["H"])
-        nb = b.udiv(H, i64(32))
-        xq, xd, xt, xb = (field(b, job, J[n], True) for n in ("XQ", "XD", "XT", "XB"))
-        bbuf = gep(b, field(b, job, J["AMXB"], True), b.mul(tid, field(b, job, J["AMXB_STRIDE"])))
         MS, R = self.tiles.amx_max_slots, self.gu.R
-        accbuf = local(b, ir.ArrayType(F32, 2 * MS * R), name="amx_acc")
-        accbuf.align = 64
         vf = vec(F32, R)
-        with for_range(b, s_beg, s_end, step=MS, name="amxs") as s0:
-            m = b.sub(s_end, s0)
-            m = b.select(b.icmp_signed("<", m, i64(MS)), m, i64(MS))
+        with self._amx_slot_chunks(b, job, tid, self.gu, s_beg, s_end, H, "X", "amx_acc") as (s0, m, accbuf, call):
             with for_range(b, 0, self.tiles.rows_up // R, name="gi") as gi:
                 row0 = b.add(b.mul(rb, i64(self.tiles.rows_up)), b.mul(gi, i64(R)))
                 grp = b.udiv(row0, i64(R))
                 gp, gs, gb, _ = self._weights(b, job, "G", e, grp, H)
                 up, us, ub, _ = self._weights(b, job, "U", e, grp, H)
-                self._amx_call(b, self.gu, b.sub(s_end, s_beg),
-                               lambda: [nb, m, gep(b, xb, b.mul(s0, H), I16), b.mul(H, i64(2)), gp, gs, gb,
-                                        up, us, ub, b.bitcast(accbuf, PTR), i64(MS * R * 4), bbuf],
-                               lambda: [nb, m, gep(b, xq, b.mul(s0, H)), H, gep(b, xd, b.mul(s0, nb), F32),
-                                        gep(b, xt, b.mul(s0, nb), F32), nb, gp, gs, gb, up, us, ub,
-                                        b.bitcast(accbuf, PTR), i64(MS * R * 4)])
+                call([gp, gs, gb, up, us, ub])
                 with for_range(b, 0, m, name="h") as n:
                     g = load(b, accbuf, vf, b.mul(n, i64(R)), align=64)
                     u = load(b, accbuf, vf, b.add(b.mul(n, i64(R)), i64(MS * R)), align=64)
@@ -473,6 +462,29 @@ class _Builder:
         b.ret_void()
         return fn
 
+    @contextmanager
+    def _amx_slot_chunks(self, b, job, tid, side, s_beg, s_end, k, pre, acc_name):
+        """One phase's AMX frame: activations `pre` (X: x, k = H; H: h, k = I), the worker's bf16
+        weight buffer and an accumulator. Per chunk of up to amx_max_slots slots of [s_beg, s_end)
+        yields (s0, m, accbuf, call): call(weights) runs the phase's AMX kernel on those m slots."""
+        nb = b.udiv(k, i64(32))
+        q, d, t, bf = (field(b, job, J[pre + n], True) for n in "QDTB")
+        bbuf = gep(b, field(b, job, J["AMXB"], True), b.mul(tid, field(b, job, J["AMXB_STRIDE"])))
+        MS, R = self.tiles.amx_max_slots, side.R
+        accbuf = local(b, ir.ArrayType(F32, 2 * MS * R), name=acc_name)
+        accbuf.align = 64
+        with for_range(b, s_beg, s_end, step=MS, name="amxs") as s0:
+            m = b.sub(s_end, s0)
+            m = b.select(b.icmp_signed("<", m, i64(MS)), m, i64(MS))
+
+            def call(weights):
+                acc = [b.bitcast(accbuf, PTR), i64(MS * R * 4)]
+                self._amx_call(b, side, b.sub(s_end, s_beg),
+                               lambda: [nb, m, gep(b, bf, b.mul(s0, k), I16), b.mul(k, i64(2)), *weights, *acc, bbuf],
+                               lambda: [nb, m, gep(b, q, b.mul(s0, k)), k, gep(b, d, b.mul(s0, nb), F32),
+                                        gep(b, t, b.mul(s0, nb), F32), nb, *weights, *acc])
+            yield s0, m, accbuf, call
+
     def _amx_call(self, b, side, nslots, bf16_args, int8_args):
         """The AMX kernel of the mode; "mixed": bf16 for experts with >= amx_bf16_min_slots slots
         (dequantization amortized over enough slots), int8 below."""
@@ -504,27 +516,15 @@ class _Builder:
     def _down_amx(self, b, job, tid, e, s_beg, s_end, r0, add_out):
         """Every slot of expert e against pairs of 16-row groups of down (rows r0 .. r0 + ROWS_DOWN)."""
         I = field(b, job, J["I"])
-        nb = b.udiv(I, i64(32))
-        hq, hd, ht, hb = (field(b, job, J[n], True) for n in ("HQ", "HD", "HT", "HB"))
-        bbuf = gep(b, field(b, job, J["AMXB"], True), b.mul(tid, field(b, job, J["AMXB_STRIDE"])))
         MS, R = self.tiles.amx_max_slots, self.dn.R
-        accbuf = local(b, ir.ArrayType(F32, 2 * MS * R), name="amx_acc_d")
-        accbuf.align = 64
         vf = vec(F32, R)
-        with for_range(b, s_beg, s_end, step=MS, name="amxs") as s0:
-            m = b.sub(s_end, s0)
-            m = b.select(b.icmp_signed("<", m, i64(MS)), m, i64(MS))
+        with self._amx_slot_chunks(b, job, tid, self.dn, s_beg, s_end, I, "H", "amx_acc_d") as (s0, m, accbuf, call):
             with for_range(b, 0, self.tiles.rows_down // 32, name="pair") as p:
                 row0 = b.add(r0, b.mul(p, i64(32)))
                 grp = b.udiv(row0, i64(R))
                 w0 = self._weights(b, job, "D", e, grp, I)[:3]
                 w1 = self._weights(b, job, "D", e, b.add(grp, i64(1)), I)[:3]
-                self._amx_call(b, self.dn, b.sub(s_end, s_beg),
-                               lambda: [nb, m, gep(b, hb, b.mul(s0, I), I16), b.mul(I, i64(2)), *w0, *w1,
-                                        b.bitcast(accbuf, PTR), i64(MS * R * 4), bbuf],
-                               lambda: [nb, m, gep(b, hq, b.mul(s0, I)), I, gep(b, hd, b.mul(s0, nb), F32),
-                                        gep(b, ht, b.mul(s0, nb), F32), nb, *w0, *w1,
-                                        b.bitcast(accbuf, PTR), i64(MS * R * 4)])
+                call([*w0, *w1])
                 with for_range(b, 0, m, name="dep") as n:
                     for half in range(2):
                         v = load(b, accbuf, vf, b.add(b.mul(n, i64(R)), i64(half * MS * R)), align=64)
