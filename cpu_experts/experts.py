@@ -10,6 +10,8 @@ down: [E, H, I] (the checkpoint's [out, in] orientation). gate and up share one 
 may have its own (`down_fmt`, default fmt), as llama.cpp's Q4_K_M files do (Q4_K gate/up, Q6_K down).
 """
 import ctypes
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from functools import lru_cache
 
@@ -124,6 +126,14 @@ class _Matrix:
             buf.close()
 
 
+def _each_expert(E: int, pack) -> None:
+    """pack(e) for every expert, on all cores: numpy's quantize/repack release the GIL and each
+    expert writes its own slice (a V3 layer is 256 experts; one thread took ~10 s per V2-Lite layer)."""
+    with ThreadPoolExecutor(max_workers=min(E, os.cpu_count() or 1)) as pool:
+        for _ in pool.map(pack, range(E)):
+            pass  # re-raises the first error
+
+
 def _as_numpy(x, dtype, name):
     if type(x).__module__.startswith("torch"):
         from . import torch_io
@@ -196,10 +206,11 @@ class CPUExperts:
         E, I, H = gate.shape
         self = cls(fmt=fmt, num_experts=E, hidden=H, inter=I, threads=threads, numa=numa, isa=isa, tiles=tiles,
                    amx=amx, down_fmt=down_fmt)
-        for e in range(E):
+        def pack(e):
             for mat, w, f, geo in ((self.gate, gate[e], fmt, self.geo), (self.up, up[e], fmt, self.geo),
                                    (self.down, down[e], self.down_fmt, self.down_geo)):
                 mat.fill(e, repack(quantize(w, f), f, *w.shape, geo))
+        _each_expert(E, pack)
         return self
 
     @classmethod
@@ -208,11 +219,12 @@ class CPUExperts:
         [E, H, row_bytes(I)] in down_fmt (keyword; default fmt)."""
         E = gate.shape[0]
         self = cls(fmt=fmt, num_experts=E, hidden=hidden, inter=inter, **kw)
-        for e in range(E):
+        def pack(e):
             for mat, w, n, k, f, geo in ((self.gate, gate[e], inter, hidden, fmt, self.geo),
                                          (self.up, up[e], inter, hidden, fmt, self.geo),
                                          (self.down, down[e], hidden, inter, self.down_fmt, self.down_geo)):
                 mat.fill(e, repack(np.asarray(w, np.uint8), f, n, k, geo))
+        _each_expert(E, pack)
         return self
 
     @classmethod

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .formats import row_fallback
 from .ops import FEATURES_TODAY, SLOW_FALLBACKS, device_type
 from .plan import Placement, Plan
 from .preflight import Fit, gib
@@ -57,6 +58,10 @@ def _notes(run: Run) -> str:
         notes.append(f"weights in {'RAM' if p.home == 'cpu' else p.home}")
     if p.replicas > 1:
         notes.append(f"{p.replicas} NUMA replicas")
+    if p.down_format:
+        row = next(t.shape[-1] for t in p.unit.tensors if t.name.startswith("down_proj"))
+        if p.down_format == row_fallback(p.format, row):
+            notes.append(f"down_proj rows of {row} do not fill {p.format} blocks: {p.down_format}")
     if p.gpu_experts:
         g = p.gpu_experts
         which = f"the most used in {g.routing}" if g.routing else f"experts 0-{g.count - 1}, no routing statistics"

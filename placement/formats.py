@@ -43,6 +43,18 @@ FORMATS = {
     **{name: Format(name, f.block_elems, f.block_bytes, False) for name, f in BLOCK_FORMATS.items() if name != "bf16"},
 }
 
+# llama.cpp's rule for k-quant rows that do not fill 256-weight blocks: another format for that
+# tensor (its Q4_K -> Q5_0, Q6_K -> Q8_0). Only DeepSeek-V2-Lite's routed down_proj (rows of 1408)
+# meets it; we have no q5_0 kernels, so q4_k falls back to q4_0 (same 4.5 bits per weight).
+K_QUANT_FALLBACK = {"q4_k": "q4_0", "q6_k": "q8_0"}
+
+
+def row_fallback(fmt: str, row: int) -> str | None:
+    """The format a `fmt` tensor with rows of `row` weights is stored in instead, or None."""
+    fallback = K_QUANT_FALLBACK.get(fmt)
+    return fallback if fallback and row % FORMATS[fmt].block_elems and fits_rows(fallback, row) else None
+
+
 # Cache dtypes for the latent cache: bytes per value (fp8 adds one fp32 scale per 128 values).
 CACHE_DTYPES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
 

@@ -18,7 +18,7 @@ from runtime.errors import HmoeError
 
 from gpu_attention.latent_cache import DEFAULT_PAGE_SIZE
 
-from .formats import FORMATS, auto_format, cache_bytes_per_token, fits_rows, jit_bytes_per_weight
+from .formats import FORMATS, auto_format, cache_bytes_per_token, fits_rows, jit_bytes_per_weight, row_fallback
 from .match import assign, unused_rule_warnings
 from .modules import Unit, model_units
 from .ops import OPS, format_problem, runtime_gaps, weights_home
@@ -152,6 +152,8 @@ def _place(rules: RuleSet, cfg: ModelConfig, unit: Unit, rule: Rule | None, base
             where.fail("dtype", f"dtype auto is {fmt} for this checkpoint and {problem}; set 'quant' or 'dtype'")
     stored = stored_experts.get(unit.layer) if unit.kind == "experts" and op == "jit" else None
     down_fmt = stored[1] if stored and stored[0] == fmt and stored[1] != fmt else None
+    if down_fmt is None and unit.kind == "experts" and op == "jit":  # V2-Lite's down rows in q4_k: q4_0
+        down_fmt = row_fallback(fmt, cfg.moe_intermediate_size)
     gpu = rule.gpu_experts if rule and unit.kind == "experts" else None
     prefill = rule.prefill if rule else None
     if prefill and unit.kind not in OPS[prefill.op].kinds:

@@ -235,6 +235,10 @@ def as_markdown(result: dict) -> str:
                             if r.get("outside_experts_fraction") is not None)
         lines.append(f"CPU experts alone: {result['cpu_experts_step_ms']:.3f} ms per decode token; share of a step "
                      f"outside them: {outside}")
+    if result.get("step_breakdown"):
+        from .step_profile import describe
+
+        lines.append(describe(result["step_breakdown"]))
     return "\n".join(lines)
 
 

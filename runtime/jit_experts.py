@@ -37,18 +37,23 @@ class JitExperts(nn.Module):
 
 
 def build(layer: int, fmt: str, reference: TorchExperts, *, threads: int | None = None,
-          numa: str | None = None) -> JitExperts:
-    """Quantize a layer's loaded reference weights to `fmt` and pack them for the kernels."""
+          numa: str | None = None, down_fmt: str | None = None) -> JitExperts:
+    """Quantize a layer's loaded reference weights to `fmt` (down_proj to `down_fmt`, default fmt)
+    and pack them for the kernels."""
     from cpu_experts.experts import CPUExperts
 
     try:
         with torch.no_grad():
             engine = CPUExperts.from_tensors(reference.gate_proj.float(), reference.up_proj.float(),
                                              reference.down_proj.float(), fmt=fmt, threads=threads,
-                                             numa=numa or "interleave")
+                                             numa=numa or "interleave", down_fmt=down_fmt)
     except ValueError as e:  # shapes the format cannot hold, e.g. q4_k needs rows of 256
-        raise HmoeError(f"routed experts of layer {layer} cannot run as {fmt}: {e}") from None
+        raise HmoeError(f"routed experts of layer {layer} cannot run as {_formats(fmt, down_fmt)}: {e}") from None
     return JitExperts(engine)
+
+
+def _formats(fmt: str, down_fmt: str | None) -> str:
+    return fmt if down_fmt in (None, fmt) else f"{fmt} (down {down_fmt})"
 
 
 def build_from_blocks(layer: int, fmt: str, gate, up, down, *, hidden: int, inter: int, threads: int | None = None,
@@ -61,8 +66,7 @@ def build_from_blocks(layer: int, fmt: str, gate, up, down, *, hidden: int, inte
         engine = CPUExperts.from_blocks(gate, up, down, fmt=fmt, down_fmt=down_fmt, hidden=hidden, inter=inter,
                                         threads=threads, numa=numa or "interleave")
     except ValueError as e:
-        what = fmt if down_fmt in (None, fmt) else f"{fmt} (down {down_fmt})"
-        raise HmoeError(f"routed experts of layer {layer} cannot run as {what}: {e}") from None
+        raise HmoeError(f"routed experts of layer {layer} cannot run as {_formats(fmt, down_fmt)}: {e}") from None
     return JitExperts(engine)
 
 

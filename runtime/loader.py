@@ -188,7 +188,7 @@ def _build_experts(ckpt: Checkpoint, model_dir, cfg: ModelConfig, p, layer: int,
     else:
         reference = reference.to_empty(device="cpu").to(resolve_dtype(cfg, "auto"))
         _fill(ckpt, model_dir, module_tensors(reference, prefix), bar)
-        experts = build(layer, p.format, reference, threads=p.threads, numa=p.numa)
+        experts = build(layer, p.format, reference, threads=p.threads, numa=p.numa, down_fmt=down_fmt)
     if cache is not None:
         cache.save(path, experts)
     return experts
@@ -238,7 +238,7 @@ def _build_split_experts(ckpt, model_dir, cfg: ModelConfig, p, layer: int, cache
     else:
         slow_ref = stacked(len(slow_ids), "cpu", resolve_dtype(cfg, "auto"))
         _fill(ckpt, model_dir, targets(slow_ref, slow_ids), bar)
-        slow = build(layer, p.format, slow_ref, threads=p.threads, numa=p.numa)
+        slow = build(layer, p.format, slow_ref, threads=p.threads, numa=p.numa, down_fmt=down_fmt)
     if cache is not None:
         cache.save(path, slow)
     return SplitExperts(fast, slow, fast_ids, E)

@@ -3,7 +3,8 @@
 Writes a Hugging Face style directory (config.json, sharded safetensors, tokenizer.json,
 tokenizer_config.json with a chat template). Deterministic for a seed: every tensor has its own
 random stream, and tensors are generated and written in row chunks, so a full-size V2-Lite
-(~31 GB in bf16) needs only a few hundred MB of RAM.
+(~31 GB in bf16) needs about 1 GB of RAM: tensors are made on all cores, at most 1 GB of them
+held at once.
 """
 
 from __future__ import annotations
@@ -11,7 +12,10 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import zlib
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -156,6 +160,40 @@ def _random_rows(spec: TensorSpec, init: str, seed: int, chunk_rows: int):
             yield torch.randn(shape, generator=gen) * std
 
 
+def _make_tensor(spec: TensorSpec, init: str, seed: int) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """A tensor's bytes as row chunks in its dtype, and its FP8 block scales (None unless FP8)."""
+    row_bytes = max(spec.nbytes // spec.shape[0], 1)
+    chunk_rows = max(128, (64 << 20) // row_bytes // 128 * 128)  # ~64 MB, whole 128-row blocks
+    chunks, scales = [], []
+    for rows in _random_rows(spec, init, seed, chunk_rows):
+        if spec.dtype == torch.float8_e4m3fn:
+            q, scale_inv = quantize_fp8_blocks(rows)
+            chunks.append(q)
+            scales.append(scale_inv)
+        else:
+            chunks.append(rows.to(spec.dtype))
+    return chunks, (torch.cat(scales) if scales else None)
+
+
+def _made_in_parallel(order: list[TensorSpec], init_of: dict[str, str], seed: int, budget: int = 1 << 30):
+    """_make_tensor for each spec, yielded in order, computed on all cores (torch's RNG and casts
+    release the GIL; one stream per tensor keeps the bytes independent of the thread count) with at
+    most `budget` bytes of finished or running tensors held at once (always at least one)."""
+    workers = os.cpu_count() or 1
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        queue: deque = deque()
+        held, nxt = 0, 0
+        while nxt < len(order) or queue:
+            while nxt < len(order) and len(queue) < 2 * workers and (not queue or held + order[nxt].nbytes <= budget):
+                spec = order[nxt]
+                queue.append((spec.nbytes, pool.submit(_make_tensor, spec, init_of[spec.name], seed)))
+                held += spec.nbytes
+                nxt += 1
+            nbytes, future = queue.popleft()
+            yield future.result()
+            held -= nbytes
+
+
 def write_model(out_dir: str | Path, preset: str, *, layers: int | None = None, dtype: str = "bf16", seed: int = 0,
                 shard_gb: float = 4.0, progress: bool = True) -> Path:
     out = Path(out_dir)
@@ -171,27 +209,21 @@ def write_model(out_dir: str | Path, preset: str, *, layers: int | None = None, 
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     init_of = {s.name: init for s, init in specs}
     total = sum(s.nbytes for s, _ in specs)
-    pending_scales: list[torch.Tensor] = []  # FP8 block scales of the weight just written
+    order = [spec for shard in shards for spec in shard if init_of[spec.name] != "scale"]
+    made = _made_in_parallel(order, init_of, seed)
+    pending_scales: torch.Tensor | None = None  # FP8 block scales of the weight just written
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"writing {preset}", disable=not progress) as bar:
         for shard, file in zip(shards, names):
             writer = ShardWriter(out / file, shard)
             for spec in shard:
                 writer.begin(spec.name)
                 if init_of[spec.name] == "scale":  # written right after its weight
-                    writer.write(torch.cat(pending_scales))
-                    pending_scales = []
-                    bar.update(spec.nbytes)
-                    continue
-                row_bytes = max(spec.nbytes // spec.shape[0], 1)
-                chunk_rows = max(128, (64 << 20) // row_bytes // 128 * 128)  # ~64 MB, whole 128-row blocks
-                for rows in _random_rows(spec, init_of[spec.name], seed, chunk_rows):
-                    if spec.dtype == torch.float8_e4m3fn:
-                        q, scale_inv = quantize_fp8_blocks(rows)
-                        pending_scales.append(scale_inv)
-                        writer.write(q)
-                    else:
-                        writer.write(rows.to(spec.dtype))
-                    bar.update(rows.numel() * spec.dtype.itemsize)
+                    writer.write(pending_scales)
+                else:
+                    chunks, pending_scales = next(made)
+                    for chunk in chunks:
+                        writer.write(chunk)
+                bar.update(spec.nbytes)
             writer.close()
     write_index(out, shards, names)
     (out / "config.json").write_text(json.dumps(raw, indent=2) + "\n")

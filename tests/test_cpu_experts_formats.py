@@ -98,3 +98,17 @@ def test_repack_keeps_every_weight(fmt, vb, vnni):
     # q4_k and q6_k keep d*sc (and dmin*m) as f16 (relative 2^-11); the others are exact
     tol = 2.0 ** -10 * np.abs(ref).max() if fmt in ("q4_k", "q6_k") else 0.0
     np.testing.assert_allclose(got, ref, rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_k", "q6_k"])
+def test_blocks_do_not_depend_on_the_rows_quantized_with_them(fmt):
+    """quantize works through large inputs in chunks of blocks: every block's bytes must be what
+    quantizing its own row alone gives (flat, zero and ordinary blocks, chunk edges included)."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((9, 256 * 130)).astype(np.float32)
+    x[1, :256] = 0.0
+    x[2, 256:512] = 1.5
+    whole = formats.quantize(x, fmt)
+    assert len(x) * x.shape[1] // formats.get_format(fmt).block_elems > formats._CHUNK
+    for r in (0, 1, 2, 8):
+        np.testing.assert_array_equal(whole[r], formats.quantize(x[r:r + 1], fmt)[0])

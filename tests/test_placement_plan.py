@@ -6,7 +6,7 @@ import textwrap
 import pytest
 import torch
 
-from placement.formats import FORMATS
+from placement.formats import FORMATS, jit_bytes_per_weight
 from placement.inventory import hypothetical
 from placement.modules import model_units
 from placement.plan import build_plan
@@ -154,9 +154,9 @@ def test_streaming_buffers_hold_two_layers():
     ("name: t\nrules:\n  - match: '.*mlp\\.experts'\n    op: jit\n", TINY_FP32,
      "r.yaml:4: dtype auto is fp32 for this checkpoint and op 'jit' on cpu runs bf16, q8_0, q4_0, q4_k, q6_k, not "
      "fp32; set 'quant' or 'dtype'"),
-    ("name: t\nrules:\n  - match: '.*mlp\\.experts'\n    op: jit\n    quant: q4_k\n", V2_LITE,
-     "r.yaml:5: q4_k packs rows in blocks of 256 values, but model.layers.1.mlp.experts.down_proj has rows of "
-     "1408; choose a format whose block divides it (fp32, bf16, fp16, fp8, q8_0, q4_0)"),
+    ("name: t\nrules:\n  - match: '.*mlp\\.experts'\n    op: jit\n    quant: q4_k\n", TINY,
+     "r.yaml:5: q4_k packs rows in blocks of 256 values, but model.layers.1.mlp.experts.gate_proj has rows of "
+     "64; choose a format whose block divides it (fp32, bf16, fp16, fp8, q8_0, q4_0)"),
     ("name: t\nrules:\n  - match: '.*norm'\n    cache: {dtype: bf16}\n", TINY,
      "r.yaml:4: 'cache' sets up the latent cache of attention modules, but rule 1 (line 3) places no self_attn module"),
     ("name: t\nrules:\n  - match: '.*mlp\\.experts'\n    op: jit\n    quant: q8_0\n    gpu_experts: 16\n", TINY,
@@ -170,6 +170,22 @@ def test_model_level_errors(text, cfg, message):
     with pytest.raises(RulesError) as e:
         plan(text, cfg=cfg)
     assert str(e.value) == message
+
+
+@pytest.mark.parametrize("fmt, down", [("q4_k", "q4_0"), ("q6_k", "q8_0")])
+def test_k_quant_down_rows_that_miss_the_blocks_fall_back_as_in_llama_cpp(fmt, down):
+    """V2-Lite's routed down_proj has rows of 1408 (5.5 blocks of 256): that tensor takes the fallback
+    format, gate/up keep the k-quant; bytes count each at its own rate; explain says so."""
+    from placement.explain import render
+    from placement.preflight import check
+
+    p = plan(f"name: t\nrules:\n  - match: '.*mlp\\.experts'\n    op: jit\n    quant: {fmt}\n", cfg=V2_LITE)
+    experts = [x for x in p.placements if x.unit.kind == "experts"]
+    assert experts and all((x.format, x.down_format, x.format_text) == (fmt, down, f"{fmt}/{down}") for x in experts)
+    H, I, E = V2_LITE.hidden_size, V2_LITE.moe_intermediate_size, V2_LITE.n_routed_experts
+    rate = {name: jit_bytes_per_weight(name) for name in (fmt, down)}
+    assert experts[0].bytes == round(2 * E * I * H * rate[fmt]) + round(E * H * I * rate[down])
+    assert f"down_proj rows of 1408 do not fill {fmt} blocks: {down}" in render(p, check(p, GPU), "v2-lite")
 
 
 def test_ctx_beyond_the_model_is_refused():

@@ -33,6 +33,10 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompt tokens (default 0)")
     p.add_argument("--compare-no-graph", action="store_true",
                    help="also run the tg tests with eager decode steps (rows marked 'no-graph'), same model load")
+    p.add_argument("--breakdown", action="store_true",
+                   help="after the tests, profile 16 decode steps with CUPTI (GPU only) and report where a step goes: "
+                        "GPU work, the CPU experts' windows, the CPU experts alone (their native job timed apart) and "
+                        "so the hand-over's cost per layer (JSON key 'step_breakdown')")
     p.add_argument("--out", metavar="FILE", default=None, help="also write the JSON result to this file")
     p.add_argument("--collect-routing", metavar="FILE", default=None,
                    help="count how often each routed expert of each MoE layer is chosen over every token the bench "
@@ -52,6 +56,7 @@ def run(args) -> int:
     from ..config import load_config
     from ..errors import HmoeError
     from ..session import open_model
+    from ..step_profile import breakdown
 
     tests = make_tests(int_list(args.n_prompt, "-p", 0), int_list(args.n_gen, "-n", 0), int_list(args.n_depth, "-d", 0))
     if args.repetitions < 1 or args.ubatch < 1 or not args.bw_gib > 0:
@@ -61,9 +66,14 @@ def run(args) -> int:
     if need > limit:
         raise HmoeError(f"the tests need a context of {need} tokens (depth + test length); {args.model}/config.json "
                         f"allows {limit} (max_position_embeddings)")
+    if args.breakdown:  # room for its 18 steps after the deepest test's depth
+        need = max(need, max(t.n_depth for t in tests) + 18)
     args.ctx = need
     log = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
     model = open_model(args.model, args)
+    if args.breakdown and model.lm_head.weight.device.type != "cuda":
+        raise HmoeError("--breakdown profiles decode steps on a GPU: this model's output layer is on "
+                        f"{model.lm_head.weight.device.type} (place it on a GPU with --rules)")
     experts = routed_experts(model)
     threads, cpus = experts_threads(model)
     log(f"measuring read bandwidth ({args.bw_gib:g} GiB, {threads} threads)...")
@@ -81,6 +91,7 @@ def run(args) -> int:
         counter = RoutingCounter(model)
     results = run_tests(runner, tests, reps=args.repetitions, warmup=not args.no_warmup, log=log)
     graph_on, graph_reason = runner.decode.active, runner.decode.reason
+    step_breakdown = breakdown(runner, depth=max(t.n_depth for t in tests)) if args.breakdown else None
     for r in results:
         r["graph"] = graph_on if r["n_gen"] else None  # prompts never run from a graph
     if args.compare_no_graph and runner.decode.active:
@@ -99,7 +110,7 @@ def run(args) -> int:
     attach_outside(results, experts_ms)
     result = {**metadata(command_line("bench", args, skip=("output", "out", "ctx", "collect_routing"))),
               "model": Path(args.model).name, "roofline": roof, "cpu_experts_step_ms": experts_ms, "results": results,
-              "decode_graph": {"on": graph_on, "reason": graph_reason}}
+              "decode_graph": {"on": graph_on, "reason": graph_reason}, "step_breakdown": step_breakdown}
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)

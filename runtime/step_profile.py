@@ -1,0 +1,150 @@
+"""Where a hybrid decode step's time goes: `hmoe bench --breakdown`.
+
+A decode step is one chain on the GPU stream. Per MoE layer with CPU experts the chain leaves the
+GPU after the copies of hidden state, ids and weights to the host (the last device-to-host copy)
+and comes back with the copy of the experts' output (the next host-to-device copy); in between
+the CPU experts run, the shared experts run on the GPU, and the two hand-overs (start and join
+the CPU job) cost what they cost. CUPTI (torch.profiler) gives every kernel and copy of a few
+steps, graph replays included; the CPU experts' own time is timed apart by calling the layer's
+native job directly (submit + wait, no Python in between), on the inputs the last step left in
+the host buffers. So:
+
+    step = GPU busy outside the CPU windows + CPU windows + idle gaps elsewhere
+    CPU window - CPU experts alone = what the hand-over costs.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .bench_model import cpu_part
+from .moe import MoE
+
+
+def hybrid_layers(model) -> list:
+    """The HybridExperts (the CPU part of a split layer included) of every MoE layer that has one."""
+    from orchestrator.hybrid import HybridExperts
+
+    found = [cpu_part(layer.mlp.experts) for layer in model.model.layers if isinstance(layer.mlp, MoE)]
+    return [e for e in found if isinstance(e, HybridExperts)]
+
+
+def native_job_ms(experts, reps: int = 50) -> float | None:
+    """Median ms of one layer's CPU job for 1 token through its native submit and wait on the
+    staging buffers as they stand; None if that job was never bound (no decode step ran)."""
+    from orchestrator.hybrid import _NATIVE
+
+    job = experts._jobs.get(1)
+    if job is None:
+        return None
+    submit, wait = (_NATIVE(f) for f in experts._fns)
+    address = job.ctypes.data
+    times = []
+    for _ in range(reps + 3):
+        t0 = time.perf_counter()
+        submit(address)
+        wait(address)
+        times.append(time.perf_counter() - t0)
+    times = sorted(times[3:])
+    return times[len(times) // 2] * 1e3
+
+
+def _device_events(prof) -> list[tuple[float, float, str]]:
+    """(start us, end us, name) of every kernel, copy and memset CUPTI saw, in start order."""
+    out = []
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start:
+            out.append((e.time_range.start, e.time_range.end, e.name))
+    return sorted(out)
+
+
+def _is_d2h(name: str) -> bool:
+    return "DtoH" in name or "Device -> Pinned" in name
+
+
+def _is_h2d(name: str) -> bool:
+    return "HtoD" in name or "Pinned -> Device" in name
+
+
+def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    merged: list[list[float]] = []
+    for start, end in sorted(intervals):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return [(s, e) for s, e in merged]
+
+
+def _overlap(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> float:
+    return sum(max(0.0, min(e1, e2) - max(s1, s2)) for s1, e1 in a for s2, e2 in b)
+
+
+def cpu_windows(events: list[tuple[float, float, str]]) -> list[tuple[float, float]]:
+    """From the end of each run of device-to-host copies to the start of the next host-to-device copy."""
+    windows, opened = [], None
+    for i, (start, end, name) in enumerate(events):
+        if _is_d2h(name) and (i + 1 == len(events) or not _is_d2h(events[i + 1][2])):
+            opened = end
+        elif _is_h2d(name) and opened is not None:
+            windows.append((opened, max(opened, start)))
+            opened = None
+    return windows
+
+
+def split_timeline(events: list[tuple[float, float, str]]) -> dict:
+    """Totals (us) of a device timeline: the CPU windows, GPU busy time (union of events) inside
+    and outside them, and idle time elsewhere (launch gaps, host waits)."""
+    if not events:
+        return {"span_us": 0.0, "cpu_windows_us": 0.0, "windows": 0, "gpu_busy_inside_windows_us": 0.0,
+                "gpu_busy_outside_us": 0.0, "idle_elsewhere_us": 0.0}
+    busy = _union([(s, e) for s, e, _ in events])
+    windows = cpu_windows(events)
+    span = max(e for _, e, _ in events) - events[0][0]
+    inside = _overlap(busy, windows)
+    outside = sum(e - s for s, e in busy) - inside
+    total_windows = sum(e - s for s, e in windows)
+    return {"span_us": span, "cpu_windows_us": total_windows, "windows": len(windows),
+            "gpu_busy_inside_windows_us": inside, "gpu_busy_outside_us": outside,
+            "idle_elsewhere_us": span - total_windows - outside}
+
+
+def breakdown(runner, *, steps: int = 16, depth: int = 0) -> dict:
+    """Profile `steps` decode steps of a bench Runner (after two warm-up steps) and time each
+    hybrid layer's CPU job alone. Per-step figures in ms."""
+    from torch.profiler import ProfilerActivity, profile
+
+    layers = hybrid_layers(runner.model)
+    token = runner.test_ids[:1].to(runner.device)[None]
+    for i in range(2):  # eager step and capture for this bucket
+        token = runner.decode.step(token, depth + i)[:, -1].argmax(-1, keepdim=True)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for i in range(steps):
+            token = runner.decode.step(token, depth + 2 + i)[:, -1].argmax(-1, keepdim=True)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    parts = split_timeline(_device_events(prof))
+    alone = [native_job_ms(e) for e in layers]
+    alone_ms = sum(a for a in alone if a is not None)
+    per_step = {k.removesuffix("_us") + "_ms": v / steps / 1e3 for k, v in parts.items() if k.endswith("_us")}
+    window_ms = per_step["cpu_windows_ms"]
+    return {"steps": steps, "wall_step_ms": wall / steps * 1e3, **per_step,
+            "cpu_windows_per_step": parts["windows"] / steps, "hybrid_layers": len(layers),
+            "cpu_experts_alone_native_ms": alone_ms,
+            "handover_ms": window_ms - alone_ms if layers else None,
+            "handover_per_layer_us": (window_ms - alone_ms) / len(layers) * 1e3 if layers else None}
+
+
+def describe(b: dict) -> str:
+    text = (f"decode step {b['wall_step_ms']:.3f} ms (profiled span {b['span_ms']:.3f}): GPU busy outside the CPU "
+            f"windows {b['gpu_busy_outside_ms']:.3f} ms, idle elsewhere {b['idle_elsewhere_ms']:.3f} ms, CPU windows "
+            f"{b['cpu_windows_ms']:.3f} ms ({b['cpu_windows_per_step']:.0f} per step; GPU work inside them "
+            f"{b['gpu_busy_inside_windows_ms']:.3f} ms)")
+    if b["hybrid_layers"]:
+        text += (f"; CPU experts alone {b['cpu_experts_alone_native_ms']:.3f} ms, so the hand-over costs "
+                 f"{b['handover_ms']:.3f} ms ({b['handover_per_layer_us']:.1f} us per layer)")
+    return text
