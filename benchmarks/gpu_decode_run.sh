@@ -1,7 +1,7 @@
 #!/bin/bash
 # Hybrid decode on the GPU machine, whole DeepSeek-V2-Lite (27 layers, random weights): where a step
-# goes (`hmoe bench --breakdown`), host functions against the memops hand-over, 16 against 15 expert
-# workers; routed experts in q8_0 on the CPU (q4_k would spend the budget quantizing 26 layers in numpy),
+# goes (`hmoe bench --breakdown`), the default (host functions, one worker per core but one) against
+# the memops hand-over and 14 or 16 workers; routed experts in q8_0 on the CPU (q4_k would spend the budget quantizing 26 layers in numpy),
 # everything else bf16 on cuda:0. Before that: the decode-path GPU tests and the CPU-expert tests
 # that need AMX/VNNI (the shared worker pool included).
 # Results land in $OUT; budget $BUDGET seconds (default 540). From the repository root:
@@ -14,9 +14,9 @@ stamp() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
 ( [ -d /tmp/v2l ] || { S=$(date +%s); python3 -m runtime make-model --preset v2-lite --out /tmp/v2l >/dev/null 2>&1;
   echo "make-model v2-lite: $(( $(date +%s) - S )) s"; } ) &
 MM=$!
-timeout 150 python3 -m pytest -m gpu -q -p no:cacheprovider -rfE tests/test_step_profile.py tests/test_graph.py \
-  tests/test_orchestrator.py tests/test_handover.py 2>&1 | tail -6
-timeout 100 python3 -m pytest -q -p no:cacheprovider -rfE -k "amx or vnni or mixed or pool or share" \
+timeout 150 python3 -m pytest -m gpu -p no:cacheprovider -rfE ${TESTS:-tests/test_step_profile.py tests/test_graph.py \
+  tests/test_orchestrator.py tests/test_handover.py} 2>&1 | tail -6
+[ -n "$CPU_TESTS" ] && timeout 100 python3 -m pytest -p no:cacheprovider -rfE -k "amx or vnni or mixed or pool or share" \
   tests/test_cpu_experts_moe.py tests/test_cpu_experts_mixed.py 2>&1 | tail -4
 wait $MM; stamp "tests done, model ready"; df -h /tmp | tail -1
 printf "name: V2-Lite hybrid q8_0\nrules:\n  - match: 'model\\\\.layers\\\\.\\\\d+\\\\.mlp\\\\.experts'\n    device: cpu\n    op: jit\n    quant: q8_0\n  - match: '.*'\n    device: cuda:0\n    dtype: bf16\n" > /tmp/q8_0.yaml
@@ -28,8 +28,9 @@ bench() {  # $1 = output name, $2 = rules, rest = extra options; env passes thro
     --out $OUT/bench-v2l-$name.json "$@" 2>&1 | grep -v repetition | tail -8
   stamp "$name took $(( $(date +%s) - S )) s"
 }
-bench q8_0-hostfunc q8_0                       # first load quantizes and fills the packed cache
+bench q8_0-default q8_0                        # first load quantizes and fills the packed cache
 HMOE_HANDOVER=memops bench q8_0-memops q8_0
-bench q8_0-hostfunc-w15 q8_0 --experts-threads 15
-bench q8_0-hostfunc-2 q8_0                     # drift check: the first configuration again
+bench q8_0-w14 q8_0 --experts-threads 14
+bench q8_0-w16 q8_0 --experts-threads 16
+bench q8_0-default-2 q8_0                      # drift check: the first configuration again
 stamp total

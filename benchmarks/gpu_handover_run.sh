@@ -16,8 +16,8 @@ MM=$!
 python3 -c "import json, torch; from orchestrator.cuda_host import describe_memops; \
 print(json.dumps({'device': torch.cuda.get_device_name(0), 'cuda': torch.version.cuda, **describe_memops(0)}))" \
   | tee $OUT/memops-driver.json
-timeout 120 python3 -m pytest -m gpu -q -p no:cacheprovider -rfE tests/test_handover.py 2>&1 | tail -6
-HMOE_HANDOVER=memops timeout 150 python3 -m pytest -m gpu -q -p no:cacheprovider -rfE \
+timeout 120 python3 -m pytest -m gpu -p no:cacheprovider -rfE tests/test_handover.py 2>&1 | tail -6
+HMOE_HANDOVER=memops timeout 150 python3 -m pytest -m gpu -p no:cacheprovider -rfE \
   tests/test_orchestrator.py tests/test_graph.py 2>&1 | tail -6
 wait $MM; echo "tests and model ready after $(( $(date +%s) - T0 )) s"
 printf "name: V2-Lite 4 layers, hybrid q8_0\nrules:\n  - match: 'model\\\\.layers\\\\.\\\\d+\\\\.mlp\\\\.experts'\n    device: cpu\n    op: jit\n    quant: q8_0\n  - match: '.*'\n    device: cuda:0\n    dtype: bf16\n" > /tmp/hybrid-q8_0.yaml

@@ -11,9 +11,9 @@ exec > >(tee $OUT/log.txt) 2>&1  # the log comes back even if the call runs out 
 T0=$(date +%s); left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
 ( [ -d /tmp/v2l4 ] || python3 -m runtime make-model --preset v2-lite --layers 4 --out /tmp/v2l4 >/dev/null 2>&1 ) &
 MM=$!
-timeout $(( BUDGET / 2 )) python3 -m pytest -m gpu -q -p no:cacheprovider -rfE tests/ 2>&1 | tail -12
+timeout $(( BUDGET / 2 )) python3 -m pytest -m gpu -p no:cacheprovider -rfE tests/ 2>&1 | tail -12
 # the CPU-expert tests that only run on an AMX/VNNI host (skipped on the CI box)
-timeout $(( BUDGET / 5 )) python3 -m pytest -q -p no:cacheprovider -rfE -k "amx or vnni or mixed" \
+timeout $(( BUDGET / 5 )) python3 -m pytest -p no:cacheprovider -rfE -k "amx or vnni or mixed" \
   tests/test_cpu_experts_moe.py tests/test_cpu_experts_mixed.py tests/test_cpu_experts_codegen.py 2>&1 | tail -6
 wait $MM; echo "tests and model ready after $(( $(date +%s) - T0 )) s"
 rules() {  # $1 = name, $2 = the experts rule's extra line

@@ -46,6 +46,18 @@ HANDOVERS = ("hostfunc", "memops")
 MEMOPS_MAX_TOKENS = 16  # launches of up to this many tokens use the memops hand-over when it is on
 
 
+def default_workers() -> int:
+    """CPU expert workers when the GPU drives them: one per physical core but one. The spare core
+    runs what hands each layer over (CUDA's host-function thread or the memops dispatcher); with a
+    worker pinned on every core that thread preempts one of them mid-task every layer. Whole
+    DeepSeek-V2-Lite, q8_0, H200 + 16 cores: 61.4 t/s with 15 workers against 35.4-36.7 with 16
+    (NOTES.md, "Workers per core")."""
+    from cpu_experts.numa import physical_cpus
+
+    cores = len(physical_cpus())
+    return cores - 1 if cores >= 4 else cores
+
+
 def handover_mode(value: str | None = None) -> str:
     """The hand-over asked for: `value`, else $HMOE_HANDOVER, else hostfunc."""
     mode = value if value is not None else (os.environ.get("HMOE_HANDOVER") or "hostfunc")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -99,9 +100,14 @@ def load_model(model_dir: str | Path, *, dtype: str = "auto", device: str = "cpu
     total = len(list(checkpoint_names(model))) + 3 * cfg.n_routed_experts * len(pending)
     with tqdm(total=total, desc=f"loading {Path(model_dir).name}", unit="tensor", disable=not show, leave=False) as bar:
         _fill(ckpt, model_dir, checkpoint_names(model), bar)
+        attention = plan.attention_devices
         for i, moe, reference in pending:
-            moe.experts = _build_experts(ckpt, model_dir, cfg, placements[f"model.layers.{i}.mlp.experts"], i,
-                                         reference, packed_cache, bar)
+            p = placements[f"model.layers.{i}.mlp.experts"]
+            if p.threads is None and attention[i].startswith("cuda"):  # driven by a GPU: a core for the hand-over
+                from orchestrator.hybrid import default_workers
+
+                p = dataclasses.replace(p, threads=default_workers())
+            moe.experts = _build_experts(ckpt, model_dir, cfg, p, i, reference, packed_cache, bar)
     _overlap_on_gpu(model, cfg, plan, [(i, moe) for i, moe, _ in pending])
     connect(model, plan)
     model.cache_options = cache_options(plan)

@@ -5,8 +5,8 @@ GPU after the copies of hidden state, ids and weights to the host (the last devi
 and comes back with the copy of the experts' output (the next host-to-device copy); in between
 the CPU experts run, the shared experts run on the GPU, and the two hand-overs (start and join
 the CPU job) cost what they cost. CUPTI (torch.profiler) gives every kernel and copy of a few
-steps, graph replays included; the CPU experts' own time is timed apart by calling the layer's
-native job directly (submit + wait, no Python in between), on the inputs the last step left in
+steps, graph replays included; the CPU experts' own time is timed apart by running every layer's
+native job back to back (submit + wait, no Python in between) on the inputs the last step left in
 the host buffers. So:
 
     step = GPU busy outside the CPU windows + CPU windows + idle gaps elsewhere
@@ -31,23 +31,28 @@ def hybrid_layers(model) -> list:
     return [e for e in found if isinstance(e, HybridExperts)]
 
 
-def native_job_ms(experts, reps: int = 50) -> float | None:
-    """Median ms of one layer's CPU job for 1 token through its native submit and wait on the
-    staging buffers as they stand; None if that job was never bound (no decode step ran)."""
+def native_step_ms(layers: list, reps: int = 20) -> float | None:
+    """Median ms of every hybrid layer's 1-token CPU job run back to back, as a step runs them,
+    through the native submit and wait (no Python between them) on the host buffers as the last
+    step left them. Each layer reads its own weights, so they come from DRAM as in a step. None if
+    a layer never ran a 1-token job (no decode step yet)."""
     from orchestrator.hybrid import _NATIVE
 
-    job = experts._jobs.get(1)
-    if job is None:
-        return None
-    submit, wait = (_NATIVE(f) for f in experts._fns)
-    address = job.ctypes.data
+    calls = []
+    for experts in layers:
+        job = experts._jobs.get(1)
+        if job is None:
+            return None
+        submit, wait = (_NATIVE(f) for f in experts._fns)
+        calls.append((submit, wait, job.ctypes.data))
     times = []
-    for _ in range(reps + 3):
+    for _ in range(reps + 2):
         t0 = time.perf_counter()
-        submit(address)
-        wait(address)
+        for submit, wait, address in calls:
+            submit(address)
+            wait(address)
         times.append(time.perf_counter() - t0)
-    times = sorted(times[3:])
+    times = sorted(times[2:])
     return times[len(times) // 2] * 1e3
 
 
@@ -128,15 +133,14 @@ def breakdown(runner, *, steps: int = 16, depth: int = 0) -> dict:
         torch.cuda.synchronize()
         wall = time.perf_counter() - t0
     parts = split_timeline(_device_events(prof))
-    alone = [native_job_ms(e) for e in layers]
-    alone_ms = sum(a for a in alone if a is not None)
+    alone_ms = native_step_ms(layers) if layers else None
     per_step = {k.removesuffix("_us") + "_ms": v / steps / 1e3 for k, v in parts.items() if k.endswith("_us")}
     window_ms = per_step["cpu_windows_ms"]
     return {"steps": steps, "wall_step_ms": wall / steps * 1e3, **per_step,
             "cpu_windows_per_step": parts["windows"] / steps, "hybrid_layers": len(layers),
             "cpu_experts_alone_native_ms": alone_ms,
-            "handover_ms": window_ms - alone_ms if layers else None,
-            "handover_per_layer_us": (window_ms - alone_ms) / len(layers) * 1e3 if layers else None}
+            "handover_ms": window_ms - alone_ms if alone_ms else None,
+            "handover_per_layer_us": (window_ms - alone_ms) / len(layers) * 1e3 if alone_ms else None}
 
 
 def describe(b: dict) -> str:
@@ -144,7 +148,7 @@ def describe(b: dict) -> str:
             f"windows {b['gpu_busy_outside_ms']:.3f} ms, idle elsewhere {b['idle_elsewhere_ms']:.3f} ms, CPU windows "
             f"{b['cpu_windows_ms']:.3f} ms ({b['cpu_windows_per_step']:.0f} per step; GPU work inside them "
             f"{b['gpu_busy_inside_windows_ms']:.3f} ms)")
-    if b["hybrid_layers"]:
+    if b["handover_ms"] is not None:
         text += (f"; CPU experts alone {b['cpu_experts_alone_native_ms']:.3f} ms, so the hand-over costs "
                  f"{b['handover_ms']:.3f} ms ({b['handover_per_layer_us']:.1f} us per layer)")
     return text

@@ -56,3 +56,31 @@ def test_breakdown_of_a_hybrid_model(tiny_v3, tmp_path):
     parts = b["cpu_windows_ms"] + b["gpu_busy_outside_ms"] + b["idle_elsewhere_ms"]
     assert parts == pytest.approx(b["span_ms"], rel=1e-6)
     assert b["span_ms"] <= b["wall_step_ms"] * 1.01
+
+
+def test_a_gpu_driven_pool_leaves_one_core_for_the_hand_over(monkeypatch):
+    from cpu_experts import numa
+    from orchestrator.hybrid import default_workers
+
+    monkeypatch.setattr(numa, "physical_cpus", lambda: list(range(16)))
+    assert default_workers() == 15
+    monkeypatch.setattr(numa, "physical_cpus", lambda: [0, 1])
+    assert default_workers() == 2  # too few cores to spare one
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_hybrid_layers_default_to_one_worker_per_core_but_one(tiny_v3, tmp_path):
+    from orchestrator.hybrid import default_workers
+    from placement.inventory import detect
+    from placement.plan import build_plan
+    from placement.schema import parse_rules
+    from runtime.config import load_config
+    from runtime.loader import load_model
+    from runtime.step_profile import hybrid_layers
+
+    text = ("name: hybrid\nrules:\n  - match: 'model\\.layers\\.\\d+\\.mlp\\.experts'\n    device: cpu\n    op: jit\n"
+            "    quant: q8_0\n  - match: '.*'\n    device: cuda:0\n    dtype: bf16\n")
+    plan = build_plan(parse_rules(text, "hybrid.yaml", detect()), load_config(tiny_v3), ctx=256)
+    layers = hybrid_layers(load_model(tiny_v3, plan=plan))
+    assert layers and all(e.engine.threads == default_workers() for e in layers)
