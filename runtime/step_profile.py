@@ -132,7 +132,8 @@ def breakdown(runner, *, steps: int = 16, depth: int = 0) -> dict:
             token = runner.decode.step(token, depth + 2 + i)[:, -1].argmax(-1, keepdim=True)
         torch.cuda.synchronize()
         wall = time.perf_counter() - t0
-    parts = split_timeline(_device_events(prof))
+    events = _device_events(prof)
+    parts = split_timeline(events)
     alone_ms = native_step_ms(layers) if layers else None
     per_step = {k.removesuffix("_us") + "_ms": v / steps / 1e3 for k, v in parts.items() if k.endswith("_us")}
     window_ms = per_step["cpu_windows_ms"]
@@ -140,7 +141,18 @@ def breakdown(runner, *, steps: int = 16, depth: int = 0) -> dict:
             "cpu_windows_per_step": parts["windows"] / steps, "hybrid_layers": len(layers),
             "cpu_experts_alone_native_ms": alone_ms,
             "handover_ms": window_ms - alone_ms if alone_ms else None,
-            "handover_per_layer_us": (window_ms - alone_ms) / len(layers) * 1e3 if alone_ms else None}
+            "handover_per_layer_us": (window_ms - alone_ms) / len(layers) * 1e3 if alone_ms else None,
+            "top_gpu_ops": top_ops(events, steps)}
+
+
+def top_ops(events: list[tuple[float, float, str]], steps: int, count: int = 15) -> list[dict]:
+    """The GPU's kernels and copies by total time per step: what a step's GPU work is made of."""
+    by_name: dict[str, list[float]] = {}
+    for start, end, name in events:
+        by_name.setdefault(name[:100], []).append(end - start)
+    rows = [{"name": name, "calls_per_step": len(d) / steps, "us_per_step": sum(d) / steps}
+            for name, d in by_name.items()]
+    return sorted(rows, key=lambda r: -r["us_per_step"])[:count]
 
 
 def describe(b: dict) -> str:
@@ -151,4 +163,7 @@ def describe(b: dict) -> str:
     if b["handover_ms"] is not None:
         text += (f"; CPU experts alone {b['cpu_experts_alone_native_ms']:.3f} ms, so the hand-over costs "
                  f"{b['handover_ms']:.3f} ms ({b['handover_per_layer_us']:.1f} us per layer)")
+    if b.get("top_gpu_ops"):
+        text += "\nGPU time per step by op: " + "; ".join(
+            f"{r['name'][:60]} x{r['calls_per_step']:.0f} {r['us_per_step']:.0f} us" for r in b["top_gpu_ops"][:8])
     return text
