@@ -41,9 +41,15 @@ def test_the_model_uses_it_on_a_gpu(tiny_v3):
     from runtime.loader import load_model
     from runtime.model import RMSNorm
 
+    from torch.profiler import ProfilerActivity, profile
+
     model = load_model(tiny_v3, dtype="float32")
     x = torch.randn(2, 3, model.cfg.hidden_size)
     cpu = model.model.norm(x)
-    gpu = model.to("cuda").model.norm(x.cuda())
-    assert isinstance(model.model.norm, RMSNorm)
+    model.to("cuda")
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        gpu = model.model.norm(x.cuda())
+        torch.cuda.synchronize()
+    kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert isinstance(model.model.norm, RMSNorm) and kernels == ["_rms_norm_kernel"]
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-5, atol=1e-5)
