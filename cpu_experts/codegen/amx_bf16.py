@@ -63,14 +63,20 @@ def _dequant_block(b, geo, pay, sc, bias, blk, dst):
             store(b, pack_bf16_pairs(b, w[2 * h], w[2 * h + 1]), dst, (2 * q + h) * R, align=64)
 
 
-def emit_amx_bf16_mm(module, geo: Geometry, prefetch_bytes: int, emulate: bool = False):
+PARTS = ("all", "dequant", "tiles")   # "dequant" / "tiles": the kernel with the other half left out (amxprof.py)
+
+
+def emit_amx_bf16_mm(module, geo: Geometry, prefetch_bytes: int, emulate: bool = False, parts: str = "all"):
     """void amx_bf16_mm2(nblocks, M, A bf16[M][lda/2], lda (bytes), pay0, sc0, bias0, pay1, sc1, bias1,
     acc f32[2][.][16], acc_mat_stride (bytes), bbuf (nblocks * 2 KiB scratch)).
 
     acc[mat][s][r] = sum over K of bf16(weight_mat[r]) . A_s for s < M (overwritten). Each weight block
     is dequantized once per call (to bf16 pairs, into bbuf) and read back for every 32-slot chunk;
     the four C tiles accumulate over the whole K, so there is no per-block epilogue. Rows of A up to
-    the next multiple of 32 past M must be readable."""
+    the next multiple of 32 past M must be readable. parts != "all" is for profiling only (amxprof.py):
+    "dequant" leaves out every tile load, product and store, "tiles" the dequantization (bbuf is
+    read as it is)."""
+    assert parts in PARTS, parts
     assert geo.group_rows == 16 and geo.scale_group == 32 and not geo.signed
     args = [I64, I64, PTR, I64] + [PTR] * 6 + [PTR, I64, PTR]
     fn, b = define(module, amx_bf16_name(), VOID, args, internal=True)
@@ -93,29 +99,36 @@ def emit_amx_bf16_mm(module, geo: Geometry, prefetch_bytes: int, emulate: bool =
             _dequant_block(b, geo, pay, sc, bias, blk,
                            gep(b, bbuf, b.add(b.mul(blk, i64(2 * BF16_BLOCK_BYTES)), i64(mat * BF16_BLOCK_BYTES))))
 
+    do_tiles, do_dequant = parts != "dequant", parts != "tiles"
+
     def block_loop(s0, first, two):
+        first = first and do_dequant
         if first:
             dequant(i64(0))
         with for_range(b, 0, nblocks, name="bblk") as blk:
             bb = gep(b, bbuf, b.mul(blk, i64(2 * BF16_BLOCK_BYTES)))
-            for mat in range(2):
-                tiles.load(B_TILE[mat], gep(b, bb, mat * BF16_BLOCK_BYTES), i64(64))
-            a0 = gep(b, A, b.add(b.mul(s0, lda), b.mul(blk, i64(64))))
-            p = gep(b, a0, 8 * 64)   # activation rows, 8 blocks ahead (a 64-byte line per row and block)
-            for _ in range(CHUNK if two else 16):
-                prefetch(b, p)
-                p = gep(b, p, lda)
-            tiles.load(A_TILE[0], a0, lda)
-            for mat in range(2):
-                tiles.dp(C_TILE[mat, 0], A_TILE[0], B_TILE[mat])
-            if two:
-                tiles.load(A_TILE[1], gep(b, a0, b.mul(lda, i64(16))), lda)
-                for mat in range(2):
-                    tiles.dp(C_TILE[mat, 1], A_TILE[1], B_TILE[mat])
+            if do_tiles:
+                tile_step(s0, blk, bb, two)
             if first:   # the next block, while the tile unit works on this one
                 nxt = b.add(blk, i64(1))
                 with b.if_then(b.icmp_signed("<", nxt, nblocks)):
                     dequant(nxt)
+
+    def tile_step(s0, blk, bb, two):
+        for mat in range(2):
+            tiles.load(B_TILE[mat], gep(b, bb, mat * BF16_BLOCK_BYTES), i64(64))
+        a0 = gep(b, A, b.add(b.mul(s0, lda), b.mul(blk, i64(64))))
+        p = gep(b, a0, 8 * 64)   # activation rows, 8 blocks ahead (a 64-byte line per row and block)
+        for _ in range(CHUNK if two else 16):
+            prefetch(b, p)
+            p = gep(b, p, lda)
+        tiles.load(A_TILE[0], a0, lda)
+        for mat in range(2):
+            tiles.dp(C_TILE[mat, 0], A_TILE[0], B_TILE[mat])
+        if two:
+            tiles.load(A_TILE[1], gep(b, a0, b.mul(lda, i64(16))), lda)
+            for mat in range(2):
+                tiles.dp(C_TILE[mat, 1], A_TILE[1], B_TILE[mat])
 
     nch = b.udiv(b.add(M, i64(CHUNK - 1)), i64(CHUNK))
     with for_range(b, 0, nch, name="chunk") as ch:
@@ -133,6 +146,112 @@ def emit_amx_bf16_mm(module, geo: Geometry, prefetch_bytes: int, emulate: bool =
             for mat in range(2):
                 dst = gep(b, acc, b.add(b.mul(i64(mat), acc_stride), b.mul(b.add(s0, i64(16)), i64(64))))
                 tiles.store(C_TILE[mat, 1], dst, i64(64))
+    tiles.release()
+    b.ret_void()
+    return fn
+
+
+def emit_amx_bf16_mm_seg(module, geo: Geometry, prefetch_bytes: int, seg: int, emulate: bool = False,
+                         parts: str = "all"):
+    """The same function as emit_amx_bf16_mm (same name, arguments and result), K walked in segments of
+    `seg` blocks: bbuf holds two segments (2 x seg x 2 KiB, in L1 for seg <= 4) instead of all of K
+    (448 KiB at H 7168, re-read from L2 by every chunk after the first), and the dequantization of
+    segment g+1 is spread over segment g's tile steps: mat 0's blocks during chunk 0, mat 1's during
+    chunk 1 (both during chunk 0 when M <= 32), so the vector units and the tile unit work side by
+    side in every chunk instead of one after the other. The C tiles are stored to acc after each
+    (segment, chunk) and reloaded for the next segment (4 KiB per seg x 4 products)."""
+    assert parts in PARTS, parts
+    assert geo.group_rows == 16 and geo.scale_group == 32 and not geo.signed and seg >= 1
+    args = [I64, I64, PTR, I64] + [PTR] * 6 + [PTR, I64, PTR]
+    fn, b = define(module, amx_bf16_name(), VOID, args, internal=True)
+    nblocks, M, A, lda = fn.args[:4]
+    mats = [fn.args[4:7], fn.args[7:10]]
+    acc, acc_stride, bbuf = fn.args[10:13]
+    tiles = make_tiles(b, "bf16", emulate)
+    tiles.configure()
+    bpb = geo.block_payload_bytes
+    do_tiles, do_dequant = parts != "dequant", parts != "tiles"
+    seg_bytes = seg * 2 * BF16_BLOCK_BYTES
+
+    def ring(g, j, mat):   # segment g's block j of mat in the two-segment ring
+        at = b.add(b.mul(b.and_(g, i64(1)), i64(seg_bytes)), b.mul(j, i64(2 * BF16_BLOCK_BYTES)))
+        return gep(b, bbuf, b.add(at, i64(mat * BF16_BLOCK_BYTES)))
+
+    def dequant(g, j, mat):
+        pay, sc, bias = mats[mat]
+        blk = b.add(b.mul(g, i64(seg)), j)
+        pb = gep(b, pay, b.mul(blk, i64(bpb)))
+        for line in range(0, bpb, 64):
+            prefetch(b, gep(b, pb, i64(prefetch_bytes + line)))
+        sc_ahead = max(prefetch_bytes // bpb, 2) * 32
+        prefetch(b, gep(b, sc, b.add(b.mul(blk, i64(32)), i64(sc_ahead))))
+        if geo.bias:
+            prefetch(b, gep(b, bias, b.add(b.mul(blk, i64(32)), i64(sc_ahead))))
+        _dequant_block(b, geo, pay, sc, bias, blk, ring(g, j, mat))
+
+    def seg_len(g):
+        left = b.sub(nblocks, b.mul(g, i64(seg)))
+        return b.select(b.icmp_signed("<", left, i64(seg)), left, i64(seg))
+
+    def c_tile_ptr(s0, mat, half):
+        return gep(b, acc, b.add(b.mul(i64(mat), acc_stride), b.mul(b.add(s0, i64(16 * half)), i64(64))))
+
+    def tile_step(s0, g, j, two):
+        blk = b.add(b.mul(g, i64(seg)), j)
+        for mat in range(2):
+            tiles.load(B_TILE[mat], ring(g, j, mat), i64(64))
+        a0 = gep(b, A, b.add(b.mul(s0, lda), b.mul(blk, i64(64))))
+        p = gep(b, a0, 8 * 64)   # activation rows, 8 blocks ahead
+        for _ in range(CHUNK if two else 16):
+            prefetch(b, p)
+            p = gep(b, p, lda)
+        tiles.load(A_TILE[0], a0, lda)
+        for mat in range(2):
+            tiles.dp(C_TILE[mat, 0], A_TILE[0], B_TILE[mat])
+        if two:
+            tiles.load(A_TILE[1], gep(b, a0, b.mul(lda, i64(16))), lda)
+            for mat in range(2):
+                tiles.dp(C_TILE[mat, 1], A_TILE[1], B_TILE[mat])
+
+    def chunk_body(s0, g, n, n_next, first_seg, two, dq0, dq1):
+        for mat in range(2 if do_tiles else 0):
+            for half in range(2 if two else 1):
+                if first_seg:
+                    tiles.zero(C_TILE[mat, half])
+                else:
+                    tiles.load(C_TILE[mat, half], c_tile_ptr(s0, mat, half), i64(64))
+        with for_range(b, 0, n, name="sblk") as j:
+            if do_tiles:
+                tile_step(s0, g, j, two)
+            if do_dequant and (dq0 or dq1):   # this block of the next segment, if it has one
+                with b.if_then(b.icmp_signed("<", j, n_next)):
+                    for mat, on in enumerate((dq0, dq1)):
+                        if on:
+                            dequant(b.add(g, i64(1)), j, mat)
+        for mat in range(2 if do_tiles else 0):
+            for half in range(2 if two else 1):
+                tiles.store(C_TILE[mat, half], c_tile_ptr(s0, mat, half), i64(64))
+
+    nseg = b.udiv(b.add(nblocks, i64(seg - 1)), i64(seg))
+    nch = b.udiv(b.add(M, i64(CHUNK - 1)), i64(CHUNK))
+    one_chunk = b.icmp_signed("==", nch, i64(1))
+    if do_dequant:   # prologue: segment 0
+        n0 = seg_len(i64(0))
+        with for_range(b, 0, n0, name="pro") as j:
+            for mat in range(2):
+                dequant(i64(0), j, mat)
+    with for_range(b, 0, nseg, name="seg") as g:
+        n = seg_len(g)
+        nxt = b.add(g, i64(1))
+        n_next = b.select(b.icmp_signed("<", nxt, nseg), seg_len(nxt), i64(0))
+        first_seg = b.icmp_signed("==", g, i64(0))
+        with for_range(b, 0, nch, name="chunk") as ch:
+            s0 = b.mul(ch, i64(CHUNK))
+            two = b.icmp_signed(">", b.sub(M, s0), i64(16))
+            dq0 = b.icmp_signed("==", ch, i64(0))
+            dq1 = b.or_(b.icmp_signed("==", ch, i64(1)), one_chunk)
+            specialize(b, (first_seg, two, dq0, dq1),
+                       lambda f, t, d0, d1: chunk_body(s0, g, n, n_next, f, t, d0, d1))
     tiles.release()
     b.ret_void()
     return fn
