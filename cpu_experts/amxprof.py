@@ -33,14 +33,14 @@ from .pool import aligned_zeros
 NSET = 7   # pointers per operand set: A, pay0, sc0, bias0, pay1, sc1, bias1
 
 
-def build_ir(geo, seg: int, parts: str, emulate: bool = False) -> str:
+def build_ir(geo, seg: int, parts: str, emulate: bool = False, cvt: bool = False) -> str:
     """i64 prof_run(ncalls, nblocks, M, lda, sets i64[nsets][7], nsets, acc, acc_stride, bbuf): ncalls
     kernel calls rotating over the operand sets; returns the rdtsc cycles they took."""
-    m = ir.Module(name=f"hmoe_amxprof_{geo.fmt}_{seg}_{parts}")
+    m = ir.Module(name=f"hmoe_amxprof_{geo.fmt}_{seg}_{parts}_{int(cvt)}")
     if seg:
-        kern = emit_amx_bf16_mm_seg(m, geo, 2048, seg, emulate=emulate, parts=parts)
+        kern = emit_amx_bf16_mm_seg(m, geo, 2048, seg, emulate=emulate, parts=parts, cvt=cvt)
     else:
-        kern = emit_amx_bf16_mm(m, geo, 2048, emulate=emulate, parts=parts)
+        kern = emit_amx_bf16_mm(m, geo, 2048, emulate=emulate, parts=parts, cvt=cvt)
     assert kern.name == amx_bf16_name()
     fn, b = define(m, "prof_run", I64, [I64, I64, I64, I64, PTR, I64, PTR, I64, PTR])
     ncalls, nblocks, M, lda, sets, nsets, acc, acc_stride, bbuf = fn.args
@@ -82,9 +82,11 @@ class _Operands:
         self.bbuf = aligned_zeros(nb * 2 * BF16_BLOCK_BYTES, np.uint8)
 
 
-def run(fmt="q4_k", K=7168, slots=(32, 64), threads=None, segs=(0, 4), calls=200, log=print, emulate=False,
+def run(fmt="q4_k", K=7168, slots=(32, 64), threads=None, kernels=("0", "4"), calls=200, log=print, emulate=False,
         pool_bytes=1 << 30) -> dict:
-    """emulate: tile instructions in plain IR (tests of this harness on hosts without AMX; no timing value)."""
+    """kernels: "n" = segments of n blocks (0: whole K), "nc" = the same with the vcvtne2ps2bf16
+    dequantization (Tiles.amx_bf16_cvt). emulate: tile instructions in plain IR (tests of this
+    harness on hosts without AMX; no timing value)."""
     isa = host_isa("avx512vnni" if not emulate else None)
     if not emulate and not (isa.amx and enable_amx()):
         raise SystemExit("amxprof needs an AMX host")
@@ -102,20 +104,21 @@ def run(fmt="q4_k", K=7168, slots=(32, 64), threads=None, segs=(0, 4), calls=200
     from .sweep import tsc_hz
     hz = tsc_hz()
     fns = {}
-    for seg in segs:
+    for kname in kernels:
+        seg, cvt = int(kname.rstrip("c")), kname.endswith("c")
         for parts in PARTS:
-            lib = Library(build_ir(geo, seg, parts, emulate), isa)
+            lib = Library(build_ir(geo, seg, parts, emulate, cvt), isa)
             f = ctypes.CFUNCTYPE(ctypes.c_int64, *[ctypes.c_int64] * 4, ctypes.c_void_p, ctypes.c_int64,
                                  ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p)(lib.address("prof_run"))
-            fns[seg, parts] = (lib, f)
+            fns[kname, parts] = (lib, f)
     rows = []
     for scenario in ("hot", "stream", "moe"):
         for M in slots:
             ops = [_Operands(geo, K, M, scenario, t, pools) for t in range(threads)]
             for nthr in (1, threads):
-                for seg in segs:
+                for kname in kernels:
                     for parts in PARTS:
-                        f = fns[seg, parts][1]
+                        f = fns[kname, parts][1]
                         cyc = [0] * nthr
 
                         def work(t):
@@ -132,11 +135,11 @@ def run(fmt="q4_k", K=7168, slots=(32, 64), threads=None, segs=(0, 4), calls=200
                             x.join()
                         per_call = float(np.median(cyc)) / calls
                         flop = 2.0 * M * 32 * K
-                        r = dict(scenario=scenario, slots=M, threads=nthr, seg=seg, parts=parts,
+                        r = dict(scenario=scenario, slots=M, threads=nthr, kernel=kname, parts=parts,
                                  cycles_per_call=round(per_call), cycles_per_block=round(per_call / nb, 1),
                                  gflops_per_core=round(flop / (per_call / hz) / 1e9, 1))
                         rows.append(r)
-                        log(f"{scenario:6s} M={M:3d} thr={nthr:2d} seg={seg} {parts:7s} {r['cycles_per_call']:9d} "
+                        log(f"{scenario:6s} M={M:3d} thr={nthr:2d} kernel={kname:3s} {parts:7s} {r['cycles_per_call']:9d} "
                             f"cyc/call {r['cycles_per_block']:7.1f} cyc/block {r['gflops_per_core']:7.1f} GFLOP/s/core")
     return dict(date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), device=cpu_model(), cpu=isa.cpu, fmt=fmt,
                 K=K, tsc_hz=hz, threads=threads, calls=calls, commit=_commit(), results=rows)
@@ -147,12 +150,12 @@ def main(argv=None) -> int:
     p.add_argument("--fmt", default="q4_k")
     p.add_argument("--k", type=int, default=7168)
     p.add_argument("--slots", default="32,64")
-    p.add_argument("--segs", default="0,4")
+    p.add_argument("--kernels", default="0,4", help="n: K segments of n blocks (0: whole K); nc: with vcvtne2ps2bf16")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--calls", type=int, default=200)
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
-    res = run(a.fmt, a.k, [int(s) for s in a.slots.split(",")], a.threads, [int(s) for s in a.segs.split(",")],
+    res = run(a.fmt, a.k, [int(s) for s in a.slots.split(",")], a.threads, a.kernels.split(","),
               a.calls)
     res["command"] = "python -m cpu_experts.amxprof " + " ".join(f"--{k} {v}" for k, v in vars(a).items()
                                                                  if v is not None and k != "out")

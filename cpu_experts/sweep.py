@@ -55,6 +55,11 @@ VARIANTS = {   # changes to the default tiling (codegen/moe.py Tiles; AMX fields
     "ru128": {"rows_up": 128},     # activation rows read once per 4 AMX calls in gate/up (2 at 32 rows)
     "rd256": {"rows_down": 256},   # ... and per 8 calls in down (2 at 64 rows)
     "seg4_big": {"amx_bf16_seg": 4, "rows_up": 128, "rows_down": 256},
+    "seg16": {"amx_bf16_seg": 16},
+    "big": {"rows_up": 128, "rows_down": 256},
+    "cvt": {"amx_bf16_cvt": True},   # AMX-BF16 dequantization through vcvtne2ps2bf16
+    "cvt_seg8": {"amx_bf16_cvt": True, "amx_bf16_seg": 8},
+    "cvt_big": {"amx_bf16_cvt": True, "rows_up": 128, "rows_down": 256},
     "prof": {"profile": True},   # base + rdtsc counters per phase (no cost above noise measured): where the time goes
     "w15": {},       # base tiling, a pool of threads-1 workers: one CPU left to the caller
     "w15spin": {},   # w15, and the caller spins in wait() for the whole job (no futex wake)

@@ -1,5 +1,5 @@
 """The AMX-BF16 kernels alone (amxprof's harness), tile instructions emulated: one call of the
-whole-K and the K-segmented kernel against numpy, and the profiling builds ("dequant", "tiles")
+whole-K and the K-segmented kernel, each with both dequantizations (amx_bf16_cvt), against numpy, and the profiling builds ("dequant", "tiles")
 compile and run."""
 import ctypes
 
@@ -60,9 +60,9 @@ def test_kernels_alone_match_numpy(fmt, M):
     sets = np.array([[a.ctypes.data] + [x.ctypes.data for m in mats for x in m[0]]], np.int64)
     isa = isa_mod.host_isa(AVX512[0])
     outs = []
-    for seg in (0, 3, 7):
+    for seg, cvt in ((0, False), (3, False), (7, False), (0, True), (3, True)):
         for parts in ("all", "dequant", "tiles"):
-            lib = Library(build_ir(geo, seg, parts, emulate=True), isa)
+            lib = Library(build_ir(geo, seg, parts, emulate=True, cvt=cvt), isa)
             f = ctypes.CFUNCTYPE(ctypes.c_int64, *[ctypes.c_int64] * 4, ctypes.c_void_p, ctypes.c_int64,
                                  ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p)(lib.address("prof_run"))
             acc = aligned_zeros(2 * 128 * 16, np.float32)
@@ -72,13 +72,13 @@ def test_kernels_alone_match_numpy(fmt, M):
                 out = acc.reshape(2, 128, 16)[:, :M]
                 np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
                 outs.append(out.copy())
-    for out in outs[1:]:   # same products in the same order: segmenting changes nothing
+    for out in outs[1:]:   # same products in the same order: segmenting and the cvt lane order change nothing
         np.testing.assert_array_equal(out, outs[0])
 
 
 def test_profile_harness_runs_every_case():
     from cpu_experts.amxprof import run
-    res = run("q4_k", K=256, slots=(16, 40), threads=2, segs=(0, 2), calls=2, log=lambda *a: None, emulate=True,
+    res = run("q4_k", K=256, slots=(16, 40), threads=2, kernels=("0", "2c"), calls=2, log=lambda *a: None, emulate=True,
               pool_bytes=1 << 20)
     rows = res["results"]
     assert len(rows) == 3 * 2 * 2 * 2 * 3   # scenarios x slots x (1, all threads) x segs x parts

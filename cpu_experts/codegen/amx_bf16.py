@@ -6,10 +6,12 @@ tdpbf16ps over the whole K and are stored once: no per-block tile store or float
 of the int8 kernel, amx.py). Activations (x, h) are bf16 rows in slot order. The first chunk
 dequantizes block b+1 while the tile unit works on block b.
 """
+from llvmlite import ir
+
 from ..layout import Geometry
 from .amx import CHUNK
-from .irutil import F16, F32, I8, I32, I64, PTR, VOID, define, fma, for_range, gep, i64, load, prefetch, splat, \
-    specialize, store, vec
+from .irutil import F16, F32, I8, I32, I64, PTR, VOID, define, fma, for_range, gep, i64, intrinsic, load, prefetch, \
+    shuffle, splat, specialize, store, vec
 from .tiles import A_TILE, B_TILE, C_TILE, make_tiles
 
 BF16_BLOCK_BYTES = 1024   # one dequantized 32 x 16 block: 16 tile rows of 64 bytes
@@ -63,10 +65,67 @@ def _dequant_block(b, geo, pay, sc, bias, blk, dst):
             store(b, pack_bf16_pairs(b, w[2 * h], w[2 * h + 1]), dst, (2 * q + h) * R, align=64)
 
 
+class _BFloat(ir.types._BaseFloatType):
+    """LLVM's bfloat (llvmlite has no such type): only the result of vcvtne2ps2bf16, bitcast at once."""
+    null = "0.0"
+    intrinsic_name = "bf16"
+
+    def __str__(self):
+        return "bfloat"
+
+
+_BFloat._create_instance()
+
+
+def _dequant_block_cvt(b, geo, pay, sc, bias, blk, dst, emulate):
+    """_dequant_block's result (the same tile rows) with fewer vector uops: each f32 vector holds rows
+    0-7 (or 8-15) x the two weights of one bf16 pair, its codes zero-extended from the quad by one
+    byte shuffle (vpermb), so vcvtne2ps2bf16 (AVX512-BF16, round to nearest even) writes a whole tile
+    row with no shift/mask/or packing. Emulated (tests without AVX512-BF16): the same lane order,
+    packed with round_bf16_bits."""
+    R = 16
+    vi, vf = vec(I32, R), vec(F32, R)
+    bpb = geo.block_payload_bytes
+    pb = gep(b, pay, b.mul(blk, i64(bpb)))
+    sidx = b.mul(blk, i64(R))
+    dw = b.fpext(load(b, sc, vec(F16, R), sidx, align=2), vf)
+    if geo.bias:
+        shift = b.fpext(load(b, bias, vec(F16, R), sidx, align=2), vf)
+    else:
+        shift = b.fmul(dw, splat(F32, R, -float(geo.offset)))
+    half_rows = [[r for r in range(8 * hh, 8 * hh + 8) for _ in range(2)] for hh in range(2)]
+    dws = [shuffle(b, dw, rows) for rows in half_rows]      # lane 2i + t: scale of row 8hh + i
+    shifts = [shuffle(b, shift, rows) for rows in half_rows]
+    raw = [load(b, pb, vec(I8, 64), v * 64, align=64) for v in range(bpb // 64)]
+    if geo.nibbles:
+        quads = [b.and_(r, splat(I8, 64, 0x0F)) for r in raw] + [b.lshr(r, splat(I8, 64, 4)) for r in raw]
+    else:
+        quads = raw
+    zero = ir.Constant(vec(I8, 64), [0] * 64)
+    cvt = None if emulate else intrinsic(b.module, "llvm.x86.avx512bf16.cvtne2ps2bf16.512", vec(_BFloat(), 32),
+                                         [vf, vf])
+    for q, qv in enumerate(quads):
+        for h in range(2):
+            f = []
+            for hh in range(2):   # rows 8hh..8hh+7: lane 2i + t = code of weight (8hh + i, 4q + 2h + t)
+                mask = [4 * (8 * hh + i) + 2 * h + t if z == 0 else 64 for i in range(8) for t in range(2)
+                        for z in range(4)]   # one vpermt2b with a zero vector
+                u = b.bitcast(b.shuffle_vector(qv, zero, ir.Constant(vec(I32, 64), mask)), vi)
+                f.append(fma(b, b.sitofp(u, vf), dws[hh], shifts[hh]))
+            if cvt is not None:
+                row = b.bitcast(b.call(cvt, [f[1], f[0]]), vi)   # words 0-15 from f[0], 16-31 from f[1]
+            else:
+                bits = [b.lshr(round_bf16_bits(b, x), splat(I32, R, 16)) for x in f]
+                words = [b.trunc(x, vec(ir.IntType(16), R)) for x in bits]
+                row = b.bitcast(b.shuffle_vector(words[0], words[1], ir.Constant(vec(I32, 32), list(range(32)))), vi)
+            store(b, row, dst, (2 * q + h) * R, align=64)
+
+
 PARTS = ("all", "dequant", "tiles")   # "dequant" / "tiles": the kernel with the other half left out (amxprof.py)
 
 
-def emit_amx_bf16_mm(module, geo: Geometry, prefetch_bytes: int, emulate: bool = False, parts: str = "all"):
+def emit_amx_bf16_mm(module, geo: Geometry, prefetch_bytes: int, emulate: bool = False, parts: str = "all",
+                     cvt: bool = False):
     """void amx_bf16_mm2(nblocks, M, A bf16[M][lda/2], lda (bytes), pay0, sc0, bias0, pay1, sc1, bias1,
     acc f32[2][.][16], acc_mat_stride (bytes), bbuf (nblocks * 2 KiB scratch)).
 
@@ -96,8 +155,11 @@ def emit_amx_bf16_mm(module, geo: Geometry, prefetch_bytes: int, emulate: bool =
             prefetch(b, gep(b, sc, b.add(b.mul(blk, i64(32)), i64(sc_ahead))))
             if geo.bias:
                 prefetch(b, gep(b, bias, b.add(b.mul(blk, i64(32)), i64(sc_ahead))))
-            _dequant_block(b, geo, pay, sc, bias, blk,
-                           gep(b, bbuf, b.add(b.mul(blk, i64(2 * BF16_BLOCK_BYTES)), i64(mat * BF16_BLOCK_BYTES))))
+            at = gep(b, bbuf, b.add(b.mul(blk, i64(2 * BF16_BLOCK_BYTES)), i64(mat * BF16_BLOCK_BYTES)))
+            if cvt:
+                _dequant_block_cvt(b, geo, pay, sc, bias, blk, at, emulate)
+            else:
+                _dequant_block(b, geo, pay, sc, bias, blk, at)
 
     do_tiles, do_dequant = parts != "dequant", parts != "tiles"
 
@@ -152,7 +214,7 @@ def emit_amx_bf16_mm(module, geo: Geometry, prefetch_bytes: int, emulate: bool =
 
 
 def emit_amx_bf16_mm_seg(module, geo: Geometry, prefetch_bytes: int, seg: int, emulate: bool = False,
-                         parts: str = "all"):
+                         parts: str = "all", cvt: bool = False):
     """The same function as emit_amx_bf16_mm (same name, arguments and result), K walked in segments of
     `seg` blocks: bbuf holds two segments (2 x seg x 2 KiB, in L1 for seg <= 4) instead of all of K
     (448 KiB at H 7168, re-read from L2 by every chunk after the first), and the dequantization of
@@ -187,7 +249,10 @@ def emit_amx_bf16_mm_seg(module, geo: Geometry, prefetch_bytes: int, seg: int, e
         prefetch(b, gep(b, sc, b.add(b.mul(blk, i64(32)), i64(sc_ahead))))
         if geo.bias:
             prefetch(b, gep(b, bias, b.add(b.mul(blk, i64(32)), i64(sc_ahead))))
-        _dequant_block(b, geo, pay, sc, bias, blk, ring(g, j, mat))
+        if cvt:
+            _dequant_block_cvt(b, geo, pay, sc, bias, blk, ring(g, j, mat), emulate)
+        else:
+            _dequant_block(b, geo, pay, sc, bias, blk, ring(g, j, mat))
 
     def seg_len(g):
         left = b.sub(nblocks, b.mul(g, i64(seg)))
