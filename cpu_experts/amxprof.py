@@ -2,8 +2,7 @@
 
 Times the kernel alone (no MoE job around it) on synthetic weights, one call = M slots x 2 weight
 groups (32 rows) x K = H (gate/up shape), in three builds of the same kernel (amx_bf16.PARTS):
-"all", "dequant" (no tile instructions) and "tiles" (no dequantization); the whole-K kernel and
-the K-segmented one (amx_bf16_seg). Per case on 1 thread and on every thread at once (each on its
+"all", "dequant" (no tile instructions) and "tiles" (no dequantization). Per case on 1 thread and on every thread at once (each on its
 own CPU and data), with the operands
     hot:    the same A and weights every call (both in L2)
     stream: weights streamed from a 1 GiB pool (DRAM), A hot
@@ -23,7 +22,7 @@ import numpy as np
 from llvmlite import ir
 
 from .bench import _commit, cpu_model
-from .codegen.amx_bf16 import BF16_BLOCK_BYTES, PARTS, amx_bf16_name, emit_amx_bf16_mm, emit_amx_bf16_mm_seg
+from .codegen.amx_bf16 import BF16_BLOCK_BYTES, PARTS, amx_bf16_name, emit_amx_bf16_mm
 from .codegen.irutil import I64, PTR, define, for_range, gep, i64, intrinsic, load
 from .experts import _geometry, enable_amx
 from .isa import host_isa
@@ -33,14 +32,11 @@ from .pool import aligned_zeros
 NSET = 7   # pointers per operand set: A, pay0, sc0, bias0, pay1, sc1, bias1
 
 
-def build_ir(geo, seg: int, parts: str, emulate: bool = False, cvt: bool = False) -> str:
+def build_ir(geo, parts: str, emulate: bool = False) -> str:
     """i64 prof_run(ncalls, nblocks, M, lda, sets i64[nsets][7], nsets, acc, acc_stride, bbuf): ncalls
     kernel calls rotating over the operand sets; returns the rdtsc cycles they took."""
-    m = ir.Module(name=f"hmoe_amxprof_{geo.fmt}_{seg}_{parts}_{int(cvt)}")
-    if seg:
-        kern = emit_amx_bf16_mm_seg(m, geo, 2048, seg, emulate=emulate, parts=parts, cvt=cvt)
-    else:
-        kern = emit_amx_bf16_mm(m, geo, 2048, emulate=emulate, parts=parts, cvt=cvt)
+    m = ir.Module(name=f"hmoe_amxprof_{geo.fmt}_{parts}")
+    kern = emit_amx_bf16_mm(m, geo, 2048, emulate=emulate, parts=parts)
     assert kern.name == amx_bf16_name()
     fn, b = define(m, "prof_run", I64, [I64, I64, I64, I64, PTR, I64, PTR, I64, PTR])
     ncalls, nblocks, M, lda, sets, nsets, acc, acc_stride, bbuf = fn.args
@@ -82,11 +78,32 @@ class _Operands:
         self.bbuf = aligned_zeros(nb * 2 * BF16_BLOCK_BYTES, np.uint8)
 
 
-def run(fmt="q4_k", K=7168, slots=(32, 64), threads=None, kernels=("0", "4"), calls=200, log=print, emulate=False,
+_SIG = ctypes.CFUNCTYPE(ctypes.c_int64, *[ctypes.c_int64] * 4, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                        ctypes.c_int64, ctypes.c_void_p)
+
+
+def _time_calls(f, ops, cpus, nb, M, K, calls) -> float:
+    """Median over threads (one per operand set, each pinned to its CPU, all at once) of rdtsc cycles
+    per call, after a warm-up."""
+    cyc = [0] * len(ops)
+
+    def work(t):
+        os.sched_setaffinity(0, {cpus[t]})
+        o = ops[t]
+        args = (nb, M, K * 2, o.sets.ctypes.data, len(o.sets), o.acc.ctypes.data, 128 * 16 * 4, o.bbuf.ctypes.data)
+        f(max(calls // 10, 2), *args)
+        cyc[t] = f(calls, *args)
+    th = [threading.Thread(target=work, args=(t,)) for t in range(len(ops))]
+    for x in th:
+        x.start()
+    for x in th:
+        x.join()
+    return float(np.median(cyc)) / calls
+
+
+def run(fmt="q4_k", K=7168, slots=(32, 64), threads=None, calls=200, log=print, emulate=False,
         pool_bytes=1 << 30) -> dict:
-    """kernels: "n" = segments of n blocks (0: whole K), "nc" = the same with the vcvtne2ps2bf16
-    dequantization (Tiles.amx_bf16_cvt). emulate: tile instructions in plain IR (tests of this
-    harness on hosts without AMX; no timing value)."""
+    """emulate: tile instructions in plain IR (tests of this harness on hosts without AMX; no timing value)."""
     isa = host_isa("avx512vnni" if not emulate else None)
     if not emulate and not (isa.amx and enable_amx()):
         raise SystemExit("amxprof needs an AMX host")
@@ -104,43 +121,22 @@ def run(fmt="q4_k", K=7168, slots=(32, 64), threads=None, kernels=("0", "4"), ca
     from .sweep import tsc_hz
     hz = tsc_hz()
     fns = {}
-    for kname in kernels:
-        seg, cvt = int(kname.rstrip("c")), kname.endswith("c")
-        for parts in PARTS:
-            lib = Library(build_ir(geo, seg, parts, emulate, cvt), isa)
-            f = ctypes.CFUNCTYPE(ctypes.c_int64, *[ctypes.c_int64] * 4, ctypes.c_void_p, ctypes.c_int64,
-                                 ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p)(lib.address("prof_run"))
-            fns[kname, parts] = (lib, f)
+    for parts in PARTS:
+        lib = Library(build_ir(geo, parts, emulate), isa)
+        fns[parts] = (lib, _SIG(lib.address("prof_run")))
     rows = []
     for scenario in ("hot", "stream", "moe"):
         for M in slots:
             ops = [_Operands(geo, K, M, scenario, t, pools) for t in range(threads)]
             for nthr in (1, threads):
-                for kname in kernels:
-                    for parts in PARTS:
-                        f = fns[kname, parts][1]
-                        cyc = [0] * nthr
-
-                        def work(t):
-                            os.sched_setaffinity(0, {cpus[t]})
-                            o = ops[t]
-                            args = (nb, M, K * 2, o.sets.ctypes.data, len(o.sets), o.acc.ctypes.data, 128 * 16 * 4,
-                                    o.bbuf.ctypes.data)
-                            f(max(calls // 10, 2), *args)   # warm
-                            cyc[t] = f(calls, *args)
-                        th = [threading.Thread(target=work, args=(t,)) for t in range(nthr)]
-                        for x in th:
-                            x.start()
-                        for x in th:
-                            x.join()
-                        per_call = float(np.median(cyc)) / calls
-                        flop = 2.0 * M * 32 * K
-                        r = dict(scenario=scenario, slots=M, threads=nthr, kernel=kname, parts=parts,
-                                 cycles_per_call=round(per_call), cycles_per_block=round(per_call / nb, 1),
-                                 gflops_per_core=round(flop / (per_call / hz) / 1e9, 1))
-                        rows.append(r)
-                        log(f"{scenario:6s} M={M:3d} thr={nthr:2d} kernel={kname:3s} {parts:7s} {r['cycles_per_call']:9d} "
-                            f"cyc/call {r['cycles_per_block']:7.1f} cyc/block {r['gflops_per_core']:7.1f} GFLOP/s/core")
+                for parts in PARTS:
+                    per_call = _time_calls(fns[parts][1], ops[:nthr], cpus, nb, M, K, calls)
+                    r = dict(scenario=scenario, slots=M, threads=nthr, parts=parts,
+                             cycles_per_call=round(per_call), cycles_per_block=round(per_call / nb, 1),
+                             gflops_per_core=round(2.0 * M * 32 * K / (per_call / hz) / 1e9, 1))
+                    rows.append(r)
+                    log(f"{scenario:6s} M={M:3d} thr={nthr:2d} {parts:7s} {r['cycles_per_call']:9d} "
+                        f"cyc/call {r['cycles_per_block']:7.1f} cyc/block {r['gflops_per_core']:7.1f} GFLOP/s/core")
     return dict(date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), device=cpu_model(), cpu=isa.cpu, fmt=fmt,
                 K=K, tsc_hz=hz, threads=threads, calls=calls, commit=_commit(), results=rows)
 
@@ -150,13 +146,11 @@ def main(argv=None) -> int:
     p.add_argument("--fmt", default="q4_k")
     p.add_argument("--k", type=int, default=7168)
     p.add_argument("--slots", default="32,64")
-    p.add_argument("--kernels", default="0,4", help="n: K segments of n blocks (0: whole K); nc: with vcvtne2ps2bf16")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--calls", type=int, default=200)
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
-    res = run(a.fmt, a.k, [int(s) for s in a.slots.split(",")], a.threads, a.kernels.split(","),
-              a.calls)
+    res = run(a.fmt, a.k, [int(s) for s in a.slots.split(",")], a.threads, a.calls)
     res["command"] = "python -m cpu_experts.amxprof " + " ".join(f"--{k} {v}" for k, v in vars(a).items()
                                                                  if v is not None and k != "out")
     if a.out:

@@ -1,13 +1,11 @@
-"""The AMX-BF16 kernels alone (amxprof's harness), tile instructions emulated: one call of the
-whole-K and the K-segmented kernel, each with both dequantizations (amx_bf16_cvt), against numpy, and the profiling builds ("dequant", "tiles")
-compile and run."""
-import ctypes
-
+"""The AMX-BF16 kernel alone (amxprof's harness), tile instructions emulated: one call against numpy
+(1, 2 and 3 chunks, a partial one), and the profiling builds do what they say ("dequant": no tile
+work, "tiles": the products of whatever bbuf holds)."""
 import numpy as np
 import pytest
 
 from cpu_experts import isa as isa_mod
-from cpu_experts.amxprof import build_ir
+from cpu_experts.amxprof import _SIG, build_ir
 from cpu_experts.codegen.amx_bf16 import BF16_BLOCK_BYTES
 from cpu_experts.jit import Library
 from cpu_experts.layout import geometry
@@ -59,27 +57,23 @@ def test_kernels_alone_match_numpy(fmt, M):
     ref = np.stack([_f32(a[:M]).astype(np.float64) @ w.T.astype(np.float64) for _, w in mats])
     sets = np.array([[a.ctypes.data] + [x.ctypes.data for m in mats for x in m[0]]], np.int64)
     isa = isa_mod.host_isa(AVX512[0])
-    outs = []
-    for seg, cvt in ((0, False), (3, False), (7, False), (0, True), (3, True)):
-        for parts in ("all", "dequant", "tiles"):
-            lib = Library(build_ir(geo, seg, parts, emulate=True, cvt=cvt), isa)
-            f = ctypes.CFUNCTYPE(ctypes.c_int64, *[ctypes.c_int64] * 4, ctypes.c_void_p, ctypes.c_int64,
-                                 ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p)(lib.address("prof_run"))
-            acc = aligned_zeros(2 * 128 * 16, np.float32)
-            bbuf = aligned_zeros(nb * 2 * BF16_BLOCK_BYTES, np.uint8)
-            assert f(1, nb, M, K * 2, sets.ctypes.data, 1, acc.ctypes.data, 128 * 16 * 4, bbuf.ctypes.data) > 0
-            if parts == "all":
-                out = acc.reshape(2, 128, 16)[:, :M]
-                np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
-                outs.append(out.copy())
-    for out in outs[1:]:   # same products in the same order: segmenting and the cvt lane order change nothing
-        np.testing.assert_array_equal(out, outs[0])
+    outs = {}
+    bbuf = aligned_zeros(nb * 2 * BF16_BLOCK_BYTES, np.uint8)
+    for parts in ("dequant", "tiles", "all"):   # the profiling builds run; "tiles" then multiplies dequant's bbuf
+        lib = Library(build_ir(geo, parts, emulate=True), isa)
+        acc = aligned_zeros(2 * 128 * 16, np.float32)
+        assert _SIG(lib.address("prof_run"))(1, nb, M, K * 2, sets.ctypes.data, 1, acc.ctypes.data, 128 * 16 * 4,
+                                             bbuf.ctypes.data) > 0
+        outs[parts] = acc.reshape(2, 128, 16)[:, :M].copy()
+    np.testing.assert_allclose(outs["all"], ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+    np.testing.assert_array_equal(outs["tiles"], outs["all"])
+    assert not outs["dequant"].any()   # no tile stores
 
 
 def test_profile_harness_runs_every_case():
     from cpu_experts.amxprof import run
-    res = run("q4_k", K=256, slots=(16, 40), threads=2, kernels=("0", "2c"), calls=2, log=lambda *a: None, emulate=True,
+    res = run("q4_k", K=256, slots=(16, 40), threads=2, calls=2, log=lambda *a: None, emulate=True,
               pool_bytes=1 << 20)
     rows = res["results"]
-    assert len(rows) == 3 * 2 * 2 * 2 * 3   # scenarios x slots x (1, all threads) x segs x parts
+    assert len(rows) == 3 * 2 * 2 * 3   # scenarios x slots x (1, all threads) x parts
     assert all(r["cycles_per_call"] > 0 for r in rows)

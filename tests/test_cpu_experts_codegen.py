@@ -16,14 +16,14 @@ from cpu_experts.jit import cache_key
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def assembly(fmt: str, isa: str, cpu: str, tokens: int = 2, amx: bool = False, amx_mode: str = "int8", **more) -> str:
+def assembly(fmt: str, isa: str, cpu: str, tokens: int = 2, amx: bool = False, amx_mode: str = "int8") -> str:
     code = textwrap.dedent(f"""
         from cpu_experts.codegen.moe import Tiles, build_ir
         from cpu_experts.isa import cross_isa
         from cpu_experts.jit import emit_assembly
         from cpu_experts.layout import geometry
         isa = cross_isa({isa!r}, {cpu!r}, amx={amx!r})
-        tiles = Tiles(tokens={tokens}, amx={amx!r}, amx_mode={amx_mode!r}, **{more!r})
+        tiles = Tiles(tokens={tokens}, amx={amx!r}, amx_mode={amx_mode!r})
         print(emit_assembly(build_ir(geometry({fmt!r}, isa.vector_bytes, isa.vnni), isa, tiles), isa))
     """)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
@@ -53,16 +53,6 @@ def test_sapphirerapids_amx_bf16_tiles(fmt):
     for op in ("ldtilecfg", "tileloadd", "tdpbf16ps", "tilestored", "tilerelease", "vpdpbusd"):
         assert op in asm, op
     assert "tdpbsud" not in asm
-
-
-@pytest.mark.parametrize("fmt,seg", [("q8_0", 0), ("q4_k", 4)])
-def test_emeraldrapids_amx_bf16_cvt_dequantization(fmt, seg):
-    """amx_bf16_cvt: the dequantization packs tile rows with vcvtne2ps2bf16 (no vpermt2w packing)."""
-    asm = assembly(fmt, "avx512vnni", "emeraldrapids", tokens=8, amx=True, amx_mode="bf16", amx_bf16_cvt=True,
-                   amx_bf16_seg=seg)
-    for op in ("tdpbf16ps", "vcvtne2ps2bf16", "vpermt2b"):
-        assert op in asm, op
-    assert "vpermt2w" not in asm
 
 
 def test_sapphirerapids_avx_vnni_256():

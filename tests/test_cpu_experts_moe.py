@@ -121,33 +121,6 @@ def test_forward_emulated_amx_matches_reference(fmt, min_slots, max_slots, threa
         check(ex.forward(x, ids, w), moe_reference(x, ids, w, *dq), fmt)
 
 
-SEG_CASES = [("q4_k", 3, False, 128, 2), ("q8_0", 4, False, 64, 1), ("q4_0", 1, False, 32, 2),
-             ("q4_k", 0, True, 128, 1), ("q8_0", 3, True, 64, 2)]
-
-
-@pytest.mark.parametrize("fmt,seg,cvt,max_slots,threads,hw", [
-    pytest.param(*case, False, marks=pytest.mark.skipif(not AVX512, reason="the AMX kernel needs 16-row groups (AVX-512)"))
-    for case in SEG_CASES] + [
-    pytest.param(*case[:4], 2, True, marks=pytest.mark.skipif(not HOST_AMX, reason="needs AMX (the GPU machine)"))
-    for case in SEG_CASES])
-def test_forward_amx_bf16_variants_match_reference(fmt, seg, cvt, max_slots, threads, hw):
-    """The K-segmented AMX-BF16 kernel (amx_bf16_seg: K = 8 blocks in segments of 3 (a short last
-    segment), 4 or 1; calls of 1 to 4 chunks, the dequantization of the next segment in chunk 0 only
-    or split over chunks 0 and 1, nothing in chunks 2-3; one- and two-tile chunks) and the
-    vcvtne2ps2bf16 dequantization (amx_bf16_cvt, whole K and segmented); emulated tiles (and a
-    software bf16 conversion) here, real ones on an AMX host."""
-    from cpu_experts.codegen.moe import Tiles
-    tiles = Tiles(tokens=8, amx=True, amx_emulate=not hw, amx_min_slots=1, amx_max_slots=max_slots,
-                  amx_mode="bf16", amx_bf16_seg=seg, amx_bf16_cvt=cvt)
-    ex, dq = experts(fmt, "avx512vnni" if hw else AVX512[0], threads, tiles=tiles)
-    rng = np.random.default_rng(19)
-    for T in (3, 17, 300):
-        x = rng.standard_normal((T, H)).astype(np.float32)
-        ids = routing(rng, T)
-        w = rng.uniform(0.05, 1.0, (T, K)).astype(np.float32)
-        check(ex.forward(x, ids, w), moe_reference(x, ids, w, *dq), fmt)
-
-
 @pytest.mark.skipif(not AVX512, reason="the AMX kernel needs 16-row groups (AVX-512)")
 @pytest.mark.parametrize("fmt,hardware", [("q4_k", False), ("q4_0", False)]
                          + [(f, True) for f in ("q8_0", "q4_k") if HOST_AMX])

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from llvmlite import ir
 
-from ..isa import Isa, enabled_features
+from ..isa import Isa
 from ..layout import BLOCK, Geometry
 from . import amx, amx_bf16, dot, sched, vmath
 from .fields import J, POOL_FIELDS
@@ -50,9 +50,6 @@ class Tiles:
     #                          dequantized to bf16 once per call, tdpbf16ps accumulates over all K;
     #                          "mixed": bf16 for experts with >= amx_bf16_min_slots slots, int8 below
     amx_bf16_min_slots: int = 24
-    amx_bf16_cvt: bool = False  # AMX-BF16 dequantization through vcvtne2ps2bf16 (AVX512-BF16; amx_bf16.py)
-    amx_bf16_seg: int = 0   # AMX-BF16 kernel: 0 = dequantize all of K, then the chunks; n > 0 = K in
-    #                         segments of n blocks, dequantization spread over the chunks (amx_bf16.py)
     profile: bool = False   # per-worker rdtsc counters of task and barrier time (sched.py, WorkerPool.profile)
 
 
@@ -122,14 +119,7 @@ class _Builder:
             assert isa.vnni or geo.fmt != "q8_0" or tiles.amx_min_slots <= 1, \
                 "unsigned q8_0 codes need VNNI dots for experts below amx_min_slots"
             if tiles.amx_mode != "int8":
-                assert not tiles.amx_bf16_cvt or tiles.amx_emulate or has_avx512bf16(isa), \
-                    f"amx_bf16_cvt needs AVX512-BF16 ({isa.cpu})"
-                if tiles.amx_bf16_seg:
-                    side.amx_bf = amx_bf16.emit_amx_bf16_mm_seg(self.m, geo, pf, tiles.amx_bf16_seg,
-                                                                emulate=tiles.amx_emulate, cvt=tiles.amx_bf16_cvt)
-                else:
-                    side.amx_bf = amx_bf16.emit_amx_bf16_mm(self.m, geo, pf, emulate=tiles.amx_emulate,
-                                                            cvt=tiles.amx_bf16_cvt)
+                side.amx_bf = amx_bf16.emit_amx_bf16_mm(self.m, geo, pf, emulate=tiles.amx_emulate)
             if tiles.amx_mode != "bf16":
                 side.amx_i8 = amx.emit_amx_mm(self.m, geo, pf, emulate=tiles.amx_emulate)
         return side
@@ -549,14 +539,6 @@ class _Builder:
         sched.emit_worker(self.m)
         sched.emit_submit_wait(self.m)
         return str(self.m)
-
-
-def has_avx512bf16(isa: Isa) -> bool:
-    """vcvtne2ps2bf16 (amx_bf16_cvt): from the feature string, or implied by the CPU name (cross ISAs)."""
-    if isa.features:
-        return "avx512bf16" in enabled_features(isa.features)
-    return isa.cpu in ("cooperlake", "sapphirerapids", "emeraldrapids", "graniterapids", "graniterapids-d",
-                       "diamondrapids", "znver4", "znver5")
 
 
 def supports_amx(geo: Geometry) -> bool:
