@@ -2,8 +2,7 @@
 
 Times the kernel alone (no MoE job around it) on synthetic weights, one call = M slots x 2 weight
 groups (32 rows) x K = H (gate/up shape), in three builds of the same kernel (amx_bf16.PARTS):
-"all", "dequant" (no tile instructions) and "tiles" (no dequantization), and optionally "all" with
-the dequantization further ahead of the tiles (--ahead). Per case on 1 thread and on every thread at once (each on its
+"all", "dequant" (no tile instructions) and "tiles" (no dequantization). Per case on 1 thread and on every thread at once (each on its
 own CPU and data), with the operands
     hot:    the same A and weights every call (both in L2)
     stream: weights streamed from a 1 GiB pool (DRAM), A hot
@@ -33,11 +32,11 @@ from .pool import aligned_zeros
 NSET = 7   # pointers per operand set: A, pay0, sc0, bias0, pay1, sc1, bias1
 
 
-def build_ir(geo, parts: str, emulate: bool = False, ahead: int = 1) -> str:
+def build_ir(geo, parts: str, emulate: bool = False) -> str:
     """i64 prof_run(ncalls, nblocks, M, lda, sets i64[nsets][7], nsets, acc, acc_stride, bbuf): ncalls
     kernel calls rotating over the operand sets; returns the rdtsc cycles they took."""
-    m = ir.Module(name=f"hmoe_amxprof_{geo.fmt}_{parts}_{ahead}")
-    kern = emit_amx_bf16_mm(m, geo, 2048, emulate=emulate, parts=parts, ahead=ahead)
+    m = ir.Module(name=f"hmoe_amxprof_{geo.fmt}_{parts}")
+    kern = emit_amx_bf16_mm(m, geo, 2048, emulate=emulate, parts=parts)
     assert kern.name == amx_bf16_name()
     fn, b = define(m, "prof_run", I64, [I64, I64, I64, I64, PTR, I64, PTR, I64, PTR])
     ncalls, nblocks, M, lda, sets, nsets, acc, acc_stride, bbuf = fn.args
@@ -103,10 +102,8 @@ def _time_calls(f, ops, cpus, nb, M, K, calls) -> float:
 
 
 def run(fmt="q4_k", K=7168, slots=(32, 64), threads=None, calls=200, log=print, emulate=False,
-        pool_bytes=1 << 30, ahead=(1,)) -> dict:
-    """ahead: dequantization distances (emit_amx_bf16_mm) timed as whole kernels "all_a<n>" besides
-    the three builds at distance 1. emulate: tile instructions in plain IR (tests of this harness on
-    hosts without AMX; no timing value)."""
+        pool_bytes=1 << 30) -> dict:
+    """emulate: tile instructions in plain IR (tests of this harness on hosts without AMX; no timing value)."""
     isa = host_isa("avx512vnni" if not emulate else None)
     if not emulate and not (isa.amx and enable_amx()):
         raise SystemExit("amxprof needs an AMX host")
@@ -124,15 +121,15 @@ def run(fmt="q4_k", K=7168, slots=(32, 64), threads=None, calls=200, log=print, 
     from .sweep import tsc_hz
     hz = tsc_hz()
     fns = {}
-    for name, parts, a in [(p, p, 1) for p in PARTS] + [(f"all_a{a}", "all", a) for a in ahead if a != 1]:
-        lib = Library(build_ir(geo, parts, emulate, a), isa)
-        fns[name] = (lib, _SIG(lib.address("prof_run")))
+    for parts in PARTS:
+        lib = Library(build_ir(geo, parts, emulate), isa)
+        fns[parts] = (lib, _SIG(lib.address("prof_run")))
     rows = []
     for scenario in ("hot", "stream", "moe"):
         for M in slots:
             ops = [_Operands(geo, K, M, scenario, t, pools) for t in range(threads)]
             for nthr in (1, threads):
-                for parts in fns:
+                for parts in PARTS:
                     per_call = _time_calls(fns[parts][1], ops[:nthr], cpus, nb, M, K, calls)
                     r = dict(scenario=scenario, slots=M, threads=nthr, parts=parts,
                              cycles_per_call=round(per_call), cycles_per_block=round(per_call / nb, 1),
@@ -151,11 +148,9 @@ def main(argv=None) -> int:
     p.add_argument("--slots", default="32,64")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--calls", type=int, default=200)
-    p.add_argument("--ahead", default="1", help="dequantization distances to time as whole kernels (comma-separated)")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
-    res = run(a.fmt, a.k, [int(s) for s in a.slots.split(",")], a.threads, a.calls,
-              ahead=[int(x) for x in a.ahead.split(",")])
+    res = run(a.fmt, a.k, [int(s) for s in a.slots.split(",")], a.threads, a.calls)
     res["command"] = "python -m cpu_experts.amxprof " + " ".join(f"--{k} {v}" for k, v in vars(a).items()
                                                                  if v is not None and k != "out")
     if a.out:

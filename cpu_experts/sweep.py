@@ -53,8 +53,6 @@ VARIANTS = {   # changes to the default tiling (codegen/moe.py Tiles; AMX fields
     "big": {"rows_up": 128, "rows_down": 256},
     "ru512": {"rows_up": 512},
     "huge": {"rows_up": 512, "rows_down": 448},   # V3: 16 down tasks, one per worker at 16 threads
-    "ahead2": {"amx_bf16_ahead": 2},   # AMX-BF16: dequantize 2 / 4 blocks ahead of the tiles (not measured yet)
-    "ahead4": {"amx_bf16_ahead": 4},
     "prof": {"profile": True},   # base + rdtsc counters per phase (no cost above noise measured): where the time goes
     "w15": {},       # base tiling, a pool of threads-1 workers: one CPU left to the caller
     "w15spin": {},   # w15, and the caller spins in wait() for the whole job (no futex wake)

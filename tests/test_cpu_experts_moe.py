@@ -121,24 +121,6 @@ def test_forward_emulated_amx_matches_reference(fmt, min_slots, max_slots, threa
         check(ex.forward(x, ids, w), moe_reference(x, ids, w, *dq), fmt)
 
 
-@pytest.mark.parametrize("fmt,ahead,hardware", [
-    pytest.param("q4_k", 3, False, marks=pytest.mark.skipif(not AVX512, reason="the AMX kernel needs AVX-512")),
-    pytest.param("q8_0", 2, True, marks=pytest.mark.skipif(not HOST_AMX, reason="needs AMX (the GPU machine)"))])
-def test_forward_amx_bf16_dequantizing_further_ahead(fmt, ahead, hardware):
-    """amx_bf16_ahead: the first chunk dequantizes `ahead` blocks ahead of the tile work (a prologue of
-    `ahead` blocks; K = 8 blocks here)."""
-    from cpu_experts.codegen.moe import Tiles
-    tiles = Tiles(tokens=8, amx=True, amx_emulate=not hardware, amx_min_slots=1, amx_mode="bf16",
-                  amx_bf16_ahead=ahead)
-    ex, dq = experts(fmt, "avx512vnni" if hardware else AVX512[0], 2, tiles=tiles)
-    rng = np.random.default_rng(23)
-    for T in (3, 17, 300):
-        x = rng.standard_normal((T, H)).astype(np.float32)
-        ids = routing(rng, T)
-        w = rng.uniform(0.05, 1.0, (T, K)).astype(np.float32)
-        check(ex.forward(x, ids, w), moe_reference(x, ids, w, *dq), fmt)
-
-
 @pytest.mark.skipif(not AVX512, reason="the AMX kernel needs 16-row groups (AVX-512)")
 @pytest.mark.parametrize("fmt,hardware", [("q4_k", False), ("q4_0", False)]
                          + [(f, True) for f in ("q8_0", "q4_k") if HOST_AMX])

@@ -66,8 +66,7 @@ def _dequant_block(b, geo, pay, sc, bias, blk, dst):
 PARTS = ("all", "dequant", "tiles")   # "dequant" / "tiles": the kernel with the other half left out (amxprof.py)
 
 
-def emit_amx_bf16_mm(module, geo: Geometry, prefetch_bytes: int, emulate: bool = False, parts: str = "all",
-                     ahead: int = 1):
+def emit_amx_bf16_mm(module, geo: Geometry, prefetch_bytes: int, emulate: bool = False, parts: str = "all"):
     """void amx_bf16_mm2(nblocks, M, A bf16[M][lda/2], lda (bytes), pay0, sc0, bias0, pay1, sc1, bias1,
     acc f32[2][.][16], acc_mat_stride (bytes), bbuf (nblocks * 2 KiB scratch)).
 
@@ -76,9 +75,8 @@ def emit_amx_bf16_mm(module, geo: Geometry, prefetch_bytes: int, emulate: bool =
     the four C tiles accumulate over the whole K, so there is no per-block epilogue. Rows of A up to
     the next multiple of 32 past M must be readable. parts != "all" is for profiling only (amxprof.py):
     "dequant" leaves out every tile load, product and store, "tiles" the dequantization (bbuf is
-    read as it is). ahead: the first chunk dequantizes block b + ahead while the tiles work on block
-    b (1: the next one, whose stores the next iteration's tile load then waits for)."""
-    assert parts in PARTS and ahead >= 1, (parts, ahead)
+    read as it is)."""
+    assert parts in PARTS, parts
     assert geo.group_rows == 16 and geo.scale_group == 32 and not geo.signed
     args = [I64, I64, PTR, I64] + [PTR] * 6 + [PTR, I64, PTR]
     fn, b = define(module, amx_bf16_name(), VOID, args, internal=True)
@@ -107,15 +105,12 @@ def emit_amx_bf16_mm(module, geo: Geometry, prefetch_bytes: int, emulate: bool =
         first = first and do_dequant
         if first:
             dequant(i64(0))
-            for d in range(1, ahead):
-                with b.if_then(b.icmp_signed("<", i64(d), nblocks)):
-                    dequant(i64(d))
         with for_range(b, 0, nblocks, name="bblk") as blk:
             bb = gep(b, bbuf, b.mul(blk, i64(2 * BF16_BLOCK_BYTES)))
             if do_tiles:
                 tile_step(s0, blk, bb, two)
-            if first:   # block + ahead, while the tile unit works on this one
-                nxt = b.add(blk, i64(ahead))
+            if first:   # the next block, while the tile unit works on this one
+                nxt = b.add(blk, i64(1))
                 with b.if_then(b.icmp_signed("<", nxt, nblocks)):
                     dequant(nxt)
 

@@ -50,7 +50,6 @@ class Tiles:
     #                          dequantized to bf16 once per call, tdpbf16ps accumulates over all K;
     #                          "mixed": bf16 for experts with >= amx_bf16_min_slots slots, int8 below
     amx_bf16_min_slots: int = 24
-    amx_bf16_ahead: int = 1   # AMX-BF16: the first chunk dequantizes this many blocks ahead of the tiles
     profile: bool = False   # per-worker rdtsc counters of task and barrier time (sched.py, WorkerPool.profile)
 
 
@@ -120,8 +119,7 @@ class _Builder:
             assert isa.vnni or geo.fmt != "q8_0" or tiles.amx_min_slots <= 1, \
                 "unsigned q8_0 codes need VNNI dots for experts below amx_min_slots"
             if tiles.amx_mode != "int8":
-                side.amx_bf = amx_bf16.emit_amx_bf16_mm(self.m, geo, pf, emulate=tiles.amx_emulate,
-                                                        ahead=tiles.amx_bf16_ahead)
+                side.amx_bf = amx_bf16.emit_amx_bf16_mm(self.m, geo, pf, emulate=tiles.amx_emulate)
             if tiles.amx_mode != "bf16":
                 side.amx_i8 = amx.emit_amx_mm(self.m, geo, pf, emulate=tiles.amx_emulate)
         return side
