@@ -48,6 +48,11 @@ VARIANTS = {   # changes to the default tiling (codegen/moe.py Tiles; AMX fields
     "mixed_v8_24": {"amx_mode": "mixed", "amx_min_slots": 8, "amx_bf16_min_slots": 24},
     "mixed_v8_48": {"amx_mode": "mixed", "amx_min_slots": 8, "amx_bf16_min_slots": 48},
     "int8_min8": {"amx_mode": "int8", "amx_min_slots": 8},
+    "ru128": {"rows_up": 128},     # session 4: activation rows read once per 4 AMX calls in gate/up (2 at 32 rows)
+    "rd256": {"rows_down": 256},   # ... and per 8 calls in down (2 at 64 rows)
+    "big": {"rows_up": 128, "rows_down": 256},
+    "ru512": {"rows_up": 512},
+    "huge": {"rows_up": 512, "rows_down": 448},   # V3: 16 down tasks, one per worker at 16 threads
     "prof": {"profile": True},   # base + rdtsc counters per phase (no cost above noise measured): where the time goes
     "w15": {},       # base tiling, a pool of threads-1 workers: one CPU left to the caller
     "w15spin": {},   # w15, and the caller spins in wait() for the whole job (no futex wake)

@@ -63,14 +63,20 @@ def _dequant_block(b, geo, pay, sc, bias, blk, dst):
             store(b, pack_bf16_pairs(b, w[2 * h], w[2 * h + 1]), dst, (2 * q + h) * R, align=64)
 
 
-def emit_amx_bf16_mm(module, geo: Geometry, prefetch_bytes: int, emulate: bool = False):
+PARTS = ("all", "dequant", "tiles")   # "dequant" / "tiles": the kernel with the other half left out (amxprof.py)
+
+
+def emit_amx_bf16_mm(module, geo: Geometry, prefetch_bytes: int, emulate: bool = False, parts: str = "all"):
     """void amx_bf16_mm2(nblocks, M, A bf16[M][lda/2], lda (bytes), pay0, sc0, bias0, pay1, sc1, bias1,
     acc f32[2][.][16], acc_mat_stride (bytes), bbuf (nblocks * 2 KiB scratch)).
 
     acc[mat][s][r] = sum over K of bf16(weight_mat[r]) . A_s for s < M (overwritten). Each weight block
     is dequantized once per call (to bf16 pairs, into bbuf) and read back for every 32-slot chunk;
     the four C tiles accumulate over the whole K, so there is no per-block epilogue. Rows of A up to
-    the next multiple of 32 past M must be readable."""
+    the next multiple of 32 past M must be readable. parts != "all" is for profiling only (amxprof.py):
+    "dequant" leaves out every tile load, product and store, "tiles" the dequantization (bbuf is
+    read as it is)."""
+    assert parts in PARTS, parts
     assert geo.group_rows == 16 and geo.scale_group == 32 and not geo.signed
     args = [I64, I64, PTR, I64] + [PTR] * 6 + [PTR, I64, PTR]
     fn, b = define(module, amx_bf16_name(), VOID, args, internal=True)
@@ -93,29 +99,36 @@ def emit_amx_bf16_mm(module, geo: Geometry, prefetch_bytes: int, emulate: bool =
             _dequant_block(b, geo, pay, sc, bias, blk,
                            gep(b, bbuf, b.add(b.mul(blk, i64(2 * BF16_BLOCK_BYTES)), i64(mat * BF16_BLOCK_BYTES))))
 
+    do_tiles, do_dequant = parts != "dequant", parts != "tiles"
+
     def block_loop(s0, first, two):
+        first = first and do_dequant
         if first:
             dequant(i64(0))
         with for_range(b, 0, nblocks, name="bblk") as blk:
             bb = gep(b, bbuf, b.mul(blk, i64(2 * BF16_BLOCK_BYTES)))
-            for mat in range(2):
-                tiles.load(B_TILE[mat], gep(b, bb, mat * BF16_BLOCK_BYTES), i64(64))
-            a0 = gep(b, A, b.add(b.mul(s0, lda), b.mul(blk, i64(64))))
-            p = gep(b, a0, 8 * 64)   # activation rows, 8 blocks ahead (a 64-byte line per row and block)
-            for _ in range(CHUNK if two else 16):
-                prefetch(b, p)
-                p = gep(b, p, lda)
-            tiles.load(A_TILE[0], a0, lda)
-            for mat in range(2):
-                tiles.dp(C_TILE[mat, 0], A_TILE[0], B_TILE[mat])
-            if two:
-                tiles.load(A_TILE[1], gep(b, a0, b.mul(lda, i64(16))), lda)
-                for mat in range(2):
-                    tiles.dp(C_TILE[mat, 1], A_TILE[1], B_TILE[mat])
+            if do_tiles:
+                tile_step(s0, blk, bb, two)
             if first:   # the next block, while the tile unit works on this one
                 nxt = b.add(blk, i64(1))
                 with b.if_then(b.icmp_signed("<", nxt, nblocks)):
                     dequant(nxt)
+
+    def tile_step(s0, blk, bb, two):
+        for mat in range(2):
+            tiles.load(B_TILE[mat], gep(b, bb, mat * BF16_BLOCK_BYTES), i64(64))
+        a0 = gep(b, A, b.add(b.mul(s0, lda), b.mul(blk, i64(64))))
+        p = gep(b, a0, 8 * 64)   # activation rows, 8 blocks ahead (a 64-byte line per row and block)
+        for _ in range(CHUNK if two else 16):
+            prefetch(b, p)
+            p = gep(b, p, lda)
+        tiles.load(A_TILE[0], a0, lda)
+        for mat in range(2):
+            tiles.dp(C_TILE[mat, 0], A_TILE[0], B_TILE[mat])
+        if two:
+            tiles.load(A_TILE[1], gep(b, a0, b.mul(lda, i64(16))), lda)
+            for mat in range(2):
+                tiles.dp(C_TILE[mat, 1], A_TILE[1], B_TILE[mat])
 
     nch = b.udiv(b.add(M, i64(CHUNK - 1)), i64(CHUNK))
     with for_range(b, 0, nch, name="chunk") as ch:
