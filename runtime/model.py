@@ -28,7 +28,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda and x.dtype in _FUSED_DTYPES and backend_for(x.device) == "triton":
-            from .fused_norm import rms_norm  # one kernel instead of eight (decode is launch-bound)
+            from .fused import rms_norm  # one kernel instead of eight (decode is launch-bound)
 
             return rms_norm(x, self.weight, self.eps)
         xf = x.float()

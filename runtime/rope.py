@@ -65,6 +65,10 @@ class RotaryTables:
 
         Interleaved (DeepSeek's layout) rotates pairs (x0, x1), (x2, x3)... and keeps that layout;
         otherwise the two halves of the vector form the pairs (rotate_half)."""
+        if x.is_cuda and x.dim() == 4 and _fused_on(x):
+            from .fused import rope  # one kernel instead of ~8 (decode is launch-bound)
+
+            return rope(x, cos, sin, self.interleave)
         xf = x.float()
         cos, sin = cos[:, None, :], sin[:, None, :]
         if self.interleave:
@@ -75,3 +79,11 @@ class RotaryTables:
             a, b = xf[..., :half], xf[..., half:]
             out = torch.cat((a * cos - b * sin, b * cos + a * sin), dim=-1)
         return out.to(x.dtype)
+
+
+def _fused_on(x: torch.Tensor) -> bool:
+    from gpu_attention.attention import backend_for
+
+    d = x.shape[-1]
+    return backend_for(x.device) == "triton" and d >= 2 and d & (d - 1) == 0 and x.dtype in (
+        torch.float32, torch.bfloat16, torch.float16)

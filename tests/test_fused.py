@@ -1,4 +1,4 @@
-"""The one-kernel RMSNorm (runtime.fused_norm) against the torch form, on a GPU."""
+"""The one-kernel RMSNorm (runtime.fused) against the torch form, on a GPU."""
 
 import pytest
 import torch
@@ -15,7 +15,7 @@ def _torch_norm(x, weight, eps):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("dim", [100, 512, 1536, 2048, 7168])
 def test_fused_rms_norm_matches_the_torch_form(dtype, dim):
-    from runtime.fused_norm import rms_norm
+    from runtime.fused import rms_norm
 
     gen = torch.Generator(device="cuda").manual_seed(dim)
     x = torch.randn(3, 5, dim, device="cuda", generator=gen).to(dtype) * 3
@@ -29,7 +29,7 @@ def test_fused_rms_norm_matches_the_torch_form(dtype, dim):
 
 def test_fused_rms_norm_reads_strided_rows():
     """c_kv is a split view of [c_kv | k_pe]: rows 576 apart, 512 wide."""
-    from runtime.fused_norm import rms_norm
+    from runtime.fused import rms_norm
 
     latent = torch.randn(2, 7, 576, device="cuda")
     c_kv = latent.split([512, 64], dim=-1)[0]
@@ -53,3 +53,25 @@ def test_the_model_uses_it_on_a_gpu(tiny_v3):
     kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     assert isinstance(model.model.norm, RMSNorm) and kernels == ["_rms_norm_kernel"]
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("interleave", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_rope_matches_the_torch_form(interleave, dtype, monkeypatch):
+    """q_pe as the model has it: the rope part of a [B, T, H, nope + rope] view, positions 5-7."""
+    from runtime import rope as rope_module
+    from runtime.config import RopeConfig
+    from runtime.fused import rope
+
+    tables = rope_module.RotaryTables(RopeConfig(type="default", theta=10000.0), 64, interleave=interleave)
+    cos, sin = tables.cos_sin(5, 3, "cuda")
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    q = torch.randn(2, 3, 4, 192, device="cuda", generator=gen).to(dtype)
+    q_pe = q.split([128, 64], dim=-1)[1]
+    got = rope(q_pe, cos, sin, interleave)
+    assert torch.equal(tables.apply(q_pe, cos, sin), got)  # the model's call takes the kernel on a GPU
+    monkeypatch.setattr(rope_module, "_fused_on", lambda x: False)
+    want = tables.apply(q_pe, cos, sin)  # the torch form, as on the CPU
+    assert got.dtype == dtype and got.shape == q_pe.shape and got.is_contiguous()
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2 ** -7, atol=2 ** -7)
+    torch.testing.assert_close(got, want, **tol)
