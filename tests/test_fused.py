@@ -47,8 +47,9 @@ def test_the_model_uses_it_on_a_gpu(tiny_v3):
     x = torch.randn(2, 3, model.cfg.hidden_size)
     cpu = model.model.norm(x)
     model.to("cuda")
+    x = x.cuda()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        gpu = model.model.norm(x.cuda())
+        gpu = model.model.norm(x)
         torch.cuda.synchronize()
     kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     assert isinstance(model.model.norm, RMSNorm) and kernels == ["_rms_norm_kernel"]
