@@ -9,7 +9,8 @@ are mean ± sample standard deviation of the per-repetition tokens/s.
 
 Decode roofline: a decode step must read every routed expert it uses once, so tokens/s ≤ read
 bandwidth ÷ (MoE layers × top-k × bytes per expert in its format). The bandwidth is measured in
-the same run with cpu_experts' streaming read on the experts' threads.
+the same run with cpu_experts' streaming read on the experts' threads, before and after the tests;
+the larger reading counts (it moves by a third between processes on the GPU machine).
 """
 
 from __future__ import annotations
