@@ -1,17 +1,16 @@
 """Small decode-step ops in one Triton kernel each on the GPU: RMSNorm and the RoPE rotation.
 
-At one token a decode step is launch-bound: every torch op is a kernel of a few microseconds.
-RMSNorm: the torch form (float copy, square, mean, add, rsqrt, multiply, cast back, multiply by the weight)
-launches eight kernels per call; a decode step calls it 3-4 times per layer, and at one token each
-of those kernels is a few microseconds of launch-bound work (`hmoe bench --breakdown` counted 104
-of a 4-layer V2-Lite step's ~250 GPU kernels there). Same math as `runtime.model.RMSNorm`: the
-row's mean square in fp32, x * rsqrt(mean + eps) rounded to x's dtype, then times the weight in
-the weight's and x's promoted dtype (torch multiplies bf16 in fp32 and rounds once, as here). Only
-the order of the sum differs from torch's reduction.
-RoPE (`runtime.rope.RotaryTables.apply`): the torch form is ~8 kernels (float copy, four products,
-two sums, stack or cat, cast back) per call, two calls per layer; here one, reading x through its
-strides (q_pe and k_pe are views into the projections' outputs). fp32 math; the compiler may fuse
-a product and a sum into one FMA, so results can differ from torch in the last fp32 bit.
+At one token a decode step is launch-bound: each torch op is a kernel of a few microseconds.
+`hmoe bench --breakdown` counted ~250 GPU kernels in a 4-layer V2-Lite step, 104 of them in
+RMSNorm's eight-kernel torch form (float copy, square, mean, add, rsqrt, multiply, cast back,
+multiply by the weight), 3-4 calls per layer; RoPE is ~8 more per call, two calls per layer.
+
+RMSNorm: the math of `runtime.model.RMSNorm`: the row's mean square in fp32, x * rsqrt(mean + eps)
+rounded to x's dtype, then times the weight in their promoted dtype (torch multiplies bf16 in fp32
+and rounds once, as here); only the order of the sum differs from torch's reduction.
+RoPE (`runtime.rope.RotaryTables.apply`): fp32 math reading x through its strides (q_pe and k_pe
+are views into the projections' outputs); the compiler may fuse a product and a sum into one FMA,
+so a result can differ from torch's in the last fp32 bit.
 """
 
 from __future__ import annotations
