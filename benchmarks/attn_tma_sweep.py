@@ -13,21 +13,28 @@ from gpu_attention import bench
 from gpu_attention.triton_decode import _sm_count
 
 GENERIC = [dict(kernel="generic")]  # its defaults for the shape
-TMA = {  # (block_h, num_warps, block_n, num_stages), waves
-    128: [((64, 8, 64, 2), 1), ((64, 8, 64, 2), 2), ((64, 8, 64, 3), 1), ((64, 8, 32, 2), 1), ((64, 8, 32, 3), 1),
-          ((64, 8, 32, 3), 2)],
-    16: [((16, 4, 32, 4), 1), ((16, 4, 32, 3), 1), ((16, 4, 32, 3), 2), ((16, 4, 32, 2), 1), ((16, 4, 32, 2), 2),
-         ((16, 8, 32, 3), 1)],
+TMA = {  # kernel, (block_h, num_warps, block_n, num_stages), waves; page size 64 unless a 4th item says
+    128: [("default", None, None), ("tma", (64, 8, 64, 2), 1), ("tma_keys", (32, 4, 64, 2), 1),
+          ("tma_keys", (32, 4, 64, 2), 2), ("tma_keys", (16, 4, 64, 2), 1), ("tma_keys", (32, 4, 64, 3), 1),
+          ("tma_keys", (64, 8, 128, 1), 1, 128), ("tma_keys", (32, 8, 128, 1), 1, 128)],
+    16: [("default", None, None), ("tma", (16, 4, 32, 2), 2), ("tma", (16, 4, 32, 2), 4), ("tma_keys", (16, 4, 64, 2), 1),
+         ("tma_keys", (16, 4, 64, 2), 2), ("tma_keys", (16, 4, 64, 3), 2), ("tma_keys", (16, 4, 64, 2), 4)],
 }
 
 
-def configs(heads: int, ctx: int, sms: int) -> list[dict]:
-    out = list(GENERIC)
-    for (bh, w, bn, st), waves in TMA[heads]:
-        splits = max(1, min(-(-waves * sms // -(-heads // bh)), -(-ctx // 64)))
-        cfg = dict(kernel="tma", block_h=bh, num_warps=w, block_n=bn, num_stages=st, num_splits=splits)
-        if cfg not in out:
-            out.append(cfg)
+def configs(heads: int, ctx: int, sms: int) -> dict[int, list[dict]]:
+    """Configurations by the page size of the cache they run on."""
+    out = {64: list(GENERIC)}
+    for kernel, block, waves, *page in TMA[heads]:
+        if kernel == "default":
+            cfg = dict(kernel=None)  # absorbed_decode's choice
+        else:
+            bh, w, bn, st = block
+            splits = max(1, min(-(-waves * sms // -(-heads // bh)), -(-ctx // 64)))
+            cfg = dict(kernel=kernel, block_h=bh, num_warps=w, block_n=bn, num_stages=st, num_splits=splits)
+        group = out.setdefault(page[0] if page else 64, [])
+        if cfg not in group:
+            group.append(cfg)
     return out
 
 
@@ -54,19 +61,23 @@ def main():
     for i, h in enumerate(heads):
         for j, ctx in enumerate(ctxs):
             left = len(heads) * len(ctxs) - (i * len(ctxs) + j)
-            s = bench.Shape(heads=h, ctx=ctx, batch=1, page_size=64, dtype="bf16", device=dev)
             roof = max(ctx * 1152 / bw / 1e3, bench.decode_flops(h, ctx, 1) / tf / 1e6)
-            rows = bench.sweep_decode(s, configs(h, ctx, sms), time.monotonic() + (end - time.monotonic()) / left,
-                                      rep=30, cupti=True)
+            rows = []
+            for page, cfgs in configs(h, ctx, sms).items():
+                s = bench.Shape(heads=h, ctx=ctx, batch=1, page_size=page, dtype="bf16", device=dev)
+                got = bench.sweep_decode(s, cfgs, time.monotonic() + (end - time.monotonic()) / left / 2, rep=30,
+                                         cupti=True)
+                rows += [r | dict(page_size=page) for r in got]
+                del s
             for r in rows:
                 r["roofline_us"] = roof
                 if "us" in r:
                     r["x_roofline"] = r["us"] / roof
                     r["kernel_only_x_roofline"] = r["kernel_only_us"] / roof
                     r["tflops"] = bench.decode_flops(h, ctx, 1) / r["us"] / 1e6
-                print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}), flush=True)
+                print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()
+                                  if k != "resolved"}), flush=True)
             res["rows"] += rows
-            del s
             torch.cuda.empty_cache()
             with open(args.out, "w") as f:
                 json.dump(res, f, indent=1)

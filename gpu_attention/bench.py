@@ -19,7 +19,7 @@ from .mla_torch import mla_absorbed, mla_decompressed
 RANK, ROPE, NOPE, VDIM = 512, 64, 128, 128
 LATENT = RANK + ROPE
 SCALE = (NOPE + ROPE) ** -0.5
-KERNEL_NAMES = ("_absorbed_split_kernel", "_absorbed_tma_kernel", "_combine_kernel")
+KERNEL_NAMES = ("_absorbed_split_kernel", "_absorbed_tma_kernel", "_absorbed_tma_keys_kernel", "_combine_kernel")
 
 
 def _capture(fn):
@@ -265,9 +265,9 @@ def _cpu_time(fn, min_s: float = 0.3) -> float:
 
 def sweep_decode(s: Shape, configs: list[dict], deadline: float, rep: int = 40, cupti: bool = False) -> list[dict]:
     """Time the decode kernel at each configuration (configs that fail to compile are noted); a
-    config without `kernel` runs the generic kernel (the blocks swept before the TMA kernel existed).
-    With cupti, also the kernels' own time (kernel_only_us)."""
-    from .triton_decode import absorbed_decode
+    config without `kernel` runs the generic kernel (the blocks swept before the TMA kernels existed),
+    kernel None the defaults. With cupti, also the kernels' own time (kernel_only_us)."""
+    from .triton_decode import absorbed_decode, plan
     from .mla_torch import absorb_weights
     q_nope, q_pe = s.queries(1)
     w_uk, _ = absorb_weights(s.kv_b, num_heads=s.heads, qk_nope_head_dim=NOPE, v_head_dim=VDIM)
@@ -287,7 +287,8 @@ def sweep_decode(s: Shape, configs: list[dict], deadline: float, rep: int = 40, 
             out.append(dict(heads=s.heads, ctx=s.ctx, batch=s.batch, **cfg, error=str(e).splitlines()[0][:120]))
             continue
         err = float((got - ref).norm() / ref.norm())  # every configuration computes the same function
-        out.append(dict(heads=s.heads, ctx=s.ctx, batch=s.batch, **cfg, us=us, rel_err_vs_default=err, **extra))
+        out.append(dict(heads=s.heads, ctx=s.ctx, batch=s.batch, **cfg, us=us, rel_err_vs_default=err, **extra,
+                        resolved=plan(q_latent, q_pe, s.cache, **cfg)))
     return out
 
 

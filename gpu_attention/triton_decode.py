@@ -28,6 +28,7 @@ from . import triton_decode_tma
 from .latent_cache import FP8_GROUP, LatentCache
 
 LOG2E = 1.4426950408889634
+KERNELS = ("generic", "tma", "tma_keys")  # triton_decode's pointer-load kernel; triton_decode_tma's two
 
 
 @triton.jit
@@ -171,13 +172,14 @@ def _sm_count(device: torch.device) -> int:
 
 def default_config(num_heads: int, num_new: int, dtype: torch.dtype, max_len: int = 0, *, tma: bool = False) -> dict:
     """Kernel, block shapes and split policy by query rows per sequence and context, from the H100
-    sweeps (benchmarks/results/2026-11-21-gpu-machine-h100-attn-decode-*.json). `tma`: whether the
-    TMA kernel (triton_decode_tma) can run this call. `waves`: programs per SM the split count aims
-    at; `min_split`: fewest keys per split (each split writes a [rows, 512] fp32 partial);
-    `v_split` 2: two programs share a head block, each owning half of the value columns."""
+    sweeps (benchmarks/results/2026-11-21-gpu-machine-h100-attn-decode-*.json) and the H200 sweep of
+    the TMA kernels (...-h200-attn-decode-tma-*.json). `tma`: whether the TMA kernels
+    (triton_decode_tma) can run this call. `waves`: programs per SM the split count aims at;
+    `min_split`: fewest keys per split (each split writes a [rows, 512] fp32 partial); `v_split` 2:
+    two programs share a head block, each owning half of the value columns."""
     rows = num_heads * num_new
-    if tma and 16 < rows <= 128:  # 128 heads: 64-row blocks, tiles by TMA (no spills, pipelined)
-        return tma_config(rows)
+    if tma and (rows <= 16 and max_len >= 32768 or 16 < rows <= 128 and max_len > 16384):
+        return tma_config(rows)  # faster from 32K (16 heads) and 32K (128 heads); equal or slower below
     if dtype == torch.float32:  # fp32 tiles take twice the shared memory and registers
         return dict(kernel="generic", block_h=16, block_n=16, num_warps=4, num_stages=1, waves=2, min_split=64)
     if rows <= 16:  # 16 heads, batch 1: one wave of 16x64 programs was fastest at 8K-128K
@@ -189,12 +191,16 @@ def default_config(num_heads: int, num_new: int, dtype: torch.dtype, max_len: in
     return dict(kernel="generic", block_h=64, block_n=32, num_warps=8, num_stages=2, waves=2, min_split=256)
 
 
-def tma_config(rows: int) -> dict:
-    """The TMA kernel's blocks (sm_90a, ptxas: 64x8 warps x 64-key tiles in 2 stages = 226 registers,
-    no spills, 216 KB of shared memory; 16-row blocks run mma.sync, 32-key tiles in 4 stages fit)."""
+def tma_config(rows: int, kernel: str = "tma") -> dict:
+    """The TMA kernels' blocks. Rows-major ("tma", sm_90a, ptxas: 64 rows x 8 warps x 64-key tiles
+    in 2 stages = 226 registers, no spills, 216 KB of shared memory; 16-row blocks run mma.sync).
+    Keys-major ("tma_keys": 32 rows x 4 warps x 64-key tiles in 2 stages = 238 registers, 184 KB)."""
+    if kernel == "tma_keys":
+        return dict(kernel=kernel, block_h=min(32, max(16, triton.next_power_of_2(rows))), block_n=64, num_warps=4,
+                    num_stages=2, waves=2 if rows <= 16 else 1, min_split=64)
     if rows <= 16:
-        return dict(kernel="tma", block_h=16, block_n=32, num_warps=4, num_stages=4, waves=1, min_split=64)
-    return dict(kernel="tma", block_h=64, block_n=64, num_warps=8, num_stages=2, waves=1, min_split=64)
+        return dict(kernel=kernel, block_h=16, block_n=32, num_warps=4, num_stages=2, waves=2, min_split=64)
+    return dict(kernel=kernel, block_h=64, block_n=64, num_warps=8, num_stages=2, waves=1, min_split=64)
 
 
 def choose_splits(max_len: int, programs_per_split: int, sm_count: int, *, block_n: int, waves: float,
@@ -216,20 +222,20 @@ def plan(q_latent: torch.Tensor, q_pe: torch.Tensor, cache: LatentCache, *, kern
     tma_ok = triton_decode_tma.applies(q_latent, cache, rank=R, rope=q_pe.shape[-1], block_n=block_n or 64)
     cfg = default_config(H, T, q_latent.dtype, max_len, tma=tma_ok and kernel != "generic")
     if kernel is not None and kernel != cfg["kernel"]:  # an explicit kernel takes that kernel's defaults
-        if kernel not in ("tma", "generic"):
-            raise ValueError(f"kernel must be 'tma' or 'generic', got {kernel!r}")
-        if kernel == "tma" and not tma_ok:
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {', '.join(KERNELS)}; got {kernel!r}")
+        if kernel != "generic" and not tma_ok:
             raise ValueError("the TMA kernel needs a CUDA GPU of compute capability 9+, a bf16/fp16 cache in the "
                              "queries' dtype, pages holding whole tiles and a latent of two power-of-two halves "
                              f"plus a power-of-two rope part; got {cache.data.dtype} pages of {cache.page_size}, "
                              f"rank {R}, rope {q_pe.shape[-1]}")
-        cfg = tma_config(T * H) if kernel == "tma" else default_config(H, T, q_latent.dtype, max_len)
+        cfg = default_config(H, T, q_latent.dtype, max_len) if kernel == "generic" else tma_config(T * H, kernel)
     given = dict(block_h=block_h, block_n=block_n, num_warps=num_warps, num_stages=num_stages, waves=waves,
                  min_split=min_split, v_split=v_split)
     cfg = cfg | {k: v for k, v in given.items() if v is not None}
     cfg.setdefault("v_split", 1)
     if cfg["v_split"] not in (1, 2) or (cfg["v_split"] == 2 and (R != triton.next_power_of_2(R)
-                                                                 or cfg["kernel"] == "tma")):
+                                                                 or cfg["kernel"] != "generic")):
         raise ValueError(f"v_split must be 1, or 2 with a power-of-two rank and the generic kernel; got "
                          f"{cfg['v_split']} with rank {R} and the {cfg['kernel']} kernel")
     head_blocks = triton.cdiv(T * H, cfg["block_h"])
@@ -258,10 +264,10 @@ def absorbed_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, cache: LatentCac
     direct = num_splits == 1
     o_part = out if direct else torch.empty(B, rows, num_splits, R, dtype=torch.float32, device=out.device)
     lse_part = out if direct else torch.empty(B, rows, num_splits, dtype=torch.float32, device=out.device)
-    if cfg["kernel"] == "tma":
+    if cfg["kernel"] != "generic":
         triton_decode_tma.launch(q_latent, q_pe, cache, layer, out, o_part, lse_part, qk_scale=scale * LOG2E,
                                  split_len=split_len, num_splits=num_splits, block_h=block_h, block_n=block_n,
-                                 num_warps=num_warps, num_stages=num_stages)
+                                 num_warps=num_warps, num_stages=num_stages, keys_major=cfg["kernel"] == "tma_keys")
     else:
         _generic_split(q_latent, q_pe, cache, layer, out, o_part, lse_part, scale=scale, split_len=split_len,
                        num_splits=num_splits, head_blocks=head_blocks, block_h=block_h, block_n=block_n,

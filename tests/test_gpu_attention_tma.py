@@ -27,26 +27,32 @@ def latent_queries(cache, kv_b, B, T, heads, dtype=BF16):
 
 
 @needs_tma
-@pytest.mark.parametrize("heads,lens,num_new,page_size,layout,block,splits", [
-    (128, [1000], 1, 64, "batch", (64, 8, 64, 2), None),  # the default for 128 heads, split by SM count
-    (128, [91, 260], 2, 64, "fragmented", (64, 8, 64, 2), 1),  # direct output, causal rows of two tokens
-    (128, [700, 45], 1, 128, "fragmented", (64, 8, 32, 3), 5),  # four tiles per page; empty splits
-    (16, [517, 64], 1, 64, "fragmented", (16, 4, 32, 4), 3),  # 16 heads, mma.sync tiles
-    (16, [37, 300, 129], 4, 32, "fragmented", (32, 4, 32, 2), None),  # 64 rows of 4 tokens x 16 heads, 2 blocks
+@pytest.mark.parametrize("kernel,heads,lens,num_new,page_size,layout,block,splits", [
+    ("tma", 128, [1000], 1, 64, "batch", (64, 8, 64, 2), None),  # 64-row blocks, split by SM count
+    ("tma", 128, [91, 260], 2, 64, "fragmented", (64, 8, 64, 2), 1),  # direct output, causal rows of two tokens
+    ("tma", 128, [700, 45], 1, 128, "fragmented", (64, 8, 32, 3), 5),  # four tiles per page; empty splits
+    ("tma", 16, [517, 64], 1, 64, "fragmented", (16, 4, 32, 4), 3),  # 16 heads, mma.sync tiles
+    ("tma", 16, [37, 300, 129], 4, 32, "fragmented", (32, 4, 32, 2), None),  # 4 tokens x 16 heads, 2 blocks
+    ("tma_keys", 128, [1000], 1, 64, "batch", (32, 4, 64, 2), None),  # keys-major, 4 head blocks
+    ("tma_keys", 128, [91, 260], 2, 128, "fragmented", (64, 8, 128, 1), 1),  # 128-key tiles, direct output
+    ("tma_keys", 128, [700, 45], 1, 128, "fragmented", (32, 8, 128, 1), 5),  # one tile per page; empty splits
+    ("tma_keys", 16, [517, 64], 1, 64, "fragmented", (16, 4, 64, 3), 3),  # 16 heads: wgmma with N = 16
+    ("tma_keys", 16, [37, 300, 129], 4, 32, "fragmented", (32, 4, 32, 2), None),  # 4 tokens x 16 heads
 ])
-def test_tma_kernel_matches_torch_path(heads, lens, num_new, page_size, layout, block, splits):
+def test_tma_kernel_matches_torch_path(kernel, heads, lens, num_new, page_size, layout, block, splits):
     from gpu_attention.triton_decode import absorbed_decode
     cache, kv_b = make_cache(lens, heads=heads, page_size=page_size, layout=layout)
     q_latent, q_pe = latent_queries(cache, kv_b, len(lens), num_new, heads)
     bh, w, bn, st = block
-    out = absorbed_decode(q_latent, q_pe, cache, 1, scale=SCALE, kernel="tma", block_h=bh, num_warps=w, block_n=bn,
+    out = absorbed_decode(q_latent, q_pe, cache, 1, scale=SCALE, kernel=kernel, block_h=bh, num_warps=w, block_n=bn,
                           num_stages=st, num_splits=splits)
     ref = paged_torch.absorbed(q_latent.float(), q_pe.float(), cache, 1, scale=SCALE)
     assert rel_err(out, ref) <= (1e-2 if BF16 == torch.bfloat16 else 1e-5)
 
 
 @needs_tma
-def test_tma_kernel_ignores_stale_rows_past_the_end():
+@pytest.mark.parametrize("kernel", ["tma", "tma_keys"])
+def test_tma_kernel_ignores_stale_rows_past_the_end(kernel):
     """TMA reads whole tiles: rows of the last page past a sequence's end (a previous sequence's
     latents, here huge) must get weight 0."""
     from gpu_attention.triton_decode import absorbed_decode
@@ -58,7 +64,7 @@ def test_tma_kernel_ignores_stale_rows_past_the_end():
         cache.store(1, s, n, stale.to(BF16))
     cache.set_lengths(lens)
     q_latent, q_pe = latent_queries(cache, kv_b, 2, 1, 128)
-    out = absorbed_decode(q_latent, q_pe, cache, 1, scale=SCALE, kernel="tma", num_splits=2)
+    out = absorbed_decode(q_latent, q_pe, cache, 1, scale=SCALE, kernel=kernel, num_splits=2)
     ref = paged_torch.absorbed(q_latent.float(), q_pe.float(), cache, 1, scale=SCALE)
     assert torch.isfinite(out).all()
     assert rel_err(out, ref) <= (1e-2 if BF16 == torch.bfloat16 else 1e-5)
@@ -72,8 +78,9 @@ def test_tma_kernel_refuses_what_it_cannot_run_and_the_default_falls_back(page_s
     from gpu_attention.triton_decode import absorbed_decode, plan
     cache, kv_b = make_cache([300, 77], heads=128, page_size=page_size, layout="fragmented", dtype=dtype)
     q_latent, q_pe = latent_queries(cache, kv_b, 2, 1, 128)
-    with pytest.raises(ValueError, match="TMA kernel needs"):
-        absorbed_decode(q_latent, q_pe, cache, 1, scale=SCALE, kernel="tma")
+    for kernel in ("tma", "tma_keys"):
+        with pytest.raises(ValueError, match="TMA kernel needs"):
+            absorbed_decode(q_latent, q_pe, cache, 1, scale=SCALE, kernel=kernel)
     assert plan(q_latent, q_pe, cache)["kernel"] == "generic"
     out = absorbed_decode(q_latent, q_pe, cache, 1, scale=SCALE)  # the generic kernel
     assert rel_err(out, paged_torch.absorbed(q_latent.float(), q_pe.float(), cache, 1, scale=SCALE)) <= 1e-2, why
@@ -92,7 +99,7 @@ def test_plan_rejects_bad_overrides():
 
 @real_gpu
 @needs_tma
-def test_default_for_128_heads_is_tma_and_decodes_128k():
+def test_default_for_128_heads_is_a_tma_kernel_and_decodes_128k():
     from gpu_attention.triton_decode import absorbed_decode, plan
     n = 131072 + 77
     cache, kv_b = make_cache([n], heads=128, page_size=64, layout="batch")
@@ -101,7 +108,7 @@ def test_default_for_128_heads_is_tma_and_decodes_128k():
     key = torch.zeros(RANK + ROPE, device=DEVICE)
     key[:RANK] = q_latent[0, 0, 5].float() / q_latent[0, 0, 5].float().norm() * 60
     cache.store(1, 0, n - 1, key[None].to(BF16))
-    assert plan(q_latent, q_pe, cache)["kernel"] == "tma"
+    assert plan(q_latent, q_pe, cache)["kernel"] in ("tma", "tma_keys")
     out = absorbed_decode(q_latent, q_pe, cache, 1, scale=SCALE)
     ref = paged_torch.absorbed(q_latent.float(), q_pe.float(), cache, 1, scale=SCALE)
     assert rel_err(out, ref) <= 1e-2
