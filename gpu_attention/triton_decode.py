@@ -178,8 +178,13 @@ def default_config(num_heads: int, num_new: int, dtype: torch.dtype, max_len: in
     `min_split`: fewest keys per split (each split writes a [rows, 512] fp32 partial); `v_split` 2:
     two programs share a head block, each owning half of the value columns."""
     rows = num_heads * num_new
-    if tma and (rows <= 16 and max_len >= 32768 or 16 < rows <= 128 and max_len > 16384):
-        return tma_config(rows)  # faster from 32K (16 heads) and 32K (128 heads); equal or slower below
+    if tma and rows <= 128:  # the H200 sweep: a TMA kernel was as fast or faster at every context but 128 heads at 1K
+        if rows <= 16:  # 16 heads: keys-major up to 16K (wgmma, N = 16), rows-major in two waves from 32K
+            return tma_config(rows, "tma_keys" if max_len < 32768 else "tma")
+        if max_len > 16384:  # 128 heads: rows-major, 64-row blocks from 32K; keys-major 32-row blocks at 2-16K
+            return tma_config(rows, "tma")
+        if max_len > 1024:
+            return tma_config(rows, "tma_keys")
     if dtype == torch.float32:  # fp32 tiles take twice the shared memory and registers
         return dict(kernel="generic", block_h=16, block_n=16, num_warps=4, num_stages=1, waves=2, min_split=64)
     if rows <= 16:  # 16 heads, batch 1: one wave of 16x64 programs was fastest at 8K-128K
@@ -197,7 +202,7 @@ def tma_config(rows: int, kernel: str = "tma") -> dict:
     Keys-major ("tma_keys": 32 rows x 4 warps x 64-key tiles in 2 stages = 238 registers, 184 KB)."""
     if kernel == "tma_keys":
         return dict(kernel=kernel, block_h=min(32, max(16, triton.next_power_of_2(rows))), block_n=64, num_warps=4,
-                    num_stages=2, waves=2 if rows <= 16 else 1, min_split=64)
+                    num_stages=2, waves=1, min_split=64)
     if rows <= 16:
         return dict(kernel=kernel, block_h=16, block_n=32, num_warps=4, num_stages=2, waves=2, min_split=64)
     return dict(kernel=kernel, block_h=64, block_n=64, num_warps=8, num_stages=2, waves=1, min_split=64)
