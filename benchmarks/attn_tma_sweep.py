@@ -17,8 +17,9 @@ TMA = {  # kernel, (block_h, num_warps, block_n, num_stages), waves; page size 6
     128: [("default", None, None), ("tma", (64, 8, 64, 2), 1), ("tma_keys", (32, 4, 64, 2), 1),
           ("tma_keys", (32, 4, 64, 2), 2), ("tma_keys", (16, 4, 64, 2), 1), ("tma_keys", (32, 4, 64, 3), 1),
           ("tma_keys", (64, 8, 128, 1), 1, 128), ("tma_keys", (32, 8, 128, 1), 1, 128)],
-    16: [("default", None, None), ("tma", (16, 4, 32, 2), 2), ("tma", (16, 4, 32, 2), 4), ("tma_keys", (16, 4, 64, 2), 1),
-         ("tma_keys", (16, 4, 64, 2), 2), ("tma_keys", (16, 4, 64, 3), 2), ("tma_keys", (16, 4, 64, 2), 4)],
+    16: [("default", None, None), ("tma", (16, 4, 32, 2), 2), ("tma", (16, 4, 32, 2), 4),
+         ("tma_keys", (16, 4, 64, 2), 1), ("tma_keys", (16, 4, 64, 2), 2), ("tma_keys", (16, 4, 64, 3), 2),
+         ("tma_keys", (16, 4, 64, 2), 4)],
 }
 
 

@@ -33,7 +33,8 @@ def compile_kernel(kernel: str, block_h: int, num_warps: int, block_n: int, num_
         const = dict(RANK=RANK, ROPE=ROPE, BLOCK_C=RANK, BLOCK_R=ROPE, PAGE=PAGE, BLOCK_H=block_h, BLOCK_N=block_n,
                      FP8=False, GROUP=128, DIRECT=direct, PAGE_TILES=PAGE % block_n == 0, V_SPLIT=1, PRECISION="tf32")
     else:
-        fn = triton_decode_tma._absorbed_tma_keys_kernel if kernel == "tma_keys" else triton_decode_tma._absorbed_tma_kernel
+        tma = triton_decode_tma
+        fn = tma._absorbed_tma_keys_kernel if kernel == "tma_keys" else tma._absorbed_tma_kernel
         sig |= {"C_DESC": f"tensordesc<bf16[{block_n}, {RANK // 2}]>", "R_DESC": f"tensordesc<bf16[{block_n}, {ROPE}]>"}
         ints = "stride_qlb stride_qlt stride_qlh stride_qpb stride_qpt stride_qph stride_ptb".split()
         const = dict(HALF=RANK // 2, ROPE=ROPE, PAGE=PAGE, BLOCK_H=block_h, BLOCK_N=block_n, NUM_STAGES=num_stages,

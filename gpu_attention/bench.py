@@ -19,7 +19,8 @@ from .mla_torch import mla_absorbed, mla_decompressed
 RANK, ROPE, NOPE, VDIM = 512, 64, 128, 128
 LATENT = RANK + ROPE
 SCALE = (NOPE + ROPE) ** -0.5
-KERNEL_NAMES = ("_absorbed_split_kernel", "_absorbed_tma_kernel", "_absorbed_tma_keys_kernel", "_combine_kernel")
+KERNEL_NAMES = (
+    "_absorbed_split_kernel", "_absorbed_tma_kernel", "_absorbed_tma_keys_kernel", "_combine_kernel")
 
 
 def _capture(fn):

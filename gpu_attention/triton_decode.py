@@ -13,7 +13,12 @@ SM count and context (`choose_splits`), so batch 1 fills the GPU. With v_split 2
 share a head block, each owning half of the 512 value columns (and computing the scores from both
 halves); measured slower than one program at 32K-128K, kept as an option. fp8 pages are scaled per
 128-value group on load. Scores use exp2 with log2(e) folded into the scale; the lse written
-between the stages is in log2 units. Measurements: gpu_attention/NOTES.md.
+between the stages is in log2 units.
+
+On Hopper, `plan()` sends most bf16 calls to triton_decode_tma's kernels instead (tiles by TMA;
+rows- or keys-major by head count and context, from the H200 sweep); this kernel is the fallback
+for what they cannot run (fp32 / fp8 pages, pages that do not hold whole tiles, older GPUs) and
+128 heads at 1K. `kernel=` forces one. Measurements: gpu_attention/NOTES.md.
 """
 
 from __future__ import annotations
@@ -178,7 +183,7 @@ def default_config(num_heads: int, num_new: int, dtype: torch.dtype, max_len: in
     `min_split`: fewest keys per split (each split writes a [rows, 512] fp32 partial); `v_split` 2:
     two programs share a head block, each owning half of the value columns."""
     rows = num_heads * num_new
-    if tma and rows <= 128:  # the H200 sweep: a TMA kernel was as fast or faster at every context but 128 heads at 1K
+    if tma and rows <= 128:  # H200: a TMA kernel as fast or faster at every context but 128 heads at 1K
         if rows <= 16:  # 16 heads: keys-major up to 16K (wgmma, N = 16), rows-major in two waves from 32K
             return tma_config(rows, "tma_keys" if max_len < 32768 else "tma")
         if max_len > 16384:  # 128 heads: rows-major, 64-row blocks from 32K; keys-major 32-row blocks at 2-16K
@@ -234,7 +239,7 @@ def plan(q_latent: torch.Tensor, q_pe: torch.Tensor, cache: LatentCache, *, kern
                              "queries' dtype, pages holding whole tiles and a latent of two power-of-two halves "
                              f"plus a power-of-two rope part; got {cache.data.dtype} pages of {cache.page_size}, "
                              f"rank {R}, rope {q_pe.shape[-1]}")
-        cfg = default_config(H, T, q_latent.dtype, max_len) if kernel == "generic" else tma_config(T * H, kernel)
+        cfg = tma_config(T * H, kernel)  # (an explicit "generic" never gets here: tma=False above)
     given = dict(block_h=block_h, block_n=block_n, num_warps=num_warps, num_stages=num_stages, waves=waves,
                  min_split=min_split, v_split=v_split)
     cfg = cfg | {k: v for k, v in given.items() if v is not None}
@@ -263,7 +268,7 @@ def absorbed_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, cache: LatentCac
     assert q_latent.dtype == q_pe.dtype and q_latent.dtype in (torch.bfloat16, torch.float16, torch.float32)
     cfg = plan(q_latent, q_pe, cache, **overrides)
     block_h, block_n, num_warps, num_stages = cfg["block_h"], cfg["block_n"], cfg["num_warps"], cfg["num_stages"]
-    v_split, num_splits, split_len, head_blocks = cfg["v_split"], cfg["num_splits"], cfg["split_len"], cfg["head_blocks"]
+    v_split, num_splits, split_len = cfg["v_split"], cfg["num_splits"], cfg["split_len"]
     rows = T * H
     out = torch.empty(B, rows, R, dtype=q_latent.dtype, device=q_latent.device)
     direct = num_splits == 1
@@ -275,7 +280,7 @@ def absorbed_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, cache: LatentCac
                                  num_warps=num_warps, num_stages=num_stages, keys_major=cfg["kernel"] == "tma_keys")
     else:
         _generic_split(q_latent, q_pe, cache, layer, out, o_part, lse_part, scale=scale, split_len=split_len,
-                       num_splits=num_splits, head_blocks=head_blocks, block_h=block_h, block_n=block_n,
+                       num_splits=num_splits, head_blocks=cfg["head_blocks"], block_h=block_h, block_n=block_n,
                        num_warps=num_warps, num_stages=num_stages, v_split=v_split)
     if not direct:
         # column blocks small enough for two or more programs per SM (the merge is latency-bound:
