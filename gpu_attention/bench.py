@@ -177,6 +177,7 @@ def decode_row(s: Shape, bw: float, tflops: float, tuned: dict | None = None) ->
     roof = max(nbytes / bw / 1e3, flops / tflops / 1e6)
     extra = {}
     if tuned:
+        tuned = dict(kernel="generic") | tuned  # bench-attn --sweep times the generic kernel's blocks
         us = _bench(lambda: absorbed_decode(q_latent, q_pe, s.cache, 0, scale=SCALE, **tuned))
         extra = dict(tuned_config=tuned, tuned_us=us, tuned_pct_hbm=100 * nbytes / us / 1e3 / bw,
                      tuned_x_roofline=us / roof)
