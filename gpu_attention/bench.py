@@ -19,7 +19,8 @@ from .mla_torch import mla_absorbed, mla_decompressed
 RANK, ROPE, NOPE, VDIM = 512, 64, 128, 128
 LATENT = RANK + ROPE
 SCALE = (NOPE + ROPE) ** -0.5
-KERNEL_NAMES = ("_absorbed_split_kernel", "_combine_kernel")
+KERNEL_NAMES = (
+    "_absorbed_split_kernel", "_absorbed_tma_kernel", "_absorbed_tma_keys_kernel", "_combine_kernel")
 
 
 def _capture(fn):
@@ -176,6 +177,7 @@ def decode_row(s: Shape, bw: float, tflops: float, tuned: dict | None = None) ->
     roof = max(nbytes / bw / 1e3, flops / tflops / 1e6)
     extra = {}
     if tuned:
+        tuned = dict(kernel="generic") | tuned  # bench-attn --sweep times the generic kernel's blocks
         us = _bench(lambda: absorbed_decode(q_latent, q_pe, s.cache, 0, scale=SCALE, **tuned))
         extra = dict(tuned_config=tuned, tuned_us=us, tuned_pct_hbm=100 * nbytes / us / 1e3 / bw,
                      tuned_x_roofline=us / roof)
@@ -189,7 +191,7 @@ def decode_row(s: Shape, bw: float, tflops: float, tuned: dict | None = None) ->
                       kernel_only_pct_hbm=100 * nbytes / cupti["total"] / 1e3 / bw,
                       kernel_only_clean_x_roofline=cupti_clean["total"] / roof)
     return extra | dict(kind="decode", heads=s.heads, ctx=s.ctx, batch=s.batch, dtype=str(s.cache.dtype).split(".")[-1],
-                config=decode_plan(s, q_latent), kernel_us=kernel_us, kernel_only_us=cupti,
+                config=decode_plan(s, q_latent, q_pe), kernel_us=kernel_us, kernel_only_us=cupti,
                 kernel_clean_l2_us=kernel_clean_us, kernel_clean_l2_x_roofline=kernel_clean_us / roof,
                 kernel_only_clean_l2_us=cupti_clean, op_us=op_us, op_eager_us=op_eager_us, naive_torch_us=naive_us,
                 bytes=nbytes, flops=flops,
@@ -198,15 +200,10 @@ def decode_row(s: Shape, bw: float, tflops: float, tuned: dict | None = None) ->
                 naive_x_kernel=naive_us / kernel_us)
 
 
-def decode_plan(s: Shape, q_latent) -> dict:
-    """The default blocks and split count absorbed_decode picks for this shape."""
-    import triton
-
-    from .triton_decode import _sm_count, choose_splits, default_config
-    cfg = default_config(s.heads, 1, q_latent.dtype, s.ctx)
-    programs = s.batch * triton.cdiv(s.heads, cfg["block_h"]) * cfg.get("v_split", 1)
-    return cfg | dict(num_splits=choose_splits(s.ctx, programs, _sm_count(q_latent.device), block_n=cfg["block_n"],
-                                               waves=cfg["waves"], min_split=cfg["min_split"]))
+def decode_plan(s: Shape, q_latent, q_pe) -> dict:
+    """The kernel, blocks and split count absorbed_decode picks for this shape."""
+    from .triton_decode import plan
+    return plan(q_latent, q_pe, s.cache)
 
 
 def prefill_flops(heads, ctx, num_new, batch, form) -> float:
@@ -268,9 +265,11 @@ def _cpu_time(fn, min_s: float = 0.3) -> float:
     return sorted(times)[len(times) // 2] * 1e6
 
 
-def sweep_decode(s: Shape, configs: list[dict], deadline: float, rep: int = 40) -> list[dict]:
-    """Time the decode kernel at each block configuration (configs that fail to compile are noted)."""
-    from .triton_decode import absorbed_decode
+def sweep_decode(s: Shape, configs: list[dict], deadline: float, rep: int = 40, cupti: bool = False) -> list[dict]:
+    """Time the decode kernel at each configuration (configs that fail to compile are noted); a
+    config without `kernel` runs the generic kernel (the blocks swept before the TMA kernels existed),
+    kernel None the defaults. With cupti, also the kernels' own time (kernel_only_us)."""
+    from .triton_decode import absorbed_decode, plan
     from .mla_torch import absorb_weights
     q_nope, q_pe = s.queries(1)
     w_uk, _ = absorb_weights(s.kv_b, num_heads=s.heads, qk_nope_head_dim=NOPE, v_head_dim=VDIM)
@@ -280,14 +279,18 @@ def sweep_decode(s: Shape, configs: list[dict], deadline: float, rep: int = 40) 
     for cfg in configs:
         if time.monotonic() > deadline:
             break
+        cfg = dict(kernel="generic") | cfg
+        call = lambda: absorbed_decode(q_latent, q_pe, s.cache, 0, scale=SCALE, **cfg)  # noqa: E731
         try:
-            got = absorbed_decode(q_latent, q_pe, s.cache, 0, scale=SCALE, **cfg).float()
-            us = _bench(lambda: absorbed_decode(q_latent, q_pe, s.cache, 0, scale=SCALE, **cfg), rep=rep)
+            got = call().float()
+            us = _bench(call, rep=rep)
+            extra = dict(kernel_only_us=kernel_only_us(call, KERNEL_NAMES, reps=20)["total"]) if cupti else {}
         except Exception as e:  # noqa: BLE001 - out of shared memory or registers: record and go on
             out.append(dict(heads=s.heads, ctx=s.ctx, batch=s.batch, **cfg, error=str(e).splitlines()[0][:120]))
             continue
         err = float((got - ref).norm() / ref.norm())  # every configuration computes the same function
-        out.append(dict(heads=s.heads, ctx=s.ctx, batch=s.batch, **cfg, us=us, rel_err_vs_default=err))
+        out.append(dict(heads=s.heads, ctx=s.ctx, batch=s.batch, **cfg, us=us, rel_err_vs_default=err, **extra,
+                        resolved=plan(q_latent, q_pe, s.cache, **cfg)))
     return out
 
 

@@ -13,7 +13,12 @@ SM count and context (`choose_splits`), so batch 1 fills the GPU. With v_split 2
 share a head block, each owning half of the 512 value columns (and computing the scores from both
 halves); measured slower than one program at 32K-128K, kept as an option. fp8 pages are scaled per
 128-value group on load. Scores use exp2 with log2(e) folded into the scale; the lse written
-between the stages is in log2 units. Measurements: gpu_attention/NOTES.md.
+between the stages is in log2 units.
+
+On Hopper, `plan()` sends most bf16 calls to triton_decode_tma's kernels instead (tiles by TMA;
+rows- or keys-major by head count and context, from the H200 sweep); this kernel is the fallback
+for what they cannot run (fp32 / fp8 pages, pages that do not hold whole tiles, older GPUs) and
+128 heads at 1K. `kernel=` forces one. Measurements: gpu_attention/NOTES.md.
 """
 
 from __future__ import annotations
@@ -24,9 +29,11 @@ import torch
 import triton
 import triton.language as tl
 
+from . import triton_decode_tma
 from .latent_cache import FP8_GROUP, LatentCache
 
 LOG2E = 1.4426950408889634
+KERNELS = ("generic", "tma", "tma_keys")  # triton_decode's pointer-load kernel; triton_decode_tma's two
 
 
 @triton.jit
@@ -168,22 +175,42 @@ def _sm_count(device: torch.device) -> int:
     return 8  # the interpreter: a few splits, still exercises the combine
 
 
-def default_config(num_heads: int, num_new: int, dtype: torch.dtype, max_len: int = 0) -> dict:
-    """Block shapes and split policy by query rows per sequence and context, from the H100 sweep
-    (bench-attn --sweep; benchmarks/results/2026-11-21-gpu-machine-h100-attn-decode-wt5-*.json).
-    `waves`: programs per SM the split count aims at; `min_split`: fewest keys per split (each
-    split writes a [rows, 512] fp32 partial); `v_split` 2: two programs share a head block, each
-    owning half of the value columns."""
-    if dtype == torch.float32:  # fp32 tiles take twice the shared memory and registers
-        return dict(block_h=16, block_n=16, num_warps=4, num_stages=1, waves=2, min_split=64)
+def default_config(num_heads: int, num_new: int, dtype: torch.dtype, max_len: int = 0, *, tma: bool = False) -> dict:
+    """Kernel, block shapes and split policy by query rows per sequence and context, from the H100
+    sweeps (benchmarks/results/2026-11-21-gpu-machine-h100-attn-decode-*.json) and the H200 sweep of
+    the TMA kernels (...-h200-attn-decode-tma-*.json). `tma`: whether the TMA kernels
+    (triton_decode_tma) can run this call. `waves`: programs per SM the split count aims at;
+    `min_split`: fewest keys per split (each split writes a [rows, 512] fp32 partial); `v_split` 2:
+    two programs share a head block, each owning half of the value columns."""
     rows = num_heads * num_new
+    if tma and rows <= 128:  # H200: a TMA kernel as fast or faster at every context but 128 heads at 1K
+        if rows <= 16:  # 16 heads: keys-major up to 16K (wgmma, N = 16), rows-major in two waves from 32K
+            return tma_config(rows, "tma_keys" if max_len < 32768 else "tma")
+        if max_len > 16384:  # 128 heads: rows-major, 64-row blocks from 32K; keys-major 32-row blocks at 2-16K
+            return tma_config(rows, "tma")
+        if max_len > 1024:
+            return tma_config(rows, "tma_keys")
+    if dtype == torch.float32:  # fp32 tiles take twice the shared memory and registers
+        return dict(kernel="generic", block_h=16, block_n=16, num_warps=4, num_stages=1, waves=2, min_split=64)
     if rows <= 16:  # 16 heads, batch 1: one wave of 16x64 programs was fastest at 8K-128K
-        return dict(block_h=16, block_n=64, num_warps=4, num_stages=2, waves=1, min_split=64)
+        return dict(kernel="generic", block_h=16, block_n=64, num_warps=4, num_stages=2, waves=1, min_split=64)
     if rows <= 128:  # 128 heads: many 16-row programs at 8K, one wave of 64-row programs beyond
         if max_len <= 16384:
-            return dict(block_h=16, block_n=64, num_warps=4, num_stages=2, waves=2, min_split=64)
-        return dict(block_h=64, block_n=64, num_warps=8, num_stages=2, waves=1, min_split=64)
-    return dict(block_h=64, block_n=32, num_warps=8, num_stages=2, waves=2, min_split=256)
+            return dict(kernel="generic", block_h=16, block_n=64, num_warps=4, num_stages=2, waves=2, min_split=64)
+        return dict(kernel="generic", block_h=64, block_n=64, num_warps=8, num_stages=2, waves=1, min_split=64)
+    return dict(kernel="generic", block_h=64, block_n=32, num_warps=8, num_stages=2, waves=2, min_split=256)
+
+
+def tma_config(rows: int, kernel: str = "tma") -> dict:
+    """The TMA kernels' blocks. Rows-major ("tma", sm_90a, ptxas: 64 rows x 8 warps x 64-key tiles
+    in 2 stages = 226 registers, no spills, 216 KB of shared memory; 16-row blocks run mma.sync).
+    Keys-major ("tma_keys": 32 rows x 4 warps x 64-key tiles in 2 stages = 238 registers, 184 KB)."""
+    if kernel == "tma_keys":
+        return dict(kernel=kernel, block_h=min(32, max(16, triton.next_power_of_2(rows))), block_n=64, num_warps=4,
+                    num_stages=2, waves=1, min_split=64)
+    if rows <= 16:
+        return dict(kernel=kernel, block_h=16, block_n=32, num_warps=4, num_stages=2, waves=2, min_split=64)
+    return dict(kernel=kernel, block_h=64, block_n=64, num_warps=8, num_stages=2, waves=1, min_split=64)
 
 
 def choose_splits(max_len: int, programs_per_split: int, sm_count: int, *, block_n: int, waves: float,
@@ -194,40 +221,89 @@ def choose_splits(max_len: int, programs_per_split: int, sm_count: int, *, block
     return max(1, min(want, triton.cdiv(max_len, max(min_split, block_n))))
 
 
-def absorbed_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, cache: LatentCache, layer: int, *, scale: float,
-                    num_splits: int | None = None, block_h: int | None = None, block_n: int | None = None,
-                    num_warps: int | None = None, num_stages: int | None = None, waves: float | None = None,
-                    min_split: int | None = None, v_split: int | None = None) -> torch.Tensor:
-    """q_latent [B, T, H, R], q_pe [B, T, H, rope] (any strides, last dim contiguous) over the
-    first B sequences of `cache` -> out_latent [B, T, H, R] in q_latent's dtype."""
+def plan(q_latent: torch.Tensor, q_pe: torch.Tensor, cache: LatentCache, *, kernel: str | None = None,
+         num_splits: int | None = None, block_h: int | None = None, block_n: int | None = None,
+         num_warps: int | None = None, num_stages: int | None = None, waves: float | None = None,
+         min_split: int | None = None, v_split: int | None = None) -> dict:
+    """The kernel, blocks and splits absorbed_decode runs for this call: the defaults for its shape,
+    each overridden by the argument when given."""
     B, T, H, R = q_latent.shape
-    rope = q_pe.shape[-1]
-    assert R + rope == cache.latent_dim and q_latent.stride(-1) == 1 and q_pe.stride(-1) == 1
-    assert q_latent.dtype == q_pe.dtype and q_latent.dtype in (torch.bfloat16, torch.float16, torch.float32)
     max_len = cache.launch_len or max(cache.lens[:B])  # launch_len: fixed while a CUDA graph is captured
-    cfg = default_config(H, T, q_latent.dtype, max_len)
-    block_h = block_h or cfg["block_h"]
-    block_n = block_n or cfg["block_n"]
-    num_warps = num_warps or cfg["num_warps"]
-    num_stages = num_stages or cfg["num_stages"]
-    v_split = v_split or cfg.get("v_split", 1)
-    if v_split not in (1, 2) or (v_split == 2 and R != triton.next_power_of_2(R)):
-        raise ValueError(f"v_split must be 1, or 2 with a power-of-two rank; got {v_split} with rank {R}")
-    rows = T * H
-    head_blocks = triton.cdiv(rows, block_h)
+    tma_ok = triton_decode_tma.applies(q_latent, cache, rank=R, rope=q_pe.shape[-1], block_n=block_n or 64)
+    cfg = default_config(H, T, q_latent.dtype, max_len, tma=tma_ok and kernel != "generic")
+    if kernel is not None and kernel != cfg["kernel"]:  # an explicit kernel takes that kernel's defaults
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {', '.join(KERNELS)}; got {kernel!r}")
+        if kernel != "generic" and not tma_ok:
+            raise ValueError("the TMA kernel needs a CUDA GPU of compute capability 9+, a bf16/fp16 cache in the "
+                             "queries' dtype, pages holding whole tiles and a latent of two power-of-two halves "
+                             f"plus a power-of-two rope part; got {cache.data.dtype} pages of {cache.page_size}, "
+                             f"rank {R}, rope {q_pe.shape[-1]}")
+        cfg = tma_config(T * H, kernel)  # (an explicit "generic" never gets here: tma=False above)
+    given = dict(block_h=block_h, block_n=block_n, num_warps=num_warps, num_stages=num_stages, waves=waves,
+                 min_split=min_split, v_split=v_split)
+    cfg = cfg | {k: v for k, v in given.items() if v is not None}
+    cfg.setdefault("v_split", 1)
+    if cfg["v_split"] not in (1, 2) or (cfg["v_split"] == 2 and (R != triton.next_power_of_2(R)
+                                                                 or cfg["kernel"] != "generic")):
+        raise ValueError(f"v_split must be 1, or 2 with a power-of-two rank and the generic kernel; got "
+                         f"{cfg['v_split']} with rank {R} and the {cfg['kernel']} kernel")
+    head_blocks = triton.cdiv(T * H, cfg["block_h"])
     if num_splits is None:
-        num_splits = choose_splits(max_len, B * head_blocks * v_split, _sm_count(torch.device(q_latent.device)),
-                                   block_n=block_n, waves=waves or cfg["waves"],
-                                   min_split=min_split or cfg["min_split"])
+        num_splits = choose_splits(max_len, B * head_blocks * cfg["v_split"],
+                                   _sm_count(torch.device(q_latent.device)), block_n=cfg["block_n"],
+                                   waves=cfg["waves"], min_split=cfg["min_split"])
     # whole tiles per split: with pages a multiple of the tile, no tile crosses a page
-    split_len = triton.cdiv(triton.cdiv(max_len, num_splits), block_n) * block_n
-    num_splits = triton.cdiv(max_len, split_len)
-    data = cache.data[layer]
-    scales = cache.scales[layer] if cache.fp8 else data
+    split_len = triton.cdiv(triton.cdiv(max_len, num_splits), cfg["block_n"]) * cfg["block_n"]
+    return cfg | dict(num_splits=triton.cdiv(max_len, split_len), split_len=split_len, head_blocks=head_blocks)
+
+
+def absorbed_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, cache: LatentCache, layer: int, *, scale: float,
+                    **overrides) -> torch.Tensor:
+    """q_latent [B, T, H, R], q_pe [B, T, H, rope] (any strides, last dim contiguous) over the
+    first B sequences of `cache` -> out_latent [B, T, H, R] in q_latent's dtype. `overrides`: the
+    keyword arguments of plan() (kernel, blocks, splits), for tuning and tests."""
+    B, T, H, R = q_latent.shape
+    assert R + q_pe.shape[-1] == cache.latent_dim and q_latent.stride(-1) == 1 and q_pe.stride(-1) == 1
+    assert q_latent.dtype == q_pe.dtype and q_latent.dtype in (torch.bfloat16, torch.float16, torch.float32)
+    cfg = plan(q_latent, q_pe, cache, **overrides)
+    block_h, block_n, num_warps, num_stages = cfg["block_h"], cfg["block_n"], cfg["num_warps"], cfg["num_stages"]
+    v_split, num_splits, split_len = cfg["v_split"], cfg["num_splits"], cfg["split_len"]
+    rows = T * H
     out = torch.empty(B, rows, R, dtype=q_latent.dtype, device=q_latent.device)
     direct = num_splits == 1
     o_part = out if direct else torch.empty(B, rows, num_splits, R, dtype=torch.float32, device=out.device)
     lse_part = out if direct else torch.empty(B, rows, num_splits, dtype=torch.float32, device=out.device)
+    if cfg["kernel"] != "generic":
+        triton_decode_tma.launch(q_latent, q_pe, cache, layer, out, o_part, lse_part, qk_scale=scale * LOG2E,
+                                 split_len=split_len, num_splits=num_splits, block_h=block_h, block_n=block_n,
+                                 num_warps=num_warps, num_stages=num_stages, keys_major=cfg["kernel"] == "tma_keys")
+    else:
+        _generic_split(q_latent, q_pe, cache, layer, out, o_part, lse_part, scale=scale, split_len=split_len,
+                       num_splits=num_splits, head_blocks=cfg["head_blocks"], block_h=block_h, block_n=block_n,
+                       num_warps=num_warps, num_stages=num_stages, v_split=v_split)
+    if not direct:
+        # column blocks small enough for two or more programs per SM (the merge is latency-bound:
+        # 16 rows x 128 columns left most SMs idle), each loading [chunk, columns] tiles of 16 KB
+        sms = _sm_count(torch.device(q_latent.device))
+        block_cc = max(32, min(128, triton.next_power_of_2(triton.cdiv(B * rows * R, 2 * sms)) // 2))
+        block_s = max(2, triton.next_power_of_2(num_splits))
+        _combine_kernel[(B, rows, triton.cdiv(R, block_cc))](
+            o_part, lse_part, out, o_part.stride(0), o_part.stride(1), o_part.stride(2),
+            lse_part.stride(0), lse_part.stride(1), out.stride(0), out.stride(1), num_splits,
+            RANK=R, BLOCK_CC=block_cc, BLOCK_S=block_s, CHUNK_S=min(block_s, 4096 // block_cc), num_warps=4)
+    return out.view(B, T, H, R)
+
+
+def _generic_split(q_latent, q_pe, cache: LatentCache, layer: int, out, o_part, lse_part, *, scale: float,
+                   split_len: int, num_splits: int, head_blocks: int, block_h: int, block_n: int, num_warps: int,
+                   num_stages: int, v_split: int) -> None:
+    """Stage 1 with the generic kernel over grid (B, head blocks · v_split, splits)."""
+    B, T, H, R = q_latent.shape
+    rope = q_pe.shape[-1]
+    data = cache.data[layer]
+    scales = cache.scales[layer] if cache.fp8 else data
+    direct = num_splits == 1
     precision = "ieee" if q_latent.dtype == torch.float32 else "tf32"
     block_c = max(16, triton.next_power_of_2(R))
     _absorbed_split_kernel[(B, head_blocks * v_split, num_splits)](
@@ -241,14 +317,3 @@ def absorbed_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, cache: LatentCac
         PAGE=cache.page_size, BLOCK_H=block_h, BLOCK_N=block_n, FP8=cache.fp8, GROUP=FP8_GROUP, DIRECT=direct,
         PAGE_TILES=cache.page_size % block_n == 0, V_SPLIT=v_split, PRECISION=precision, num_warps=num_warps,
         num_stages=num_stages)
-    if not direct:
-        # column blocks small enough for two or more programs per SM (the merge is latency-bound:
-        # 16 rows x 128 columns left most SMs idle), each loading [chunk, columns] tiles of 16 KB
-        sms = _sm_count(torch.device(q_latent.device))
-        block_cc = max(32, min(128, triton.next_power_of_2(triton.cdiv(B * rows * R, 2 * sms)) // 2))
-        block_s = max(2, triton.next_power_of_2(num_splits))
-        _combine_kernel[(B, rows, triton.cdiv(R, block_cc))](
-            o_part, lse_part, out, o_part.stride(0), o_part.stride(1), o_part.stride(2),
-            lse_part.stride(0), lse_part.stride(1), out.stride(0), out.stride(1), num_splits,
-            RANK=R, BLOCK_CC=block_cc, BLOCK_S=block_s, CHUNK_S=min(block_s, 4096 // block_cc), num_warps=4)
-    return out.view(B, T, H, R)

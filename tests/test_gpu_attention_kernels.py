@@ -82,14 +82,15 @@ CASES = [  # heads, lengths (ragged, not page multiples), new tokens, page size,
 ]
 
 
+@pytest.mark.parametrize("kernel", [None, "generic"])  # None: the default (a TMA kernel on Hopper, bf16, 64-key pages)
 @pytest.mark.parametrize("heads,lens,num_new,page_size,layout,splits", CASES)
-def test_absorbed_kernel_matches_torch_path(heads, lens, num_new, page_size, layout, splits):
+def test_absorbed_kernel_matches_torch_path(heads, lens, num_new, page_size, layout, splits, kernel):
     from gpu_attention.triton_decode import absorbed_decode
     cache, kv_b = make_cache(lens, heads=heads, page_size=page_size, layout=layout)
     q_nope, q_pe = make_queries(len(lens), num_new, heads, BF16)
     w_uk, _ = absorb_weights(kv_b, num_heads=heads, qk_nope_head_dim=NOPE, v_head_dim=VD)
     q_latent = torch.einsum("bthd,hdr->bthr", q_nope, w_uk)
-    out = absorbed_decode(q_latent, q_pe, cache, 1, scale=SCALE, num_splits=splits)
+    out = absorbed_decode(q_latent, q_pe, cache, 1, scale=SCALE, num_splits=splits, kernel=kernel)
     ref = paged_torch.absorbed(q_latent.float(), q_pe.float(), cache, 1, scale=SCALE)
     assert rel_err(out, ref) <= 1e-2
     if len(set(lens)) == 1:  # and the foundation's reference on the contiguous latent
@@ -113,7 +114,8 @@ def test_absorbed_kernel_page_addressing_and_splits(page_size, block_n, splits, 
     q_nope, q_pe = make_queries(2, 1, 16, torch.float32)
     w_uk, _ = absorb_weights(kv_b, num_heads=16, qk_nope_head_dim=NOPE, v_head_dim=VD)
     q_latent = torch.einsum("bthd,hdr->bthr", q_nope, w_uk)
-    out = absorbed_decode(q_latent, q_pe, cache, 1, scale=SCALE, num_splits=splits, block_n=block_n, v_split=v_split)
+    out = absorbed_decode(q_latent, q_pe, cache, 1, scale=SCALE, num_splits=splits, block_n=block_n, v_split=v_split,
+                          kernel="generic")
     assert rel_err(out, paged_torch.absorbed(q_latent, q_pe, cache, 1, scale=SCALE)) <= 1e-5
 
 
