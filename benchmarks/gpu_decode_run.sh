@@ -6,7 +6,7 @@
 # Results land in $OUT; budget $BUDGET seconds (default 540). From the repository root:
 #   OUT=$OUT bash benchmarks/gpu_decode_run.sh
 # TESTS= the GPU test files (default: the decode path's; "none" skips), CPU_TESTS=1 adds the AMX/VNNI
-# CPU-expert tests, VARIANTS= the bench variants in order (default, memops, wN = N workers).
+# CPU-expert tests, VARIANTS= the bench variants in order (default, memops, wN = N workers, depth).
 export HMOE_CACHE_DIR=/tmp/hc PYTHONPATH=. PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT; BUDGET=${BUDGET:-540}
 exec > >(tee $OUT/log-decode.txt) 2>&1
@@ -24,7 +24,9 @@ printf "name: V2-Lite hybrid q8_0\nrules:\n  - match: 'model\\\\.layers\\\\.\\\\
 bench() {  # $1 = variant: default, memops, wN (N workers); repeated names get -2, -3
   local variant=$1 name=$1 n=2 env=() opts=()
   while [ -e $OUT/bench-v2l-q8_0-$name.json ]; do name=$variant-$n; n=$((n + 1)); done
-  case $variant in memops) env=(HMOE_HANDOVER=memops) ;; w*) opts=(--experts-threads ${variant#w}) ;; esac
+  case $variant in  # depth: tg at 0 and 32768 cached tokens (the MLA promise: a flat curve)
+    memops) env=(HMOE_HANDOVER=memops) ;; w*) opts=(--experts-threads ${variant#w}) ;; depth) opts=(-p 0 -d 0,32768) ;;
+  esac
   L=$(left); [ $L -gt 60 ] || { stamp "skipped $name: budget"; return; }
   S=$(date +%s)
   env "${env[@]}" timeout $L python3 -m runtime bench --model /tmp/v2l --rules /tmp/q8_0.yaml -p 512 -n ${NGEN:-128} \
