@@ -230,7 +230,7 @@ def as_markdown(result: dict) -> str:
              f"decode roofline: {roof['moe_layers']} MoE layers × top-{roof['top_k']} × "
              f"{_size(roof['bytes_per_expert'])} per expert = {_size(roof['bytes_per_token'])} of routed experts per "
              f"token ÷ {roof['read_bandwidth_gbs']:.1f} GB/s read bandwidth ({roof['bandwidth_threads']} threads, "
-             f"measured in this run) = {roof['tokens_per_s']:.4g} t/s"]
+             f"the larger of two readings in this run) = {roof['tokens_per_s']:.4g} t/s"]
     if result.get("cpu_experts_step_ms"):
         outside = ", ".join(f"{r['test']} {100 * r['outside_experts_fraction']:.0f}%" for r in result["results"]
                             if r.get("outside_experts_fraction") is not None)
