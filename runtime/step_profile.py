@@ -117,8 +117,8 @@ def split_timeline(events: list[tuple[float, float, str]]) -> dict:
 
 
 def breakdown(runner, *, steps: int = 16, depth: int = 0) -> dict:
-    """Profile `steps` decode steps of a bench Runner (after two warm-up steps) and time each
-    hybrid layer's CPU job alone. Per-step figures in ms."""
+    """Profile `steps` decode steps of a bench Runner (after two warm-up steps), then time the
+    hybrid layers' CPU jobs alone (native_step_ms). Per-step figures in ms."""
     from torch.profiler import ProfilerActivity, profile
 
     layers = hybrid_layers(runner.model)
