@@ -22,6 +22,17 @@ def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path):
     assert digest(a) == digest(b) != digest(c)
 
 
+@pytest.mark.parametrize("dtype", ["bf16", "fp8"])
+def test_bytes_do_not_depend_on_the_core_count(tmp_path, monkeypatch, dtype):
+    """Tensors are made on all cores, each from its own random stream: one core, the same files."""
+    import runtime.make_model as make_model
+
+    many = write_model(tmp_path / "many", "tiny-v3", dtype=dtype, seed=3, progress=False)
+    monkeypatch.setattr(make_model.os, "cpu_count", lambda: 1)
+    one = write_model(tmp_path / "one", "tiny-v3", dtype=dtype, seed=3, progress=False)
+    assert digest(one) == digest(many)
+
+
 @pytest.mark.parametrize("preset", ["tiny-v2", "tiny-v3", "tiny-v32"])
 @pytest.mark.parametrize("dtype", ["bf16", "fp8"])
 def test_presets_load_and_run(tmp_path, preset, dtype):
