@@ -167,24 +167,42 @@ def routed_experts(model) -> dict:
 
 def cpu_experts_step_ms(model, steps: int = 50, seed: int = 0) -> float | None:
     """Milliseconds one decode token's routed experts take on the CPU alone: every MoE layer's
-    cpu_experts engine on host inputs (1 token, random hidden and top-k), back to back as a step
-    runs them. None without cpu_experts. The rest of a step is what the target calls 'outside'."""
+    cpu_experts engine, 1 token, random hidden and top-k per step, run back to back as a step runs
+    them, each through its native submit and wait (the job bound once to host buffers: no Python
+    between layers, as in a GPU-driven step). None without cpu_experts. The rest of a step is what
+    the target calls 'outside'."""
     import numpy as np
+
+    from orchestrator.hybrid import _NATIVE
 
     engines = [e for e in (getattr(cpu_part(layer.mlp.experts), "engine", None)
                            for layer in model.model.layers if isinstance(layer.mlp, MoE)) if e is not None]
     if not engines:
         return None
     cfg, rng = model.cfg, np.random.default_rng(seed)
-    H, k, E = cfg.hidden_size, cfg.num_experts_per_tok, cfg.n_routed_experts
-    inputs = [(rng.standard_normal((1, H), dtype=np.float32), rng.permutation(E)[None, :k].astype(np.int64),
-               np.full((1, k), 1 / k, np.float32)) for _ in range(steps)]
-    for e in engines:
-        e.forward(*inputs[0])
+    H, k = cfg.hidden_size, cfg.num_experts_per_tok
+    hidden, weights = np.zeros((1, H), np.float32), np.full((1, k), 1 / k, np.float32)
+    out = np.zeros((1, H), np.float32)
+    calls = []  # (submit, wait, job, ids buffer, ids per step): a split layer's CPU part has fewer experts
+    for engine in engines:
+        ids = np.zeros((1, k), np.int64)
+        submit, wait, job = engine.bind(hidden, ids, weights, out)
+        chosen = [rng.permutation(engine.E)[None, :k] if engine.E >= k else rng.integers(0, engine.E, (1, k))
+                  for _ in range(steps + 1)]
+        calls.append((_NATIVE(submit), _NATIVE(wait), job, ids, chosen))
+    xs = [rng.standard_normal((1, H), dtype=np.float32) for _ in range(steps + 1)]
+
+    def step(i):
+        hidden[:] = xs[i]
+        for submit, wait, job, ids, chosen in calls:
+            ids[:] = chosen[i]
+            submit(job)
+            wait(job)
+
+    step(0)  # warm-up
     t0 = time.perf_counter()
-    for x in inputs:
-        for e in engines:
-            e.forward(*x)
+    for i in range(1, steps + 1):
+        step(i)
     return (time.perf_counter() - t0) / steps * 1e3
 
 
