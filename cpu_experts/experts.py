@@ -157,9 +157,14 @@ class CPUExperts:
         self.isa = host_isa(isa)
         self.geo = _geometry(fmt, self.isa, tiles)
         self.down_geo = _geometry(down_fmt, self.isa, tiles)
+        self.threads = threads or default_threads()
         self.tiles = tiles or default_tiles(self.isa, self.geo, amx, self.down_geo)
-        if tiles is None and hidden % self.tiles.rows_down and hidden % 32 == 0:
-            self.tiles = replace(self.tiles, rows_down=32)   # the default 64 rows per down task need H % 64 == 0
+        # 32 rows per down task where 64 need H % 64 != 0, or give under 3 tasks per worker and 32 give
+        # at least 3: one V2-Lite layer (H 2048) is 32 tasks of 64 rows for 15-16 workers, 2.1 rounds
+        # where 3 run; 32 rows were 3-5% faster there at 1 token (`...-h200-v2lite-cpu-experts-rd32-*.json`)
+        few_tasks = hidden // self.tiles.rows_down < 3 * self.threads <= hidden // 32
+        if tiles is None and hidden % 32 == 0 and (hidden % self.tiles.rows_down or few_tasks):
+            self.tiles = replace(self.tiles, rows_down=32)
         _check_amx(self.tiles, self.isa, self.geo, self.down_geo)
         if inter % self.tiles.rows_up or hidden % self.tiles.rows_down:
             raise ValueError(f"inter {inter} must divide by {self.tiles.rows_up} and hidden {hidden} by "
@@ -169,7 +174,6 @@ class CPUExperts:
         self.up = _Matrix(self.geo, num_experts, inter, hidden, self.numa, "up")
         self.down = _Matrix(self.down_geo, num_experts, hidden, inter, self.numa, "down")
         self.lib = library(fmt, self.isa, self.tiles, down_fmt)
-        self.threads = threads or default_threads()
         self.pool = shared_pool(self.lib, self.threads)
         self.job = aligned_zeros(len(JOB_FIELDS), np.int64)
         self._capacity = (0, 0)

@@ -122,15 +122,16 @@ def test_forward_emulated_amx_matches_reference(fmt, min_slots, max_slots, threa
 
 
 @pytest.mark.skipif(not AVX512, reason="the AMX kernel needs 16-row groups (AVX-512)")
+@pytest.mark.parametrize("rows_down", [64, 32])  # 32: the default for few down tasks per worker (V2-Lite)
 @pytest.mark.parametrize("fmt,hardware", [("q4_k", False), ("q4_0", False)]
                          + [(f, True) for f in ("q8_0", "q4_k") if HOST_AMX])
-def test_forward_amx_mixed_mode_matches_reference(fmt, hardware):
+def test_forward_amx_mixed_mode_matches_reference(fmt, hardware, rows_down):
     """The default AMX choice ("mixed": vector below amx_min_slots = 8, int8 AMX 8-23, bf16 AMX from
     amx_bf16_min_slots = 24) with every band in one job: experts 0, 3, 4 get 40, 35, 28 slots (bf16;
     two chunks, the second partial), expert 1 12 (int8), expert 2 5 (vector), expert 5 none.
     Emulated here on formats whose vector path needs no VNNI (q8_0's does: hardware only)."""
     from cpu_experts.codegen.moe import Tiles
-    tiles = Tiles(tokens=8, amx=True, amx_emulate=not hardware)
+    tiles = Tiles(tokens=8, amx=True, amx_emulate=not hardware, rows_down=rows_down)
     assert (tiles.amx_mode, tiles.amx_min_slots, tiles.amx_bf16_min_slots) == ("mixed", 8, 24)
     ex, dq = experts(fmt, "avx512vnni" if hardware else AVX512[0], 2, tiles=tiles)
     T = 40
