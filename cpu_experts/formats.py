@@ -102,38 +102,36 @@ def _dequantize_q4_0(b):
 
 # ---------------------------------------------------------------- q4_k: d, dmin f16, scales[12], qs[128]
 
+def _seq_sum(terms, total=None):
+    """total (default 0) + terms[0] + terms[1] + ... in index order, in float32, as ggml's `for`
+    loops add (np.sum pairs terms up and rounds differently; np.cumsum is exact but 10x slower)."""
+    total = np.zeros_like(terms[0]) if total is None else total
+    for t in terms:
+        total += t
+    return total
+
+
 def _make_qkx2_quants(x, w, nmax, rmin, rdelta, nstep):
     """llama.cpp make_qkx2_quants (use_mad=false) over rows of x [B, n]. Returns scale, -min, L."""
     f = np.float32
-    B, n = x.shape
-    x, w = np.ascontiguousarray(x.T), np.ascontiguousarray(w.T)  # [n, B]: column i is contiguous
-    mn, mx = x[0].copy(), x[0].copy()
-    sum_w = w[0].copy()
-    sum_x = sum_w * x[0]
-    for i in range(1, n):
-        mn = np.minimum(mn, x[i])
-        mx = np.maximum(mx, x[i])
-        sum_w = sum_w + w[i]
-        sum_x = sum_x + w[i] * x[i]
-    mn = np.minimum(mn, f(0))
+    x, w = np.ascontiguousarray(x.T), np.ascontiguousarray(w.T)  # [n, B]: the loops' index first
+    mn = np.minimum(x.min(axis=0), f(0))
+    mx = x.max(axis=0)
+    wx = w * x
+    sum_w, sum_x = _seq_sum(w[1:], w[0].copy()), _seq_sum(wx[1:], wx[0].copy())
     flat = mx == mn
     rng = np.where(flat, f(1), mx - mn)
     iscale = f(nmax) / rng
     scale = f(1) / iscale
     L = np.clip(_nearest_int(iscale * (x - mn)), 0, nmax)
-    best = np.zeros(B, np.float32)
-    for i in range(n):
-        diff = scale * L[i].astype(f) + mn - x[i]
-        best = best + w[i] * (diff * diff)
+    diff = scale * L.astype(f) + mn - x
+    best = _seq_sum(w * (diff * diff))
     for step in range(nstep + 1):
         iscale = (f(rmin) + f(rdelta) * f(step) + f(nmax)) / rng
         La = np.clip(_nearest_int(iscale * (x - mn)), 0, nmax)
         Lf = La.astype(f)
-        sl = np.zeros(B, f); sl2 = np.zeros(B, f); sxl = np.zeros(B, f)
-        for i in range(n):
-            sl = sl + w[i] * Lf[i]
-            sl2 = sl2 + w[i] * Lf[i] * Lf[i]
-            sxl = sxl + w[i] * Lf[i] * x[i]
+        wl = w * Lf
+        sl, sl2, sxl = _seq_sum(wl), _seq_sum(wl * Lf), _seq_sum(wl * x)
         D = sum_w * sl2 - sl * sl
         ok = D > 0
         Dn = np.where(ok, D, f(1))
@@ -143,10 +141,8 @@ def _make_qkx2_quants(x, w, nmax, rmin, rdelta, nstep):
         with np.errstate(divide="ignore", invalid="ignore"):
             this_scale = np.where(pos, sxl / sl2, this_scale)
         this_min = np.where(pos, f(0), this_min)
-        mad = np.zeros(B, f)
-        for i in range(n):
-            diff = this_scale * Lf[i] + this_min - x[i]
-            mad = mad + w[i] * (diff * diff)
+        diff = this_scale * Lf + this_min - x
+        mad = _seq_sum(w * (diff * diff))
         better = ok & (mad < best) & ~flat
         L = np.where(better, La, L)
         best = np.where(better, mad, best)
@@ -218,7 +214,7 @@ def _dequantize_q4_k(b):
 def _make_qx_quants_rmse1(x, nmax):
     """llama.cpp make_qx_quants(n, nmax, x, L, rmse_type=1, NULL) over rows [B, n]: the scale."""
     f = np.float32
-    B, n = x.shape
+    B = x.shape[0]
     ax = np.abs(x)
     imax = np.argmax(ax, axis=1)  # first maximal |x|, as the strict '>' scan
     mx = x[np.arange(B), imax]
@@ -229,11 +225,7 @@ def _make_qx_quants_rmse1(x, nmax):
 
     def sums(iscale):
         lf = np.clip(_nearest_int(iscale * xt), -nmax, nmax - 1).astype(f)
-        slx = np.zeros(B, f); sl2 = np.zeros(B, f)
-        for i in range(n):
-            slx = slx + w[i] * xt[i] * lf[i]
-            sl2 = sl2 + w[i] * lf[i] * lf[i]
-        return slx, sl2
+        return _seq_sum(w * xt * lf), _seq_sum(w * lf * lf)
 
     slx, sl2 = sums(f(-nmax) / mxn)
     with np.errstate(divide="ignore", invalid="ignore"):
