@@ -50,7 +50,7 @@ def default_workers() -> int:
     """CPU expert workers when the GPU drives them: one per physical core but one. The spare core
     runs what hands each layer over (CUDA's host-function thread or the memops dispatcher); with a
     worker pinned on every core that thread preempts one of them mid-task every layer. Whole
-    DeepSeek-V2-Lite, q8_0, H200 + 16 cores: 61.4 t/s with 15 workers against 35.4-36.7 with 16
+    DeepSeek-V2-Lite, q8_0, H200 + 16 cores: 51-65 t/s with 15 workers against 35-39 with 16
     (orchestrator/NOTES.md, "Whole V2-Lite")."""
     from cpu_experts.numa import physical_cpus
 
