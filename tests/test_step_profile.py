@@ -84,3 +84,16 @@ def test_hybrid_layers_default_to_one_worker_per_core_but_one(tiny_v3, tmp_path)
     plan = build_plan(parse_rules(text, "hybrid.yaml", detect()), load_config(tiny_v3), ctx=256)
     layers = hybrid_layers(load_model(tiny_v3, plan=plan))
     assert layers and all(e.engine.threads == default_workers() for e in layers)
+
+
+def test_overlap_of_interval_lists_equals_the_pairwise_sum():
+    import random
+
+    from runtime.step_profile import _overlap, _union
+
+    rng = random.Random(1)
+    for _ in range(200):
+        a = _union([(s, s + rng.uniform(0, 5)) for s in (rng.uniform(0, 100) for _ in range(30))])
+        b = _union([(s, s + rng.uniform(0, 8)) for s in (rng.uniform(0, 100) for _ in range(10))])
+        pairwise = sum(max(0.0, min(e1, e2) - max(s1, s2)) for s1, e1 in a for s2, e2 in b)
+        assert _overlap(a, b) == pytest.approx(pairwise, abs=1e-9)
