@@ -165,6 +165,13 @@ def routed_experts(model) -> dict:
             "bytes_per_token": k * sum(per_layer)}
 
 
+def cpu_engines(model) -> list:
+    """The cpu_experts engine of every MoE layer that has one (a split layer's CPU part included)."""
+    found = (getattr(cpu_part(layer.mlp.experts), "engine", None) for layer in model.model.layers
+             if isinstance(layer.mlp, MoE))
+    return [e for e in found if e is not None]
+
+
 def cpu_experts_step_ms(model, steps: int = 50, seed: int = 0) -> float | None:
     """Milliseconds one decode token's routed experts take on the CPU alone: every MoE layer's
     cpu_experts engine, 1 token, random hidden and top-k per step, run back to back as a step runs
@@ -175,8 +182,7 @@ def cpu_experts_step_ms(model, steps: int = 50, seed: int = 0) -> float | None:
 
     from orchestrator.hybrid import _NATIVE
 
-    engines = [e for e in (getattr(cpu_part(layer.mlp.experts), "engine", None)
-                           for layer in model.model.layers if isinstance(layer.mlp, MoE)) if e is not None]
+    engines = cpu_engines(model)
     if not engines:
         return None
     cfg, rng = model.cfg, np.random.default_rng(seed)

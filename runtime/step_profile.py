@@ -5,9 +5,8 @@ GPU after the copies of hidden state, ids and weights to the host (the last devi
 and comes back with the copy of the experts' output (the next host-to-device copy); in between
 the CPU experts run, the shared experts run on the GPU, and the two hand-overs (start and join
 the CPU job) cost what they cost. CUPTI (torch.profiler) gives every kernel and copy of a few
-steps, graph replays included; the CPU experts' own time is timed apart by running every layer's
-native job back to back (submit + wait, no Python in between) on the inputs the last step left in
-the host buffers. So:
+steps, graph replays included; the CPU experts' own time is the bench's (`cpu_experts_step_ms`:
+every layer's native job back to back, random routing, no Python in between). So:
 
     step = GPU busy outside the CPU windows + CPU windows + idle gaps elsewhere
     CPU window - CPU experts alone = what the hand-over costs.
@@ -19,7 +18,7 @@ import time
 
 import torch
 
-from .bench_model import cpu_part
+from .bench_model import cpu_engines, cpu_part
 from .moe import MoE
 
 
@@ -29,31 +28,6 @@ def hybrid_layers(model) -> list:
 
     found = [cpu_part(layer.mlp.experts) for layer in model.model.layers if isinstance(layer.mlp, MoE)]
     return [e for e in found if isinstance(e, HybridExperts)]
-
-
-def native_step_ms(layers: list, reps: int = 20) -> float | None:
-    """Median ms of every hybrid layer's 1-token CPU job run back to back, as a step runs them,
-    through the native submit and wait (no Python between them) on the host buffers as the last
-    step left them. Each layer reads its own weights, so they come from DRAM as in a step. None if
-    a layer never ran a 1-token job (no decode step yet)."""
-    from orchestrator.hybrid import _NATIVE
-
-    calls = []
-    for experts in layers:
-        job = experts._jobs.get(1)
-        if job is None:
-            return None
-        submit, wait = (_NATIVE(f) for f in experts._fns)
-        calls.append((submit, wait, job.ctypes.data))
-    times = []
-    for _ in range(reps + 2):
-        t0 = time.perf_counter()
-        for submit, wait, address in calls:
-            submit(address)
-            wait(address)
-        times.append(time.perf_counter() - t0)
-    times = sorted(times[2:])
-    return times[len(times) // 2] * 1e3
 
 
 def _device_events(prof) -> list[tuple[float, float, str]]:
@@ -124,9 +98,11 @@ def split_timeline(events: list[tuple[float, float, str]]) -> dict:
             "idle_elsewhere_us": span - total_windows - outside}
 
 
-def breakdown(runner, *, steps: int = 16, depth: int = 0) -> dict:
-    """Profile `steps` decode steps of a bench Runner (after two warm-up steps), then time the
-    hybrid layers' CPU jobs alone (native_step_ms). Per-step figures in ms."""
+def breakdown(runner, alone_ms: float | None, *, steps: int = 16, depth: int = 0) -> dict:
+    """Profile `steps` decode steps of a bench Runner (after two warm-up steps). alone_ms: the CPU
+    experts alone per step (`bench_model.cpu_experts_step_ms`, what the bench reports); the
+    hand-over is the CPU windows minus it, when every CPU-kernel layer is GPU-driven (one window
+    each). Per-step figures in ms."""
     from torch.profiler import ProfilerActivity, profile
 
     layers = hybrid_layers(runner.model)
@@ -142,7 +118,8 @@ def breakdown(runner, *, steps: int = 16, depth: int = 0) -> dict:
         wall = time.perf_counter() - t0
     events = _device_events(prof)
     parts = split_timeline(events)
-    alone_ms = native_step_ms(layers) if layers else None
+    if not layers or len(layers) != len(cpu_engines(runner.model)):
+        alone_ms = None  # some CPU experts run without a window: windows - alone would mean nothing
     per_step = {k.removesuffix("_us") + "_ms": v / steps / 1e3 for k, v in parts.items() if k.endswith("_us")}
     window_ms = per_step["cpu_windows_ms"]
     return {"steps": steps, "wall_step_ms": wall / steps * 1e3, **per_step,

@@ -35,7 +35,7 @@ def register(subparsers) -> None:
                    help="also run the tg tests with eager decode steps (rows marked 'no-graph'), same model load")
     p.add_argument("--breakdown", action="store_true",
                    help="after the tests, profile 16 decode steps with CUPTI (GPU only) and report where a step goes: "
-                        "GPU work, the CPU experts' windows, the CPU experts alone (their native job timed apart) and "
+                        "GPU work, the CPU experts' windows, the CPU experts alone (timed as above) and "
                         "so the hand-over's cost per layer (JSON key 'step_breakdown')")
     p.add_argument("--out", metavar="FILE", default=None, help="also write the JSON result to this file")
     p.add_argument("--collect-routing", metavar="FILE", default=None,
@@ -90,7 +90,7 @@ def run(args) -> int:
         counter = RoutingCounter(model)
     results = run_tests(runner, tests, reps=args.repetitions, warmup=not args.no_warmup, log=log)
     graph_on, graph_reason = runner.decode.active, runner.decode.reason
-    step_breakdown = breakdown(runner, depth=max(t.n_depth for t in tests)) if args.breakdown else None
+    step_breakdown = breakdown(runner, experts_ms, depth=max(t.n_depth for t in tests)) if args.breakdown else None
     for r in results:
         r["graph"] = graph_on if r["n_gen"] else None  # prompts never run from a graph
     if args.compare_no_graph and runner.decode.active:
