@@ -147,6 +147,11 @@ def physical_cpus() -> list[int]:
     return cpus
 
 
+def spare_cpus(busy) -> list[int]:
+    """Physical cores (their first sibling) that none of the CPUs in `busy` (e.g. pinned workers) uses."""
+    return [c for c in physical_cpus() if c not in set(busy)]
+
+
 def worker_cpus(threads: int | None) -> list[int]:
     """CPUs for `threads` pinned workers (all physical cores when None); spread over nodes in order."""
     cpus = physical_cpus()

@@ -8,6 +8,9 @@ already gives a GIL-free native call; the cost is only paid once, at start.
 
 `submit_job_address` / `wait_job_address` are native `void f(void *job)` functions: the orchestrator
 passes them to cudaLaunchHostFunc with a layer's job address (CPUExperts.bind) as userData.
+`wait_job_spin_address` waits the same way but spins far longer before sleeping: for a hand-over
+thread pinned to a core no worker uses (the memops dispatcher), where a futex wake-up per layer
+would cost more than the spinning.
 
 A pool runs the jobs of any library, not only of the one whose worker loop it runs: the loop calls
 the `hmoe_run_job` that job[RUN] names (every library's loop, submit and wait are the same code), so
@@ -34,7 +37,7 @@ def aligned_zeros(n: int, dtype, align: int = 64) -> np.ndarray:
 
 class WorkerPool:
     def __init__(self, lib, threads: int, cpus: list[int] | None = None, spin: int = 20000, wait_spin: int = 2000,
-                 yield_every: int = 0):
+                 yield_every: int = 0, handover_spin: int = 200_000):
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
         self.threads = threads
@@ -44,12 +47,15 @@ class WorkerPool:
         self.ctrl[POOL_FIELDS["SPIN"]] = spin
         self.ctrl[POOL_FIELDS["WAIT_SPIN"]] = wait_spin
         self.ctrl[POOL_FIELDS["YIELD"]] = yield_every   # sched_yield every n idle spins (0: never)
+        # the spin-waiting form's bound (~10 ms of pause steps): for a hand-over thread on a core of its own
+        self.ctrl[POOL_FIELDS["HANDOVER_SPIN"]] = handover_spin
         self.control_address = self.ctrl.ctypes.data
         self.submit_address = lib.address("hmoe_submit")
         self.wait_address = lib.address("hmoe_wait")
         # void f(void *job): what cudaLaunchHostFunc takes, userData = a layer's bound job
         self.submit_job_address = lib.address("hmoe_submit_job")
         self.wait_job_address = lib.address("hmoe_wait_job")
+        self.wait_job_spin_address = lib.address("hmoe_wait_job_spin")  # spins HANDOVER_SPIN steps, not WAIT_SPIN
         self._submit = _VOID_P(self.submit_address)
         self._wait = _VOID_P(self.wait_address)
         self._worker = _WORKER(lib.address("hmoe_worker"))

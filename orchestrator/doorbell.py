@@ -107,7 +107,8 @@ class Mailbox:
 
     spin: idle polls (each one `pause`) before the dispatcher falls back to sleeping `sleep_us`
     between polls; yield_every: a sched_yield every n polls while spinning (0: never), so that a
-    worker sharing its core runs. The dispatcher is not pinned: the OS places it."""
+    worker sharing its core runs. start(cpus) pins the dispatcher to CPUs no worker uses, where
+    it never yields: a dispatcher sharing a worker's core would stall that worker's tasks."""
 
     def __init__(self, *, spin: int = 200_000, yield_every: int = 64, sleep_us: int = 50):
         from cpu_experts.pool import aligned_zeros
@@ -120,6 +121,7 @@ class Mailbox:
         self.slots[SPIN], self.slots[YIELD], self.slots[SLEEP_NS] = spin, yield_every, sleep_us * 1000
         self.address = self.slots.ctypes.data
         self._index: dict[int, int] = {}  # job address -> bell value (table row + 1)
+        self.cpus: list[int] = []  # where the dispatcher is pinned (empty: where the OS puts it)
         self.closed = False
 
     @classmethod
@@ -157,12 +159,25 @@ class Mailbox:
                 self.slots[row + 1:row + ENTRY] = (submit, wait)
         return bell
 
-    def start(self) -> None:
+    def start(self, cpus: list[int] | None = None) -> None:
+        """Start the dispatcher (once), pinned to `cpus` if given (then with no sched_yield while it
+        spins, unless HMOE_DOORBELL_YIELD says otherwise)."""
+        import os
+
         if self.closed:
             raise RuntimeError("hand-over mailbox is closed")
         if self._thread is None:
             loop = _LOOP(_library().address("hmoe_doorbell"))
-            self._thread = threading.Thread(target=loop, args=(self.address,), name="hmoe-doorbell", daemon=True)
+            if cpus and not os.environ.get("HMOE_DOORBELL_YIELD"):
+                self.slots[YIELD] = 0  # nothing else is meant to run there
+
+            def run():
+                if cpus:
+                    os.sched_setaffinity(0, set(cpus))
+                loop(self.address)
+
+            self.cpus = list(cpus or [])
+            self._thread = threading.Thread(target=run, name="hmoe-doorbell", daemon=True)
             self._thread.start()
 
     @property

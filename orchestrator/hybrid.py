@@ -16,11 +16,14 @@ once each token count has run eagerly. On CPU inputs the same buffers and jobs a
 calling thread plays the stream (it calls the native submit and wait itself): the stand-in that
 CI runs. Batches larger than the buffers go in chunks; only the last overlaps the shared experts.
 
-Two hand-overs (HostStaging.handover; `HMOE_HANDOVER`, default `hostfunc`): the two host functions
-above, or `memops`: the stream rings a mailbox in mapped host memory (cuStreamWriteValue32) that a
-native dispatcher thread polls, and waits (cuStreamWaitValue32) for the DONE word that thread writes
-after the job (doorbell.py; NOTES.md, "The memops hand-over"). On CPU inputs with `memops` the
-calling thread plays the stream's part: it rings the bell and polls DONE.
+Two hand-overs (HostStaging.handover; `HMOE_HANDOVER`): the two host functions above, or `memops`:
+the stream rings a mailbox in mapped host memory (cuStreamWriteValue32) that a native dispatcher
+thread, pinned to a core the workers leave free, polls, and waits (cuStreamWaitValue32) for the DONE
+word that thread writes after the job (doorbell.py; NOTES.md, "The memops hand-over"). The default,
+`auto`, takes memops for decode-sized launches on a GPU when such a core exists and the driver can
+(measured faster and steadier: CUDA's host-function thread lands on a worker's core at times), else
+host functions. On CPU inputs with `memops` the calling thread plays the stream's part: it rings the
+bell and polls DONE.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from . import cuda_host
 from .cuda_host import launch_host_func
 from .doorbell import BELL, DONE, Mailbox
 
-HANDOVERS = ("hostfunc", "memops")
+HANDOVERS = ("auto", "hostfunc", "memops")
 
 
 MEMOPS_MAX_TOKENS = 16  # launches of up to this many tokens use the memops hand-over when it is on
@@ -59,8 +62,9 @@ def default_workers() -> int:
 
 
 def handover_mode(value: str | None = None) -> str:
-    """The hand-over asked for: `value`, else $HMOE_HANDOVER, else hostfunc."""
-    mode = value if value is not None else (os.environ.get("HMOE_HANDOVER") or "hostfunc")
+    """The hand-over asked for: `value`, else $HMOE_HANDOVER, else auto (memops on a GPU whose driver
+    can and where the workers leave a core for the dispatcher, else host functions)."""
+    mode = value if value is not None else (os.environ.get("HMOE_HANDOVER") or "auto")
     if mode not in HANDOVERS:
         raise HmoeError(f"HMOE_HANDOVER must be one of {', '.join(HANDOVERS)}, got {mode!r}")
     return mode
@@ -83,7 +87,8 @@ class HostStaging:
     def __init__(self, *, max_tokens: int, hidden: int, top_k: int, handover: str | None = None):
         from cpu_experts.pool import aligned_zeros
 
-        self.handover = handover_mode(handover)
+        self.handover = handover_mode(handover)  # "auto" until the first launch decides
+        self.chosen = self.handover  # what was asked for
         self.mailbox: Mailbox | None = None
         self.mailbox_device = 0  # the mailbox's device address once registered (memops on a GPU)
 
@@ -101,21 +106,28 @@ class HostStaging:
                 torch.cuda.check_error(cudart.cudaHostRegister(a.ctypes.data, a.nbytes, 1))
             self.registered = True
 
-    def mailbox_for(self, device: torch.device) -> Mailbox | None:
+    def mailbox_for(self, device: torch.device, busy_cpus=()) -> Mailbox | None:
         """The mailbox when the memops hand-over carries launches on `device`, else None. On a GPU
         first checks that the driver can (else says so once and keeps host functions); registers
-        the mailbox mapped; starts the dispatcher."""
+        the mailbox mapped; starts the dispatcher, pinned to the cores `busy_cpus` (the workers')
+        leave free, if any."""
+        from cpu_experts.numa import spare_cpus
+
+        cuda = device.type == "cuda"
+        if self.handover == "auto":  # decided at the first launch: memops where it measured faster
+            self.handover = "memops" if cuda and spare_cpus(busy_cpus) else "hostfunc"
+            self.chosen = "auto"
         if self.handover != "memops":
             return None
-        cuda = device.type == "cuda"
         if cuda and not self.mailbox_device:
             if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():  # the probe syncs
-                raise RuntimeError("HMOE_HANDOVER=memops: the first launch on a GPU came inside a CUDA graph "
+                raise RuntimeError("the memops hand-over: the first launch on a GPU came inside a CUDA graph "
                                    "capture; run the step once without capture first")
             why = cuda_host.memops_unsupported(device)
             if why:
-                print(f"hmoe: warning: HMOE_HANDOVER=memops: stream memory operations unavailable ({why}); "
-                      f"using host functions", file=sys.stderr)
+                if self.chosen != "auto":  # asked for by name: say why it is not used
+                    print(f"hmoe: warning: HMOE_HANDOVER=memops: stream memory operations unavailable ({why}); "
+                          f"using host functions", file=sys.stderr)
                 self.handover = "hostfunc"
                 return None
         if self.mailbox is None:
@@ -123,7 +135,8 @@ class HostStaging:
         if cuda and not self.mailbox_device:
             with torch.cuda.device(device):  # the device pointer is the one this device's context maps
                 self.mailbox_device = cuda_host.register_mapped(self.mailbox.address, self.mailbox.slots.nbytes)
-        self.mailbox.start()
+        if not self.mailbox.running:
+            self.mailbox.start(spare_cpus(busy_cpus))
         return self.mailbox
 
     def __del__(self):
@@ -250,11 +263,14 @@ class HybridExperts(nn.Module):
         lane.copy_in(w[:T], topk_weights.detach())
         # memops for decode-sized launches only: each (layer, T) keeps a mailbox row for good, and
         # prompts (any T, one launch per layer) gain nothing from a faster hand-over
-        mailbox = self.staging.mailbox_for(lane.device) if T <= MEMOPS_MAX_TOKENS else None
+        pool = self.engine.pool
+        mailbox = self.staging.mailbox_for(lane.device, pool.cpus or ()) if T <= MEMOPS_MAX_TOKENS else None
         if mailbox is None:
             lane.call(self._fns[0], job)
-        else:  # the dispatcher runs submit and wait; the bell is static per job (graph-safe)
-            lane.ring(self.staging, mailbox.bell_for(job, *self._fns))
+        else:  # the dispatcher runs submit and wait; the bell is static per job (graph-safe). Pinned to
+            # a core of its own it spin-waits (no futex wake-up per layer), else it sleeps as a host function
+            wait = pool.wait_job_spin_address if mailbox.cpus else self._fns[1]
+            lane.ring(self.staging, mailbox.bell_for(job, self._fns[0], wait))
         return T, job, mailbox is not None
 
     def _collect(self, lane, launched) -> torch.Tensor:
@@ -296,6 +312,20 @@ class HybridExperts(nn.Module):
         self._jobs[T] = job
         self._fns = (submit, wait)
         return job
+
+
+def handover_used(model: nn.Module) -> str | None:
+    """How decode launches of `model`'s GPU-driven CPU experts were handed over ("memops" with the
+    dispatcher's CPUs, "hostfunc"), or None when none ran (no such experts, or only prompts)."""
+    for module in model.modules():
+        if isinstance(module, HybridExperts):
+            staging = module.staging
+            if staging.handover == "auto":
+                return None
+            if staging.mailbox is not None and staging.handover == "memops":
+                return f"memops (dispatcher on CPUs {','.join(map(str, staging.mailbox.cpus)) or 'any'})"
+            return staging.handover
+    return None
 
 
 def attach(model: nn.Module, *, max_tokens: int = 512, fmt: str = "bf16", threads: int | None = None,

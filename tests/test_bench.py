@@ -80,6 +80,7 @@ def test_bench_json(tiny_v3, tmp_path):
     # a CPU model decodes eagerly: tg rows say so, prompt rows never use graphs
     assert [row["graph"] for row in out["results"]] == [None, False, None, False]
     assert out["decode_graph"]["on"] is False and "cpu" in out["decode_graph"]["reason"]
+    assert out["handover"] is None  # CPU experts driven by the CPU itself: no hand-over
     assert out["cpu_experts_step_ms"] > 0  # q8_0 experts in cpu_experts: timed alone, then a tg step's share
     for row in out["results"]:
         if row["n_gen"]:

@@ -3,6 +3,7 @@ GPU stream, its results against the host-function path, shutdown, and the mode's
 fallback. GPU tests (same logits as hostfunc, eagerly and from a CUDA graph) are marked."""
 
 import ctypes
+import os
 import threading
 import time
 
@@ -133,19 +134,33 @@ def test_mailbox_settings_from_the_environment(monkeypatch):
 
 def test_handover_mode_default_env_and_bad_value(monkeypatch):
     monkeypatch.delenv("HMOE_HANDOVER", raising=False)
-    assert handover_mode() == "hostfunc"
+    assert handover_mode() == "auto"
     monkeypatch.setenv("HMOE_HANDOVER", "memops")
     assert handover_mode() == "memops"
     assert HostStaging(max_tokens=2, hidden=8, top_k=2).handover == "memops"
     assert handover_mode("hostfunc") == "hostfunc"  # an explicit value wins
     monkeypatch.setenv("HMOE_HANDOVER", "futex")
-    with pytest.raises(HmoeError, match="HMOE_HANDOVER must be one of hostfunc, memops, got 'futex'"):
+    with pytest.raises(HmoeError, match="HMOE_HANDOVER must be one of auto, hostfunc, memops, got 'futex'"):
         handover_mode()
 
 
 def test_hostfunc_never_makes_a_mailbox():
     staging = HostStaging(max_tokens=2, hidden=8, top_k=2, handover="hostfunc")
     assert staging.mailbox_for(torch.device("cpu")) is None and staging.mailbox is None
+
+
+def test_auto_takes_host_functions_on_the_cpu_or_without_a_spare_core(monkeypatch, capsys):
+    from cpu_experts.numa import physical_cpus
+
+    staging = HostStaging(max_tokens=2, hidden=8, top_k=2, handover="auto")
+    assert staging.mailbox_for(torch.device("cpu")) is None and staging.handover == "hostfunc"
+    staging = HostStaging(max_tokens=2, hidden=8, top_k=2, handover="auto")
+    assert staging.mailbox_for(torch.device("cuda", 0), busy_cpus=physical_cpus()) is None  # every core a worker's
+    assert staging.handover == "hostfunc" and staging.mailbox is None
+    staging = HostStaging(max_tokens=2, hidden=8, top_k=2, handover="auto")
+    monkeypatch.setattr(hybrid.cuda_host, "memops_unsupported", lambda device: "no driver")
+    assert staging.mailbox_for(torch.device("cuda", 0), busy_cpus=physical_cpus()[:1]) is None
+    assert staging.handover == "hostfunc" and capsys.readouterr().err == ""  # not asked for by name: no warning
 
 
 def test_unsupported_memops_fall_back_to_host_functions_with_one_message(monkeypatch, capsys):
@@ -205,6 +220,41 @@ def test_memops_stand_in_gives_the_same_tokens(pair):
     want, want_logits = greedy(plain)
     got, got_logits = greedy(rung)
     assert got == want and torch.equal(got_logits, want_logits)
+
+
+@pytest.mark.skipif(len(__import__("cpu_experts.numa", fromlist=["x"]).physical_cpus()) < 2,
+                    reason="needs a core beside the worker's")
+def test_dispatcher_on_a_spare_core_spin_waits_and_gives_the_same_outputs(tiny_v3):
+    """One worker: the dispatcher is pinned to the cores the worker leaves free, never yields, and
+    runs each job through the long-spinning native wait; outputs equal the host-function path's."""
+    from cpu_experts.numa import spare_cpus
+
+    plain = _round_experts_to_bf16(load_model(tiny_v3, dtype="float32"))
+    attach(plain, fmt="bf16", threads=1, max_tokens=4, handover="hostfunc")
+    rung = _round_experts_to_bf16(load_model(tiny_v3, dtype="float32"))
+    staging = HostStaging(max_tokens=4, hidden=rung.cfg.hidden_size, top_k=rung.cfg.num_experts_per_tok,
+                          handover="memops")
+    moes = []
+    for a, b in zip(plain.model.layers, rung.model.layers):
+        if isinstance(a.mlp, MoE):
+            b.mlp.experts = HybridExperts(a.mlp.experts.engine, staging)
+            moes.append((a.mlp, b.mlp))
+    pool = moes[0][0].experts.engine.pool
+    gen = torch.Generator().manual_seed(2)
+    try:
+        for i in range(20):
+            x = torch.randn(1, 1 + i % 3, plain.cfg.hidden_size, generator=gen)
+            for want_moe, got_moe in moes:
+                assert torch.equal(got_moe(x), want_moe(x))
+        mailbox = staging.mailbox
+        spare = spare_cpus(pool.cpus)
+        assert mailbox.cpus == spare and os.sched_getaffinity(mailbox._thread.native_id) == set(spare)
+        assert mailbox.slots[doorbell.YIELD] == 0 and mailbox.runs == 20 * len(moes)
+        waits = mailbox.slots[doorbell.TABLE + 2:doorbell.TABLE + doorbell.ENTRY * int(mailbox.slots[doorbell.COUNT]):
+                              doorbell.ENTRY]
+        assert set(waits.tolist()) == {pool.wait_job_spin_address}
+    finally:
+        staging.mailbox.close()
 
 
 # ---------------------------------------------------------------- on a GPU

@@ -15,7 +15,7 @@ J = {name: i for i, name in enumerate(JOB_FIELDS)}
 # pool control block: i64 slots, hot words on separate cache lines (8 slots = 64 bytes)
 POOL_FIELDS = {"GEN": 0, "CLAIM": 8, "DONE0": 16, "DONE1": 24, "DONE2": 32, "EXITED": 40,
                "FINISHED": 48, "SLEEPERS": 56, "WAITER": 64, "STOP": 72, "NTHREADS": 80, "JOB": 88,
-               "SPIN": 96, "WAIT_SPIN": 97, "YIELD": 98, "ROUTED": 104, "PROF": 112}
+               "SPIN": 96, "WAIT_SPIN": 97, "YIELD": 98, "HANDOVER_SPIN": 99, "ROUTED": 104, "PROF": 112}
 # Tiles(profile=True): per worker (tid % PROF_THREADS) a line of PROF_COUNTERS cycle counters (rdtsc),
 # added by the worker itself: phase-0/1/2 task time, spinning at barrier 0/1, all of run_job
 PROF_COUNTERS = ("task0", "task1", "task2", "bar0", "bar1", "run_job")

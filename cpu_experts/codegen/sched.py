@@ -220,11 +220,25 @@ def emit_submit_wait(m):
     b.call(submit, [pool])
     b.ret_void()
 
-    fn, b = define(m, "hmoe_wait", VOID, [PTR])
-    wait = fn
+    wait = _emit_wait(m, "hmoe_wait", "WAIT_SPIN")
+    wait_spin = _emit_wait(m, "hmoe_wait_spin", "HANDOVER_SPIN")
+
+    for name, target in (("hmoe_wait_job", wait), ("hmoe_wait_job_spin", wait_spin)):
+        fn, b = define(m, name, VOID, [PTR])
+        b.call(target, [field(b, fn.args[0], J["POOL"], True)])
+        b.ret_void()
+
+
+def _emit_wait(m, name: str, spin_field: str):
+    """void name(pool): until the generation submitted last has FINISHED, spin up to pool[spin_field]
+    pause steps, then sleep on the FINISHED futex (the last worker out wakes it). WAIT_SPIN (short)
+    suits a caller that may share a core with a worker; HANDOVER_SPIN (long) a hand-over thread
+    pinned to a core of its own, where a futex wake-up per layer would be the slowest part."""
+    P = POOL_FIELDS
+    fn, b = define(m, name, VOID, [PTR])
     pool = fn.args[0]
     gen = _aload(b, pool, P["GEN"])
-    spin_max = field(b, pool, P["WAIT_SPIN"])
+    spin_max = field(b, pool, P[spin_field])
     spins = local(b, I64, i64(0))
     head = b.append_basic_block("head")
     sleep = b.append_basic_block("sleep")
@@ -250,8 +264,5 @@ def emit_submit_wait(m):
     b.branch(done)
     b.position_at_end(done)
     b.ret_void()
-
-    fn, b = define(m, "hmoe_wait_job", VOID, [PTR])
-    b.call(wait, [field(b, fn.args[0], J["POOL"], True)])
-    b.ret_void()
+    return fn
 

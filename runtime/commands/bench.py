@@ -111,9 +111,12 @@ def run(args) -> int:
     log(f"read bandwidth {bw_after:.1f} GB/s after the tests; decode roofline {roof['tokens_per_s']:.2f} t/s")
     attach_roofline(results, roof)
     attach_outside(results, experts_ms)
+    from orchestrator.hybrid import handover_used
+
     result = {**metadata(command_line("bench", args, skip=("output", "out", "ctx", "collect_routing"))),
               "model": Path(args.model).name, "roofline": roof, "cpu_experts_step_ms": experts_ms, "results": results,
-              "decode_graph": {"on": graph_on, "reason": graph_reason}, "step_breakdown": step_breakdown}
+              "decode_graph": {"on": graph_on, "reason": graph_reason}, "handover": handover_used(model),
+              "step_breakdown": step_breakdown}
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
