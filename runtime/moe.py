@@ -34,6 +34,9 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+ROUTER_F32_CACHE_MAX = 1 << 20  # weight elements up to which the router keeps an fp32 copy (4 MiB)
+
+
 class Router(nn.Module):
     """Top-k expert choice. V2: softmax, greedy or group-limited greedy (best expert per group).
     V3 (noaux_tc): sigmoid, a correction bias used only to choose, groups ranked by their top-2
@@ -47,10 +50,24 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
         if self.method == "noaux_tc":
             self.register_buffer("e_score_correction_bias", torch.empty(cfg.n_routed_experts, dtype=torch.float32))
+        self._weight_f32: tuple[tuple, torch.Tensor] | None = None
+
+    def weight_f32(self) -> torch.Tensor:
+        """The weight in fp32 (logits are computed in fp32), converted once rather than every call: on a
+        GPU each decode step would otherwise spend a kernel per layer on it. Redone if the weight moves or
+        changes (its storage or version). Only small weights keep a copy (V2-Lite's 0.5 MB, V2's 3.3 MB
+        per layer); V3's 7.3 MB x 58 layers would take 425 MB of VRAM, so it converts per call."""
+        w = self.weight
+        if w.dtype == torch.float32 or w.numel() > ROUTER_F32_CACHE_MAX:
+            return w.float()
+        key = (w.device, w.data_ptr(), w._version)
+        if self._weight_f32 is None or self._weight_f32[0] != key:
+            self._weight_f32 = (key, w.detach().float())
+        return self._weight_f32[1]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, H] -> topk_weights [T, k] fp32, topk_ids [T, k] int64."""
-        logits = F.linear(x.float(), self.weight.float())
+        logits = F.linear(x.float(), self.weight_f32())
         scores = logits.sigmoid() if self.scoring == "sigmoid" else logits.softmax(dim=-1)
         if self.method == "greedy":
             weights, ids = scores.topk(self.top_k, dim=-1, sorted=False)
@@ -68,7 +85,7 @@ class Router(nn.Module):
             weights = scores.gather(1, ids)
         if self.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        return weights * self.scaling, ids
+        return (weights * self.scaling if self.scaling != 1.0 else weights), ids
 
 
 class RoutedExperts(Protocol):
