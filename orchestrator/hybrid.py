@@ -216,6 +216,7 @@ class HybridExperts(nn.Module):
     """forward(hidden[T, H], topk_ids[T, k], topk_weights[T, k]) -> [T, H], or start(...) then finish()."""
 
     moves_its_own_data = True  # takes GPU or CPU tensors and returns on their device (no assembly hooks)
+    takes_fp32 = True  # the CPU kernels read fp32 hidden states: given fp32, no conversion of its own
 
     def __init__(self, engine, staging: HostStaging):
         super().__init__()

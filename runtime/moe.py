@@ -147,16 +147,20 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        weights, ids = self.gate(x)
         if hasattr(self.experts, "start"):  # routed experts elsewhere (the CPU): start them, run the shared
-            self.experts.start(x, ids, weights)  # experts here meanwhile, then join (orchestrator.hybrid)
+            # experts here meanwhile, then join (orchestrator.hybrid). Where both the router and the
+            # experts take fp32 (the CPU's), one conversion serves the two
+            x_in = x.float() if getattr(self.experts, "takes_fp32", False) else x
+            weights, ids = self.gate(x_in)
+            self.experts.start(x_in, ids, weights)
             try:
                 shared = self.shared_experts(x) if self.shared_experts is not None else None
             except BaseException:  # (Ctrl-C, a failed capture) join the started work: the experts stay usable
                 self.experts.finish()
                 raise
-            out = self.experts.finish()
+            out = self.experts.finish().to(x.dtype)
             return (out if shared is None else out + shared).view(shape)
+        weights, ids = self.gate(x)
         out = self.experts(x, ids, weights)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
