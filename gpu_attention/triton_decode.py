@@ -31,6 +31,7 @@ import triton.language as tl
 
 from . import triton_decode_tma
 from .latent_cache import FP8_GROUP, LatentCache
+from .triton_rows import split_rows
 
 LOG2E = 1.4426950408889634
 KERNELS = ("generic", "tma", "tma_keys")  # triton_decode's pointer-load kernel; triton_decode_tma's two
@@ -60,14 +61,7 @@ def _absorbed_split_kernel(
     hb = tl.program_id(1) // V_SPLIT
     v = tl.program_id(1) % V_SPLIT  # with V_SPLIT 2: which half of the 512 value columns this program owns
     split = tl.program_id(2)
-    num_rows = num_new * num_heads
-    rows = hb * BLOCK_H + tl.arange(0, BLOCK_H)
-    row_ok = rows < num_rows
-    kv_len = tl.load(SEQ_LENS + b)
-    q_pos = kv_len - num_new + rows // num_heads  # last key position each row may see
-    last_row = tl.minimum(hb * BLOCK_H + BLOCK_H, num_rows) - 1
-    lo = split * split_len
-    hi = tl.minimum(lo + split_len, kv_len - num_new + last_row // num_heads + 1)
+    rows, row_ok, q_pos, lo, hi = split_rows(SEQ_LENS, b, hb, split, num_heads, num_new, split_len, BLOCK_H)
 
     COLS: tl.constexpr = BLOCK_C // V_SPLIT
     offs_c = v * COLS + tl.arange(0, COLS)  # value columns (and their part of the scores)

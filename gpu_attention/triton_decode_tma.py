@@ -34,7 +34,24 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_rows import split_rows
+
 TMA_DTYPES = (torch.bfloat16, torch.float16)
+
+
+@triton.jit
+def _queries(QL, QP, b, rows, row_ok, num_heads, stride_qlb, stride_qlt, stride_qlh, stride_qpb, stride_qpt,
+             stride_qph, HALF: tl.constexpr, ROPE: tl.constexpr):
+    """The rows' absorbed queries: both halves of q_nope·W_UK ([rows, HALF] each) and q_pe [rows, ROPE]."""
+    offs_c = tl.arange(0, HALF)
+    t_idx = rows // num_heads
+    h_idx = rows % num_heads
+    q_row = QL + b * stride_qlb + t_idx * stride_qlt + h_idx * stride_qlh
+    q0 = tl.load(q_row[:, None] + offs_c[None, :], mask=row_ok[:, None], other=0.0)
+    q1 = tl.load(q_row[:, None] + HALF + offs_c[None, :], mask=row_ok[:, None], other=0.0)
+    qp = tl.load(QP + b * stride_qpb + t_idx[:, None] * stride_qpt + h_idx[:, None] * stride_qph
+                 + tl.arange(0, ROPE)[None, :], mask=row_ok[:, None], other=0.0)
+    return q0, q1, qp
 
 
 @triton.jit
@@ -49,25 +66,11 @@ def _absorbed_tma_kernel(
     hb = tl.program_id(0)
     b = tl.program_id(1)
     split = tl.program_id(2)
-    num_rows = num_new * num_heads
-    rows = hb * BLOCK_H + tl.arange(0, BLOCK_H)
-    row_ok = rows < num_rows
-    kv_len = tl.load(SEQ_LENS + b)
-    q_pos = kv_len - num_new + rows // num_heads  # last key position each row may see
-    last_row = tl.minimum(hb * BLOCK_H + BLOCK_H, num_rows) - 1
-    lo = split * split_len
-    hi = tl.minimum(lo + split_len, kv_len - num_new + last_row // num_heads + 1)
-
+    rows, row_ok, q_pos, lo, hi = split_rows(SEQ_LENS, b, hb, split, num_heads, num_new, split_len, BLOCK_H)
+    q0, q1, qp = _queries(QL, QP, b, rows, row_ok, num_heads, stride_qlb, stride_qlt, stride_qlh,
+                          stride_qpb, stride_qpt, stride_qph, HALF, ROPE)
     offs_c = tl.arange(0, HALF)
-    offs_r = tl.arange(0, ROPE)
     offs_t = tl.arange(0, BLOCK_N)
-    t_idx = rows // num_heads
-    h_idx = rows % num_heads
-    q_row = QL + b * stride_qlb + t_idx * stride_qlt + h_idx * stride_qlh
-    q0 = tl.load(q_row[:, None] + offs_c[None, :], mask=row_ok[:, None], other=0.0)
-    q1 = tl.load(q_row[:, None] + HALF + offs_c[None, :], mask=row_ok[:, None], other=0.0)
-    qp = tl.load(QP + b * stride_qpb + t_idx[:, None] * stride_qpt + h_idx[:, None] * stride_qph + offs_r[None, :],
-                 mask=row_ok[:, None], other=0.0)
 
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
@@ -124,25 +127,11 @@ def _absorbed_tma_keys_kernel(
     hb = tl.program_id(0)
     b = tl.program_id(1)
     split = tl.program_id(2)
-    num_rows = num_new * num_heads
-    rows = hb * BLOCK_H + tl.arange(0, BLOCK_H)
-    row_ok = rows < num_rows
-    kv_len = tl.load(SEQ_LENS + b)
-    q_pos = kv_len - num_new + rows // num_heads
-    last_row = tl.minimum(hb * BLOCK_H + BLOCK_H, num_rows) - 1
-    lo = split * split_len
-    hi = tl.minimum(lo + split_len, kv_len - num_new + last_row // num_heads + 1)
-
+    rows, row_ok, q_pos, lo, hi = split_rows(SEQ_LENS, b, hb, split, num_heads, num_new, split_len, BLOCK_H)
+    q0, q1, qp = _queries(QL, QP, b, rows, row_ok, num_heads, stride_qlb, stride_qlt, stride_qlh,
+                          stride_qpb, stride_qpt, stride_qph, HALF, ROPE)
     offs_c = tl.arange(0, HALF)
-    offs_r = tl.arange(0, ROPE)
     offs_t = tl.arange(0, BLOCK_N)
-    t_idx = rows // num_heads
-    h_idx = rows % num_heads
-    q_row = QL + b * stride_qlb + t_idx * stride_qlt + h_idx * stride_qlh
-    q0 = tl.load(q_row[:, None] + offs_c[None, :], mask=row_ok[:, None], other=0.0)
-    q1 = tl.load(q_row[:, None] + HALF + offs_c[None, :], mask=row_ok[:, None], other=0.0)
-    qp = tl.load(QP + b * stride_qpb + t_idx[:, None] * stride_qpt + h_idx[:, None] * stride_qph + offs_r[None, :],
-                 mask=row_ok[:, None], other=0.0)
     q0t = tl.trans(q0)
     q1t = tl.trans(q1)
     qpt = tl.trans(qp)
