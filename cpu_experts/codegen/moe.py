@@ -464,9 +464,11 @@ class _Builder:
             b.store(fma(b, w, v, b.load(dst, typ=vf, align=4)), dst, align=4)
 
         with for_range(b, 0, nact, name="a") as a:
-            if ready:   # the expert's h rows: all its gate/up tasks counted (acquire)
-                with prof(b, "bar1"):
-                    sched.spin_until_equal(b, ready_ctr, b.mul(a, i64(8)), n_gateup, "ready")
+            if ready:   # the expert's h rows: all its gate/up tasks counted (acquire); timed only if not yet
+                idx = b.mul(a, i64(8))
+                with b.if_then(b.icmp_signed("!=", sched.aload(b, ready_ctr, idx), n_gateup)):
+                    with prof(b, "bar1"):
+                        sched.spin_until_equal(b, ready_ctr, idx, n_gateup, "ready")
             e = b.sext(load(b, act, I32, a, align=4), I64)
             s_beg = b.sext(load(b, off, I32, e, align=4), I64)
             s_end = b.sext(load(b, off, I32, b.add(e, i64(1)), align=4), I64)
