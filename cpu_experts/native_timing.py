@@ -11,7 +11,9 @@ and "spin" (hmoe_wait_job_spin: spins ~10 ms first). Variants (sweep.VARIANTS) a
 round-robin in rounds, so they see the same machine state. Per row: median / mean / p90 us per call,
 GB/s of the experts touched, % of the read bandwidth (same CPUs, before and after; the larger), and
 from the pool's rdtsc stamps the mean time from submit to the last worker out; profiling variants add
-the workers' phase times, start and end (all per call, us).
+the workers' phase times, start and end (all per call, us). A variant name ending in "@shared" runs
+every layer on the first layer's scratch (routing, activations, h), which then stays in cache; plain
+names give each layer its own, as CPUExperts does.
 """
 import argparse
 import ctypes
@@ -67,7 +69,7 @@ def run(shape: str, fmt: str, threads: int, tokens: list[int], variants: list[st
     build_s = time.perf_counter() - t0
     engines = {}
     for name in variants:
-        fields = VARIANTS[name]
+        fields = VARIANTS[name.partition("@")[0]]
         if any(f.startswith("amx") for f in fields) and not base.tiles.amx:
             continue
         engines[name] = layer_views(base, dataclasses.replace(base.tiles, **fields), E, layers)
@@ -92,6 +94,11 @@ def run(shape: str, fmt: str, threads: int, tokens: list[int], variants: list[st
             weights = np.full((T, k), 1.0 / k, np.float32)
             out = np.zeros((T, H), np.float32)
             jobs = {n: [v.bind(hidden, ids, weights, out)[2] for v in views] for n, views in engines.items()}
+            for n, views in engines.items():
+                if n.endswith("@shared"):
+                    for v in views[1:]:
+                        for key in views[0]._scratch:
+                            v.job[J[key]] = views[0].job[J[key]]
             acc = {(n, w): dict(ts=[], touched=[], prof=[]) for n in engines for w in waits}
             for _ in range(rounds):
                 for (name, wname), a in acc.items():
@@ -128,7 +135,7 @@ def run(shape: str, fmt: str, threads: int, tokens: list[int], variants: list[st
                isa=base.isa.name, cpu=base.isa.cpu, threads=threads, cpus=pool.cpus, caller_cpu=caller, shape=shape,
                fmt=fmt, layers=layers, steps=steps, rounds=rounds, read_bandwidth_gbs=bw,
                read_bandwidth_before_after_gbs=[bw0, bw1], bytes_per_expert=base.bytes_per_expert(),
-               commit=_commit() or os.environ.get("HMOE_COMMIT", ""),
+               commit=_commit(),
                tiles={n: dataclasses.asdict(v[0].tiles) for n, v in engines.items()}, results=rows)
     base.close()
     return res
@@ -167,7 +174,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="write the JSON here too")
     a = p.parse_args(argv)
     names = [v for v in a.variants.split(",") if v]
-    unknown = [v for v in names if v not in VARIANTS]
+    unknown = [v for v in names if v.partition("@")[0] not in VARIANTS or v.partition("@")[2] not in ("", "shared")]
     if unknown:
         p.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
     waits = [w for w in a.waits.split(",") if w]

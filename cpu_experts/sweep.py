@@ -60,6 +60,10 @@ VARIANTS = {   # changes to the default tiling (codegen/moe.py Tiles; AMX fields
     "ready_tail256": {"expert_ready": True, "tail_rows": 256},
     "ready_tail512": {"expert_ready": True, "tail_rows": 512},
     "ready_prof": {"expert_ready": True, "profile": True},
+    "pf_first": {"prefetch_first": True},   # workers waiting for phase 0 prefetch their first gate/up task
+    "ready_tail512_pf": {"expert_ready": True, "tail_rows": 512, "prefetch_first": True},
+    "ready_tail512_pf_prof": {"expert_ready": True, "tail_rows": 512, "prefetch_first": True, "profile": True},
+    "ready_tail512_prof": {"expert_ready": True, "tail_rows": 512, "profile": True},
     "ready_tail256_prof": {"expert_ready": True, "tail_rows": 256, "profile": True},
     "w15": {},       # base tiling, a pool of threads-1 workers: one CPU left to the caller
     "w15spin": {},   # w15, and the caller spins in wait() for the whole job (no futex wake)

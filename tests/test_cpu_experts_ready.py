@@ -16,7 +16,8 @@ from tests.test_cpu_experts_moe import AVX512, HOST_AMX, HOST_ISAS, H, I, K, blo
 ISA = HOST_ISAS[0]   # the widest (the GPU machine's AVX-512 VNNI; 16-row groups)
 # H = 256, rows_down 64: 3 tasks of 64 rows, then 4 of 16 (AVX-512 row groups: 16; AVX2: 8)
 OPTIONS = {"ready": dict(expert_ready=True), "tail": dict(tail_rows=64),
-           "ready_tail": dict(expert_ready=True, tail_rows=64)}
+           "ready_tail": dict(expert_ready=True, tail_rows=64), "pf_first": dict(prefetch_first=True),
+           "all": dict(expert_ready=True, tail_rows=64, prefetch_first=True)}
 
 
 def _variant(fmt, threads, name, isa=ISA):
@@ -52,7 +53,7 @@ def test_down_task_count_and_bad_tail_is_one_line():
 def test_pool_survives_many_cycles_with_expert_ready_and_tail():
     """A private pool that sleeps often (short spins), alternating token counts: every output equals
     the first of its token count (the readiness counters are zeroed by each job's route task)."""
-    base, ex, _ = _variant("q8_0", 2, "ready_tail", isa=HOST_ISAS[-1])   # AVX2 where the host has it: 8-row groups
+    base, ex, _ = _variant("q8_0", 2, "all", isa=HOST_ISAS[-1])   # AVX2 where the host has it: 8-row groups
     rng = np.random.default_rng(12)
     cases = [(rng.standard_normal((T, H)).astype(np.float32), routing(rng, T),
               rng.uniform(0.05, 1.0, (T, K)).astype(np.float32)) for T in (1, 5)]
@@ -114,7 +115,7 @@ def test_amx_hardware_with_expert_ready_and_tail_matches_reference():
 def test_down_waits_for_its_experts_gateup_under_oversubscription():
     """4 workers on at most 2 cores are preempted mid-task: a down task that did not wait for the last
     expert's gate/up tasks would read stale h rows (caught by this test when the wait was removed)."""
-    base, ex, _ = _variant("q8_0", 2, "ready_tail")
+    base, ex, _ = _variant("q8_0", 2, "all")
     rng = np.random.default_rng(15)
     x = rng.standard_normal((2, H)).astype(np.float32)
     ids, w = np.array([[0, 1, 2], [3, 1, 2]]), np.full((2, K), 0.3, np.float32)
@@ -126,3 +127,14 @@ def test_down_waits_for_its_experts_gateup_under_oversubscription():
             np.testing.assert_array_equal(ex.forward(x2, ids, w), base.forward(x2, ids, w), err_msg=f"call {i}")
     finally:
         pool.close()
+
+
+def test_options_leave_the_default_code_alone():
+    """Off by default; each option adds only its own code."""
+    from cpu_experts.codegen.moe import build_ir
+    base, _ = experts("q8_0", ISA, 2)
+    plain = build_ir(base.geo, base.isa, base.tiles)
+    assert base.tiles.expert_ready is False and base.tiles.tail_rows == 0 and base.tiles.prefetch_first is False
+    assert "ready.head" not in plain and "task_prefetch_gateup" not in plain and "bar1.head" in plain
+    opt = build_ir(base.geo, base.isa, dataclasses.replace(base.tiles, **OPTIONS["all"]))
+    assert "ready.head" in opt and "task_prefetch_gateup" in opt and "bar1.head" not in opt

@@ -54,6 +54,8 @@ class Tiles:
     expert_ready: bool = False  # no barrier 1: a down task waits only for the gate/up tasks of the expert it reads
     tail_rows: int = 0      # the last tail_rows rows of H in down tasks of tail_task_rows rows (a finer end)
     tail_task_rows: int = 16  # multiple of the down format's row group; < 32 runs AMX experts on vector kernels
+    prefetch_first: bool = False  # a worker that claims a phase-1 task before phase 0 is done prefetches
+    #                               that task's weights into L2 while it waits (routing known, x not yet)
 
 
 def down_tasks(hidden: int, tiles: Tiles) -> int:
@@ -334,6 +336,31 @@ class _Builder:
         return rows
 
     # ------------------------------------------------------------ phase 1
+    def _emit_prefetch_gateup(self):
+        """task_prefetch_gateup(job, j): every line of phase-1 task j's gate and up rows (payload, scales,
+        bias) into L2, in the order the task reads them (needs ROUTED: ACT and N1 are written)."""
+        fn, b = define(self.m, "task_prefetch_gateup", VOID, [PTR, I64], internal=True)
+        job, j = fn.args
+        H, side = field(b, job, J["H"]), self.gu
+        RU, R, geo = self.tiles.rows_up, side.R, side.geo
+        nrb = b.udiv(field(b, job, J["I"]), i64(RU))
+        a, rb = b.udiv(j, nrb), b.urem(j, nrb)
+        e = b.sext(load(b, field(b, job, J["ACT"], True), I32, a, align=4), I64)
+        for gi in range(RU // R):
+            grp = b.add(b.mul(rb, i64(RU // R)), i64(gi))
+            for prefix in "GU":
+                pay, sc, bias, nch = self._weights(b, job, prefix, e, grp, H)
+                per_chunk = geo.block_payload_bytes if side.quant else R * geo.vector_bytes
+                streams = [(pay, b.mul(nch, i64(per_chunk)))]
+                if side.quant:
+                    sc_bytes = b.mul(nch, i64(R * geo.scales_per_block * 2))
+                    streams += [(sc, sc_bytes)] + ([(bias, sc_bytes)] if geo.bias else [])
+                for base, nbytes in streams:
+                    with for_range(b, 0, nbytes, step=64, name="pf") as off:
+                        prefetch(b, gep(b, base, off), 2)
+        b.ret_void()
+        return fn
+
     def _emit_gateup(self):
         fn, b = define(self.m, "task_gateup", VOID, [PTR, I64, I64], internal=True)
         job, j, tid = fn.args
@@ -572,8 +599,9 @@ class _Builder:
     def build(self) -> str:
         route = self._emit_route()
         quant_x = self._emit_quant_rows() if self.gu.quant else None
+        early = self._emit_prefetch_gateup() if self.tiles.prefetch_first else None
         sched.emit_run_job(self.m, route, quant_x, self._emit_gateup(), self._emit_down(), self.tiles.profile,
-                           self.tiles.expert_ready)
+                           self.tiles.expert_ready, early)
         sched.emit_worker(self.m)
         sched.emit_submit_wait(self.m)
         return str(self.m)

@@ -93,12 +93,14 @@ def spin_pause(b, pool, n):
 RUN_JOB_TYPE = ir.FunctionType(VOID, [PTR, PTR, I64])
 
 
-def emit_run_job(m, route, quant_x, gateup, down, profile: bool = False, expert_ready: bool = False):
+def emit_run_job(m, route, quant_x, gateup, down, profile: bool = False, expert_ready: bool = False,
+                 prefetch_gateup=None):
     """hmoe_run_job(pool, job, tid): exported, not inlined into the worker loop: a job carries its
     library's address of it (job[RUN], CPUExperts._write_static_fields) and any library's worker loop
     calls it through that pointer, so one pool serves layers of every format pair.
     expert_ready: no barrier 1; a down task waits per expert (moe.py) and gets the pool to count
-    that wait as bar1 in the profile."""
+    that wait as bar1 in the profile. prefetch_gateup(job, j): called by a worker whose claim is
+    phase-1 task j while phase 0 still runs, once routing is done (counted as bar0)."""
     fn, b = define(m, "hmoe_run_job", VOID, [PTR, PTR, I64])
     pool, job, tid = fn.args
     prof = _Profile(b, pool, tid, profile)
@@ -123,6 +125,13 @@ def emit_run_job(m, route, quant_x, gateup, down, profile: bool = False, expert_
             _aadd(b, pool, POOL_FIELDS["DONE0"])
         with rest:
             with prof(b, "bar0"):
+                if prefetch_gateup is not None:
+                    with b.if_then(b.icmp_signed("!=", _aload(b, pool, POOL_FIELDS["DONE0"]), n0)):
+                        spin_until_equal(b, pool, POOL_FIELDS["ROUTED"], i64(1), "routed_pf")
+                        i1e = b.sub(idx, n0)
+                        with b.if_then(b.icmp_signed("<", i1e, b.load_atomic(_slot(b, job, J["N1"]), "acquire", 8,
+                                                                               typ=I64))):
+                            b.call(prefetch_gateup, [job, i1e])
                 spin_until_equal(b, pool, POOL_FIELDS["DONE0"], n0, "bar0")
             n1 = b.load_atomic(_slot(b, job, J["N1"]), "acquire", 8, typ=I64)
             i1 = b.sub(idx, n0)
