@@ -55,6 +55,7 @@ VARIANTS = {   # changes to the default tiling (codegen/moe.py Tiles; AMX fields
     "huge": {"rows_up": 512, "rows_down": 448},   # V3: 16 down tasks, one per worker at 16 threads
     "prof": {"profile": True},   # base + rdtsc counters per phase (no cost above noise measured): where the time goes
     "ready": {"expert_ready": True},   # no barrier 1: down tasks wait per expert for its gate/up tasks
+    "old_sched": {"expert_ready": False, "tail_rows": 0},   # barrier 1 and even down tasks (the default before)
     "tail256": {"tail_rows": 256},     # the last 256 rows of H in 16-row down tasks (V2-Lite, 15 workers: ~1 each)
     "tail512": {"tail_rows": 512},
     "ready_tail256": {"expert_ready": True, "tail_rows": 256},

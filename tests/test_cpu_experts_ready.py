@@ -1,6 +1,7 @@
-"""Per-expert readiness instead of barrier 1 (Tiles.expert_ready) and a finer end of phase 2
-(Tiles.tail_rows): the same arithmetic in another task order, so outputs must equal the default
-tiling's bit for bit (and the float64 reference within the usual tolerance)."""
+"""Per-expert readiness instead of barrier 1 (Tiles.expert_ready), a finer end of phase 2
+(Tiles.tail_rows) and the phase-0 prefetch (Tiles.prefetch_first): the same arithmetic in another task
+order, so outputs must equal the barrier tiling's bit for bit (and the float64 reference within the
+usual tolerance)."""
 import dataclasses
 import os
 
@@ -20,9 +21,14 @@ OPTIONS = {"ready": dict(expert_ready=True), "tail": dict(tail_rows=64),
            "all": dict(expert_ready=True, tail_rows=64, prefetch_first=True)}
 
 
+PLAIN = dict(expert_ready=False, tail_rows=0, prefetch_first=False)   # barrier 1, equal down tasks
+
+
 def _variant(fmt, threads, name, isa=ISA):
+    """(the barrier tiling, the option's tiling, dequantized weights) on one copy of the weights."""
     base, dq = experts(fmt, isa, threads)
-    return base, base.retiled(dataclasses.replace(base.tiles, rows_down=64, **OPTIONS[name])), dq
+    plain = base.retiled(dataclasses.replace(base.tiles, **PLAIN))
+    return plain, base.retiled(dataclasses.replace(base.tiles, rows_down=64, **{**PLAIN, **OPTIONS[name]})), dq
 
 
 @pytest.mark.parametrize("name", list(OPTIONS))
@@ -42,8 +48,10 @@ def test_options_equal_the_default_tiling_bit_for_bit(fmt, threads, name):
 
 
 def test_down_task_count_and_bad_tail_is_one_line():
-    assert down_tasks(2048, Tiles(rows_down=32, tail_rows=256)) == 56 + 16
-    assert down_tasks(2048, Tiles(rows_down=32)) == 64
+    assert down_tasks(2048, Tiles(rows_down=32, tail_rows=256), 1) == 56 + 16
+    assert down_tasks(2048, Tiles(rows_down=32, tail_rows=256), 8) == 56 + 16
+    assert down_tasks(2048, Tiles(rows_down=32, tail_rows=256), 9) == 64   # larger jobs: no tail
+    assert down_tasks(2048, Tiles(rows_down=32), 1) == 64
     base, _ = experts("q8_0", ISA, 2)
     for tail in (48, 512, 40):   # leaves 208 (not a multiple of 64), more than H, not a multiple of 16
         with pytest.raises(ValueError, match=r"^tail_rows \d+ must be at most hidden 256"):
@@ -129,12 +137,25 @@ def test_down_waits_for_its_experts_gateup_under_oversubscription():
         pool.close()
 
 
-def test_options_leave_the_default_code_alone():
-    """Off by default; each option adds only its own code."""
+def test_options_add_only_their_code_and_the_default_rule():
+    """Off in Tiles(); each option adds only its own code. CPUExperts turns readiness and a tail of H/4
+    on where it picks 32-row down tasks for few tasks per worker (V2-Lite at 15-16 workers), not else."""
     from cpu_experts.codegen.moe import build_ir
     base, _ = experts("q8_0", ISA, 2)
-    plain = build_ir(base.geo, base.isa, base.tiles)
-    assert base.tiles.expert_ready is False and base.tiles.tail_rows == 0 and base.tiles.prefetch_first is False
+    assert Tiles().expert_ready is False and Tiles().tail_rows == 0 and Tiles().prefetch_first is False
+    plain = build_ir(base.geo, base.isa, dataclasses.replace(base.tiles, **PLAIN))
     assert "ready.head" not in plain and "task_prefetch_gateup" not in plain and "bar1.head" in plain
     opt = build_ir(base.geo, base.isa, dataclasses.replace(base.tiles, **OPTIONS["all"]))
     assert "ready.head" in opt and "task_prefetch_gateup" in opt and "bar1.head" not in opt
+    v2lite = CPUExperts(fmt="q8_0", num_experts=2, hidden=2048, inter=128, threads=15, numa="none", isa=ISA)
+    v3 = CPUExperts(fmt="q8_0", num_experts=2, hidden=7168, inter=128, threads=16, numa="none", isa=ISA)
+    two = CPUExperts(fmt="q8_0", num_experts=2, hidden=2048, inter=128, threads=2, numa="none", isa=ISA)
+    try:
+        t = v2lite.tiles
+        assert (t.rows_down, t.expert_ready, t.tail_rows, t.tail_task_rows) == (32, True, 512, 16)
+        for other in (v3, two):
+            assert (other.tiles.expert_ready, other.tiles.tail_rows) == (False, 0)
+    finally:
+        for ex in (v2lite, v3, two):
+            ex.close()
+        v2lite.pool.close(), v3.pool.close()   # their 15 and 16 workers would stay asleep for the session

@@ -54,12 +54,16 @@ class Tiles:
     expert_ready: bool = False  # no barrier 1: a down task waits only for the gate/up tasks of the expert it reads
     tail_rows: int = 0      # the last tail_rows rows of H in down tasks of tail_task_rows rows (a finer end)
     tail_task_rows: int = 16  # multiple of the down format's row group; < 32 runs AMX experts on vector kernels
+    tail_max_tokens: int = 8  # the tail only in jobs of at most this many tokens (larger: AMX row pairs)
     prefetch_first: bool = False  # a worker that claims a phase-1 task before phase 0 is done prefetches
     #                               that task's weights into L2 while it waits (routing known, x not yet)
 
 
-def down_tasks(hidden: int, tiles: Tiles) -> int:
-    """Phase-2 task count (job[N2]): (H - tail_rows) / rows_down tasks, then tail_rows / tail_task_rows."""
+def down_tasks(hidden: int, tiles: Tiles, tokens: int) -> int:
+    """Phase-2 task count (job[N2]) of a job of `tokens` tokens: (H - tail_rows) / rows_down tasks, then
+    tail_rows / tail_task_rows (jobs above tail_max_tokens: H / rows_down)."""
+    if tokens > tiles.tail_max_tokens:
+        return hidden // tiles.rows_down
     return (hidden - tiles.tail_rows) // tiles.rows_down + tiles.tail_rows // tiles.tail_task_rows
 
 
@@ -451,11 +455,14 @@ class _Builder:
 
     # ------------------------------------------------------------ phase 2
     def _down_rows(self, b, job, j):
-        """Task j's first row of H and row count: rows_down-row tasks, then tail_task_rows-row ones."""
+        """Task j's first row of H and row count: rows_down-row tasks, then tail_task_rows-row ones (the
+        tail only for jobs of <= tail_max_tokens tokens; down_tasks() gives the matching count)."""
         RD, tail, RT = self.tiles.rows_down, self.tiles.tail_rows, self.tiles.tail_task_rows
         if not tail:
             return b.mul(j, i64(RD)), i64(RD), None
-        main_rows = b.sub(field(b, job, J["H"]), i64(tail))
+        H = field(b, job, J["H"])
+        tail_on = b.icmp_signed("<=", field(b, job, J["T"]), i64(self.tiles.tail_max_tokens))
+        main_rows = b.select(tail_on, b.sub(H, i64(tail)), H)
         nmain = b.udiv(main_rows, i64(RD))
         is_main = b.icmp_signed("<", j, nmain)
         r0 = b.select(is_main, b.mul(j, i64(RD)), b.add(main_rows, b.mul(b.sub(j, nmain), i64(RT))))
