@@ -1,6 +1,7 @@
 """Benchmark of one MoE layer's routed experts (random weights and routing), used by `hmoe bench-moe`."""
 import dataclasses
 import datetime
+import os
 import platform
 import re
 import subprocess
@@ -35,6 +36,9 @@ def routing(rng, T: int, E: int, k: int) -> np.ndarray:
 
 
 def _commit() -> str:
+    """HEAD of this tree; $HMOE_COMMIT first (a copied tree inside another checkout would report that one's)."""
+    if os.environ.get("HMOE_COMMIT"):
+        return os.environ["HMOE_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5).stdout.strip()
     except OSError:

@@ -92,11 +92,15 @@ class WorkerPool:
 
     def profile(self, reset: bool = True) -> dict:
         """Cycle counters summed over the workers since the last reset (only a library built with
-        Tiles(profile=True) writes them): {counter: cycles}, see fields.PROF_COUNTERS."""
+        Tiles(profile=True) writes them): {counter: cycles}, see fields.PROF_COUNTERS; and
+        last_out: over the jobs, cycles from submit to the last worker's exit (every library)."""
         lines = self.ctrl[POOL_FIELDS["PROF"]:].reshape(PROF_THREADS, 8)
         out = {name: int(lines[:, i].sum()) for i, name in enumerate(PROF_COUNTERS)}
+        # written by every library's worker loop, also without the profile
+        out["last_out"] = int(self.ctrl[POOL_FIELDS["T_LAST"]])   # sum over jobs: last worker out - submit
         if reset:
             lines[:] = 0
+            self.ctrl[POOL_FIELDS["T_LAST"]] = 0
         return out
 
     def close(self):

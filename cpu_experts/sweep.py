@@ -54,11 +54,24 @@ VARIANTS = {   # changes to the default tiling (codegen/moe.py Tiles; AMX fields
     "ru512": {"rows_up": 512},
     "huge": {"rows_up": 512, "rows_down": 448},   # V3: 16 down tasks, one per worker at 16 threads
     "prof": {"profile": True},   # base + rdtsc counters per phase (no cost above noise measured): where the time goes
+    "ready": {"expert_ready": True},   # no barrier 1: down tasks wait per expert for its gate/up tasks
+    "old_sched": {"expert_ready": False, "tail_rows": 0},   # barrier 1 and even down tasks (the default before)
+    "tail256": {"tail_rows": 256},     # the last 256 rows of H in 16-row down tasks (V2-Lite, 15 workers: ~1 each)
+    "tail512": {"tail_rows": 512},
+    "ready_tail256": {"expert_ready": True, "tail_rows": 256},
+    "ready_tail512": {"expert_ready": True, "tail_rows": 512},
+    "ready_prof": {"expert_ready": True, "profile": True},
+    "pf_first": {"prefetch_first": True},   # workers waiting for phase 0 prefetch their first gate/up task
+    "ready_tail512_pf": {"expert_ready": True, "tail_rows": 512, "prefetch_first": True},
+    "ready_tail512_pf_prof": {"expert_ready": True, "tail_rows": 512, "prefetch_first": True, "profile": True},
+    "ready_tail512_prof": {"expert_ready": True, "tail_rows": 512, "profile": True},
+    "ready_tail256_prof": {"expert_ready": True, "tail_rows": 256, "profile": True},
     "w15": {},       # base tiling, a pool of threads-1 workers: one CPU left to the caller
     "w15spin": {},   # w15, and the caller spins in wait() for the whole job (no futex wake)
     "yield64": {},   # base, idle spinners (workers, caller) sched_yield every 64 pauses
 }
 COLD = {"cold"}
+PHASES = ("task0", "task1", "task2", "bar0", "bar1")   # the profile's shares of run_job
 POOL_OPTS = {"w15": dict(spare=1), "w15spin": dict(spare=1, wait_spin=1 << 40),   # private pools
              "yield64": dict(spare=0, yield_every=64)}
 
@@ -122,7 +135,7 @@ def run(shape: str, fmt: str, threads: int, tokens: list[int], variants: list[st
             if engines[name].tiles.profile:   # fractions of the workers' run_job cycles
                 pc = engines[name].pool.profile()
                 total = max(pc["run_job"], 1)
-                r["profile"] = {k: round(v / total, 4) for k, v in pc.items() if k != "run_job"}
+                r["profile"] = {k: round(pc[k] / total, 4) for k in PHASES}
                 r["profile"]["claim_other"] = round(1 - sum(r["profile"].values()), 4)
                 # mean span of a worker's run_job per timed run, as a share of the measured median ms
                 span_ms = pc["run_job"] / len(times[name]) / engines[name].pool.threads / hz * 1e3

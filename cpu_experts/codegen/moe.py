@@ -51,6 +51,20 @@ class Tiles:
     #                          "mixed": bf16 for experts with >= amx_bf16_min_slots slots, int8 below
     amx_bf16_min_slots: int = 24
     profile: bool = False   # per-worker rdtsc counters of task and barrier time (sched.py, WorkerPool.profile)
+    expert_ready: bool = False  # no barrier 1: a down task waits only for the gate/up tasks of the expert it reads
+    tail_rows: int = 0      # the last tail_rows rows of H in down tasks of tail_task_rows rows (a finer end)
+    tail_task_rows: int = 16  # multiple of the down format's row group; < 32 runs AMX experts on vector kernels
+    tail_max_tokens: int = 8  # the tail only in jobs of at most this many tokens (larger: AMX row pairs)
+    prefetch_first: bool = False  # a worker that claims a phase-1 task before phase 0 is done prefetches
+    #                               that task's weights into L2 while it waits (routing known, x not yet)
+
+
+def down_tasks(hidden: int, tiles: Tiles, tokens: int) -> int:
+    """Phase-2 task count (job[N2]) of a job of `tokens` tokens: (H - tail_rows) / rows_down tasks, then
+    tail_rows / tail_task_rows (jobs above tail_max_tokens: H / rows_down)."""
+    if tokens > tiles.tail_max_tokens:
+        return hidden // tiles.rows_down
+    return (hidden - tiles.tail_rows) // tiles.rows_down + tiles.tail_rows // tiles.tail_task_rows
 
 
 @dataclass
@@ -77,6 +91,7 @@ class _Builder:
         assert geo.vector_bytes == down_geo.vector_bytes
         assert tiles.rows_up % 32 == 0 and tiles.rows_up % geo.group_rows == 0
         assert tiles.rows_down % down_geo.group_rows == 0
+        assert tiles.tail_rows % tiles.tail_task_rows == 0 and tiles.tail_task_rows % down_geo.group_rows == 0, tiles
         self.geo, self.isa, self.tiles = geo, isa, tiles
         name = geo.fmt if down_geo.fmt == geo.fmt else f"{geo.fmt}_{down_geo.fmt}"
         self.m = ir.Module(name=f"hmoe_{name}_{isa.name}")
@@ -192,6 +207,8 @@ class _Builder:
             with b.if_then(b.icmp_signed(">", n, c(I32, 0))):
                 a = b.load(nact, typ=I64)
                 store(b, b.trunc(e, I32), act, a, align=4)
+                if self.tiles.expert_ready:   # its gate/up tasks count up here (published by ROUTED below)
+                    store(b, i64(0), field(b, job, J["READY"], True), b.mul(a, i64(8)), align=8)
                 b.store(b.add(a, i64(1)), nact)
         with for_range(b, 0, nslots, name="f") as s:
             e = load(b, ids, I64, s, align=8)
@@ -323,6 +340,31 @@ class _Builder:
         return rows
 
     # ------------------------------------------------------------ phase 1
+    def _emit_prefetch_gateup(self):
+        """task_prefetch_gateup(job, j): every line of phase-1 task j's gate and up rows (payload, scales,
+        bias) into L2, in the order the task reads them (needs ROUTED: ACT and N1 are written)."""
+        fn, b = define(self.m, "task_prefetch_gateup", VOID, [PTR, I64], internal=True)
+        job, j = fn.args
+        H, side = field(b, job, J["H"]), self.gu
+        RU, R, geo = self.tiles.rows_up, side.R, side.geo
+        nrb = b.udiv(field(b, job, J["I"]), i64(RU))
+        a, rb = b.udiv(j, nrb), b.urem(j, nrb)
+        e = b.sext(load(b, field(b, job, J["ACT"], True), I32, a, align=4), I64)
+        for gi in range(RU // R):
+            grp = b.add(b.mul(rb, i64(RU // R)), i64(gi))
+            for prefix in "GU":
+                pay, sc, bias, nch = self._weights(b, job, prefix, e, grp, H)
+                per_chunk = geo.block_payload_bytes if side.quant else R * geo.vector_bytes
+                streams = [(pay, b.mul(nch, i64(per_chunk)))]
+                if side.quant:
+                    sc_bytes = b.mul(nch, i64(R * geo.scales_per_block * 2))
+                    streams += [(sc, sc_bytes)] + ([(bias, sc_bytes)] if geo.bias else [])
+                for base, nbytes in streams:
+                    with for_range(b, 0, nbytes, step=64, name="pf") as off:
+                        prefetch(b, gep(b, base, off), 2)
+        b.ret_void()
+        return fn
+
     def _emit_gateup(self):
         fn, b = define(self.m, "task_gateup", VOID, [PTR, I64, I64], internal=True)
         job, j, tid = fn.args
@@ -344,6 +386,8 @@ class _Builder:
         else:
             self._gateup_vec(b, job, e, rb, s_beg, s_end)
         self._quantize_h(b, job, rb, s_beg, s_end)
+        if self.tiles.expert_ready:   # release: this task's h rows before the count a down task acquires
+            b.atomic_rmw("add", gep(b, field(b, job, J["READY"], True), b.mul(a, i64(8)), I64), i64(1), "release")
         b.ret_void()
         return fn
 
@@ -410,17 +454,37 @@ class _Builder:
                         b.call(self.to_bf16, [src, gep(b, hb, b.mul(blk, i64(32)), I16)])
 
     # ------------------------------------------------------------ phase 2
+    def _down_rows(self, b, job, j):
+        """Task j's first row of H and row count: rows_down-row tasks, then tail_task_rows-row ones (the
+        tail only for jobs of <= tail_max_tokens tokens; down_tasks() gives the matching count)."""
+        RD, tail, RT = self.tiles.rows_down, self.tiles.tail_rows, self.tiles.tail_task_rows
+        if not tail:
+            return b.mul(j, i64(RD)), i64(RD), None
+        H = field(b, job, J["H"])
+        tail_on = b.icmp_signed("<=", field(b, job, J["T"]), i64(self.tiles.tail_max_tokens))
+        main_rows = b.select(tail_on, b.sub(H, i64(tail)), H)
+        nmain = b.udiv(main_rows, i64(RD))
+        is_main = b.icmp_signed("<", j, nmain)
+        r0 = b.select(is_main, b.mul(j, i64(RD)), b.add(main_rows, b.mul(b.sub(j, nmain), i64(RT))))
+        return r0, b.select(is_main, i64(RD), i64(RT)), is_main
+
     def _emit_down(self):
-        fn, b = define(self.m, "task_down", VOID, [PTR, I64, I64], internal=True)
-        job, j, tid = fn.args
+        ready = self.tiles.expert_ready
+        fn, b = define(self.m, "task_down", VOID, [PTR, I64, I64] + ([PTR] if ready else []), internal=True)
+        job, j, tid = fn.args[:3]
         T, I, ostride = field(b, job, J["T"]), field(b, job, J["I"]), field(b, job, J["OSTRIDE"])
         out = field(b, job, J["OUT"], True)
         stok, sw_, act, off = (field(b, job, J[n], True) for n in ("STOK", "SW", "ACT", "OFF"))
         nact = field(b, job, J["NACT"])
-        R, RD, NT = self.dn.R, self.tiles.rows_down, self.tiles.tokens
-        r0 = b.mul(j, i64(RD))
+        R, NT = self.dn.R, self.tiles.tokens
+        r0, nrows, is_main = self._down_rows(b, job, j)
+        groups = b.udiv(nrows, i64(R))
+        if ready:
+            prof = sched._Profile(b, fn.args[3], tid, self.tiles.profile)
+            ready_ctr = field(b, job, J["READY"], True)
+            n_gateup = b.udiv(I, i64(self.tiles.rows_up))   # gate/up tasks per expert
         with for_range(b, 0, T, name="zt") as t:
-            with for_range(b, 0, RD, name="zr") as r:
+            with for_range(b, 0, nrows, name="zr") as r:
                 store(b, c(F32, 0.0), out, b.add(b.mul(t, ostride), b.add(r0, r)), align=4)
         buf = local(b, ir.ArrayType(F32, R * NT))
         rows = self._act_rows(b, job, "h")
@@ -434,16 +498,21 @@ class _Builder:
             b.store(fma(b, w, v, b.load(dst, typ=vf, align=4)), dst, align=4)
 
         with for_range(b, 0, nact, name="a") as a:
+            if ready:   # the expert's h rows: all its gate/up tasks counted (acquire); timed only if not yet
+                idx = b.mul(a, i64(8))
+                with b.if_then(b.icmp_signed("!=", sched.aload(b, ready_ctr, idx), n_gateup)):
+                    with prof(b, "bar1"):
+                        sched.spin_until_equal(b, ready_ctr, idx, n_gateup, "ready")
             e = b.sext(load(b, act, I32, a, align=4), I64)
             s_beg = b.sext(load(b, off, I32, e, align=4), I64)
             s_end = b.sext(load(b, off, I32, b.add(e, i64(1)), align=4), I64)
 
             def vec_path(b):
-                with for_range(b, 0, RD // R, name="gi") as gi:
+                with for_range(b, 0, groups, name="gi") as gi:
                     row0 = b.add(r0, b.mul(gi, i64(R)))
                     w = self._weights(b, job, "D", e, b.udiv(row0, i64(R)), I)
                     if self.tiles.prefetch_next:
-                        self._prefetch_next_down(b, job, a, nact, gi, r0, I)
+                        self._prefetch_next_down(b, job, a, nact, gi, groups, r0, I)
 
                     def epilogue(b, s0, m):
                         with for_range(b, 0, m, name="ep") as n:
@@ -452,9 +521,11 @@ class _Builder:
 
             if self.dn.amx:
                 use_amx = b.icmp_signed(">=", b.sub(s_end, s_beg), i64(self.tiles.amx_min_slots))
+                if is_main is not None and self.tiles.tail_task_rows % 32:   # AMX runs row pairs of 16
+                    use_amx = b.and_(use_amx, is_main)
                 with b.if_else(use_amx) as (then, otherwise):
                     with then:
-                        self._down_amx(b, job, tid, e, s_beg, s_end, r0, add_out)
+                        self._down_amx(b, job, tid, e, s_beg, s_end, r0, nrows, add_out)
                     with otherwise:
                         vec_path(b)
             else:
@@ -498,11 +569,11 @@ class _Builder:
             with small:
                 b.call(side.amx_i8, int8_args())
 
-    def _prefetch_next_down(self, b, job, a, nact, gi, r0, I):
+    def _prefetch_next_down(self, b, job, a, nact, gi, groups, r0, I):
         """Head of the weights the next vector call of this down task reads: the next row group of
         this expert, or the first of the next active expert."""
-        R, groups = self.dn.R, self.tiles.rows_down // self.dn.R
-        last = b.icmp_signed("==", gi, i64(groups - 1))
+        R = self.dn.R
+        last = b.icmp_signed("==", gi, b.sub(groups, i64(1)))
         with b.if_else(last) as (then, otherwise):
             with then:
                 with b.if_then(b.icmp_signed("<", b.add(a, i64(1)), nact)):
@@ -513,13 +584,13 @@ class _Builder:
                 grp = b.add(b.udiv(r0, i64(R)), b.add(gi, i64(1)))
                 self._prefetch_head(b, self.dn, self._weights(b, job, "D", e, grp, I))
 
-    def _down_amx(self, b, job, tid, e, s_beg, s_end, r0, add_out):
-        """Every slot of expert e against pairs of 16-row groups of down (rows r0 .. r0 + ROWS_DOWN)."""
+    def _down_amx(self, b, job, tid, e, s_beg, s_end, r0, nrows, add_out):
+        """Every slot of expert e against pairs of 16-row groups of down (rows r0 .. r0 + nrows)."""
         I = field(b, job, J["I"])
         MS, R = self.tiles.amx_max_slots, self.dn.R
         vf = vec(F32, R)
         with self._amx_slot_chunks(b, job, tid, self.dn, s_beg, s_end, I, "H", "amx_acc_d") as (s0, m, accbuf, call):
-            with for_range(b, 0, self.tiles.rows_down // 32, name="pair") as p:
+            with for_range(b, 0, b.udiv(nrows, i64(32)), name="pair") as p:
                 row0 = b.add(r0, b.mul(p, i64(32)))
                 grp = b.udiv(row0, i64(R))
                 w0 = self._weights(b, job, "D", e, grp, I)[:3]
@@ -535,7 +606,9 @@ class _Builder:
     def build(self) -> str:
         route = self._emit_route()
         quant_x = self._emit_quant_rows() if self.gu.quant else None
-        sched.emit_run_job(self.m, route, quant_x, self._emit_gateup(), self._emit_down(), self.tiles.profile)
+        early = self._emit_prefetch_gateup() if self.tiles.prefetch_first else None
+        sched.emit_run_job(self.m, route, quant_x, self._emit_gateup(), self._emit_down(), self.tiles.profile,
+                           self.tiles.expert_ready, early)
         sched.emit_worker(self.m)
         sched.emit_submit_wait(self.m)
         return str(self.m)

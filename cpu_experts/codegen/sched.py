@@ -59,16 +59,22 @@ class _Profile:
             self.b, self.pool = b, pool
             self.line = b.add(i64(POOL_FIELDS["PROF"]), b.mul(b.urem(tid, i64(PROF_THREADS)), i64(8)))
 
+    def add(self, b, name, cycles):
+        slot = gep(b, self.pool, b.add(self.line, i64(PROF_COUNTERS.index(name))), I64)
+        b.store(b.add(b.load(slot, typ=I64), cycles), slot)
+
     @contextmanager
     def __call__(self, b, name):
         if not self.on:
             yield
             return
-        tsc = intrinsic(b.module, "llvm.readcyclecounter", I64, [])
-        t0 = b.call(tsc, [])
+        t0 = rdtsc(b)
         yield
-        slot = gep(b, self.pool, b.add(self.line, i64(PROF_COUNTERS.index(name))), I64)
-        b.store(b.add(b.load(slot, typ=I64), b.sub(b.call(tsc, []), t0)), slot)
+        self.add(b, name, b.sub(rdtsc(b), t0))
+
+
+def rdtsc(b):
+    return b.call(intrinsic(b.module, "llvm.readcyclecounter", I64, []), [])
 
 
 def spin_pause(b, pool, n):
@@ -87,15 +93,21 @@ def spin_pause(b, pool, n):
 RUN_JOB_TYPE = ir.FunctionType(VOID, [PTR, PTR, I64])
 
 
-def emit_run_job(m, route, quant_x, gateup, down, profile: bool = False):
+def emit_run_job(m, route, quant_x, gateup, down, profile: bool = False, expert_ready: bool = False,
+                 prefetch_gateup=None):
     """hmoe_run_job(pool, job, tid): exported, not inlined into the worker loop: a job carries its
     library's address of it (job[RUN], CPUExperts._write_static_fields) and any library's worker loop
-    calls it through that pointer, so one pool serves layers of every format pair."""
+    calls it through that pointer, so one pool serves layers of every format pair.
+    expert_ready: no barrier 1; a down task waits per expert (moe.py) and gets the pool to count
+    that wait as bar1 in the profile. prefetch_gateup(job, j): called by a worker whose claim is
+    phase-1 task j while phase 0 still runs, once routing is done (counted as bar0)."""
     fn, b = define(m, "hmoe_run_job", VOID, [PTR, PTR, I64])
     pool, job, tid = fn.args
     prof = _Profile(b, pool, tid, profile)
     n0, n2 = field(b, job, J["N0"]), field(b, job, J["N2"])
-    t_all = b.call(intrinsic(m, "llvm.readcyclecounter", I64, []), []) if profile else None
+    t_all = rdtsc(b) if profile else None
+    if profile:
+        prof.add(b, "start", b.sub(t_all, field(b, pool, POOL_FIELDS["T_SUBMIT"])))
     loop = b.append_basic_block("claim")
     done = b.append_basic_block("done")
     b.branch(loop)
@@ -113,6 +125,13 @@ def emit_run_job(m, route, quant_x, gateup, down, profile: bool = False):
             _aadd(b, pool, POOL_FIELDS["DONE0"])
         with rest:
             with prof(b, "bar0"):
+                if prefetch_gateup is not None:
+                    with b.if_then(b.icmp_signed("!=", _aload(b, pool, POOL_FIELDS["DONE0"]), n0)):
+                        spin_until_equal(b, pool, POOL_FIELDS["ROUTED"], i64(1), "routed_pf")
+                        i1e = b.sub(idx, n0)
+                        with b.if_then(b.icmp_signed("<", i1e, b.load_atomic(_slot(b, job, J["N1"]), "acquire", 8,
+                                                                               typ=I64))):
+                            b.call(prefetch_gateup, [job, i1e])
                 spin_until_equal(b, pool, POOL_FIELDS["DONE0"], n0, "bar0")
             n1 = b.load_atomic(_slot(b, job, J["N1"]), "acquire", 8, typ=I64)
             i1 = b.sub(idx, n0)
@@ -122,20 +141,21 @@ def emit_run_job(m, route, quant_x, gateup, down, profile: bool = False):
                         b.call(gateup, [job, i1, tid])
                     _aadd(b, pool, POOL_FIELDS["DONE1"])
                 with rest2:
-                    with prof(b, "bar1"):
-                        spin_until_equal(b, pool, POOL_FIELDS["DONE1"], n1, "bar1")
+                    if not expert_ready:
+                        with prof(b, "bar1"):
+                            spin_until_equal(b, pool, POOL_FIELDS["DONE1"], n1, "bar1")
                     i2 = b.sub(i1, n1)
                     with b.if_then(b.icmp_signed(">=", i2, n2)):
                         b.branch(done)
                     with prof(b, "task2"):
-                        b.call(down, [job, i2, tid])
+                        b.call(down, [job, i2, tid] + ([pool] if expert_ready else []))
                     _aadd(b, pool, POOL_FIELDS["DONE2"])
     b.branch(loop)
     b.position_at_end(done)
     if profile:
-        slot = gep(b, pool, b.add(prof.line, i64(PROF_COUNTERS.index("run_job"))), I64)
-        t1 = b.call(intrinsic(m, "llvm.readcyclecounter", I64, []), [])
-        b.store(b.add(b.load(slot, typ=I64), b.sub(t1, t_all)), slot)
+        t1 = rdtsc(b)
+        prof.add(b, "run_job", b.sub(t1, t_all))
+        prof.add(b, "end", b.sub(t1, field(b, pool, POOL_FIELDS["T_SUBMIT"])))
     b.ret_void()
     return fn
 
@@ -189,7 +209,9 @@ def emit_worker(m):
     b.call(run_job, [pool, job, fn.args[1]])
     exited = _aadd(b, pool, P["EXITED"])
     last = b.icmp_signed("==", b.add(exited, i64(1)), field(b, pool, P["NTHREADS"]))
-    with b.if_then(last):
+    with b.if_then(last):   # the job's last worker out: its span for WorkerPool.profile, then FINISHED
+        t_last = gep(b, pool, i64(P["T_LAST"]), I64)
+        b.store(b.add(b.load(t_last, typ=I64), b.sub(rdtsc(b), field(b, pool, P["T_SUBMIT"]))), t_last)
         _astore(b, pool, P["FINISHED"], b.load(my_gen, typ=I64))
         with b.if_then(b.icmp_signed("!=", b.load_atomic(_slot(b, pool, P["WAITER"]), "seq_cst", 8, typ=I64),
                                      i64(0))):
@@ -203,6 +225,7 @@ def emit_submit_wait(m):
     P = POOL_FIELDS
     fn, b = define(m, "hmoe_submit", VOID, [PTR])
     pool = fn.args[0]
+    b.store(rdtsc(b), gep(b, pool, i64(P["T_SUBMIT"]), I64))   # published by the seq_cst stores below
     for name in ("CLAIM", "DONE0", "DONE1", "DONE2", "EXITED", "ROUTED"):
         _astore(b, pool, P[name], 0)
     b.atomic_rmw("add", _slot(b, pool, P["GEN"]), i64(1), "seq_cst")
