@@ -176,15 +176,32 @@ def cpu_experts_step_ms(model, steps: int = 50, seed: int = 0) -> float | None:
     """Milliseconds one decode token's routed experts take on the CPU alone: every MoE layer's
     cpu_experts engine, 1 token, random hidden and top-k per step, run back to back as a step runs
     them, each through its native submit and wait (the job bound once to host buffers: no Python
-    between layers, as in a GPU-driven step). None without cpu_experts. The rest of a step is what
-    the target calls 'outside'."""
-    import numpy as np
+    between layers, as in a GPU-driven step). Where the workers leave a core free, this thread runs
+    there and waits spinning, as the memops hand-over's dispatcher does (a futex wait adds ~25 us per
+    layer of wake-up that a step with that hand-over does not pay). None without cpu_experts. The
+    rest of a step is what the target calls 'outside'."""
+    import os
 
-    from orchestrator.hybrid import _NATIVE
+    from cpu_experts.numa import spare_cpus
 
     engines = cpu_engines(model)
     if not engines:
         return None
+    spare = spare_cpus({c for e in engines for c in (e.pool.cpus or ())})
+    affinity = os.sched_getaffinity(0)
+    if spare:
+        os.sched_setaffinity(0, spare)
+    try:
+        return _time_steps(model, engines, steps, seed, spin=bool(spare))
+    finally:
+        os.sched_setaffinity(0, affinity)
+
+
+def _time_steps(model, engines, steps: int, seed: int, spin: bool) -> float:
+    import numpy as np
+
+    from orchestrator.hybrid import _NATIVE
+
     cfg, rng = model.cfg, np.random.default_rng(seed)
     H, k = cfg.hidden_size, cfg.num_experts_per_tok
     hidden, weights = np.zeros((1, H), np.float32), np.full((1, k), 1 / k, np.float32)
@@ -193,6 +210,8 @@ def cpu_experts_step_ms(model, steps: int = 50, seed: int = 0) -> float | None:
     for engine in engines:
         ids = np.zeros((1, k), np.int64)
         submit, wait, job = engine.bind(hidden, ids, weights, out)
+        if spin:
+            wait = engine.pool.wait_job_spin_address
         chosen = [rng.permutation(engine.E)[None, :k] if engine.E >= k else rng.integers(0, engine.E, (1, k))
                   for _ in range(steps + 1)]
         calls.append((_NATIVE(submit), _NATIVE(wait), job, ids, chosen))
