@@ -149,7 +149,8 @@ def physical_cpus() -> list[int]:
 
 def spare_cpus(busy) -> list[int]:
     """Physical cores (their first sibling) that none of the CPUs in `busy` (e.g. pinned workers) uses."""
-    return [c for c in physical_cpus() if c not in set(busy)]
+    busy = set(busy)
+    return [c for c in physical_cpus() if c not in busy]
 
 
 def worker_cpus(threads: int | None) -> list[int]:

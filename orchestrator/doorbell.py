@@ -14,6 +14,7 @@ low half of BELL and DONE (x86 is little-endian; the high halves stay 0).
 from __future__ import annotations
 
 import ctypes
+import os
 import threading
 from functools import lru_cache
 
@@ -127,8 +128,6 @@ class Mailbox:
     @classmethod
     def from_env(cls) -> "Mailbox":
         """Settings from $HMOE_DOORBELL_SPIN / _YIELD / _SLEEP_US where set (for measuring)."""
-        import os
-
         names = {"spin": "HMOE_DOORBELL_SPIN", "yield_every": "HMOE_DOORBELL_YIELD",
                  "sleep_us": "HMOE_DOORBELL_SLEEP_US"}
         settings = {}
@@ -162,8 +161,6 @@ class Mailbox:
     def start(self, cpus: list[int] | None = None) -> None:
         """Start the dispatcher (once), pinned to `cpus` if given (then with no sched_yield while it
         spins, unless HMOE_DOORBELL_YIELD says otherwise)."""
-        import os
-
         if self.closed:
             raise RuntimeError("hand-over mailbox is closed")
         if self._thread is None:

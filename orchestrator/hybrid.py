@@ -88,7 +88,7 @@ class HostStaging:
         from cpu_experts.pool import aligned_zeros
 
         self.handover = handover_mode(handover)  # "auto" until the first launch decides
-        self.chosen = self.handover  # what was asked for
+        self.chosen = self.handover  # what was asked for ("auto": the fallback needs no warning)
         self.mailbox: Mailbox | None = None
         self.mailbox_device = 0  # the mailbox's device address once registered (memops on a GPU)
 
@@ -116,7 +116,6 @@ class HostStaging:
         cuda = device.type == "cuda"
         if self.handover == "auto":  # decided at the first launch: memops where it measured faster
             self.handover = "memops" if cuda and spare_cpus(busy_cpus) else "hostfunc"
-            self.chosen = "auto"
         if self.handover != "memops":
             return None
         if cuda and not self.mailbox_device:
