@@ -6,7 +6,8 @@
 # Results land in $OUT; budget $BUDGET seconds (default 540). From the repository root:
 #   OUT=$OUT bash benchmarks/gpu_decode_run.sh
 # TESTS= the GPU test files (default: the decode path's; "none" skips), CPU_TESTS=1 adds the AMX/VNNI
-# CPU-expert tests, VARIANTS= the bench variants in order (default, memops, wN = N workers, depth).
+# CPU-expert tests, VARIANTS= the bench variants in order (default, memops, wN = N workers, depth, base =
+# the tree in _dev/base, e.g. `git archive REV | tar -x -C _dev/base`, carried along: A/B in one call).
 export HMOE_CACHE_DIR=/tmp/hc PYTHONPATH=. PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT; BUDGET=${BUDGET:-540}
 exec > >(tee $OUT/log-decode.txt) 2>&1
@@ -22,15 +23,16 @@ MM=$!
 wait $MM; stamp "tests done, model ready"; df -h /tmp | tail -1
 printf "name: V2-Lite hybrid q8_0\nrules:\n  - match: 'model\\\\.layers\\\\.\\\\d+\\\\.mlp\\\\.experts'\n    device: cpu\n    op: jit\n    quant: q8_0\n  - match: '.*'\n    device: cuda:0\n    dtype: bf16\n" > /tmp/q8_0.yaml
 bench() {  # $1 = variant: default, memops, wN (N workers); repeated names get -2, -3
-  local variant=$1 name=$1 n=2 env=() opts=()
+  local variant=$1 name=$1 n=2 env=() opts=() dir=.
   while [ -e $OUT/bench-v2l-q8_0-$name.json ]; do name=$variant-$n; n=$((n + 1)); done
   case $variant in  # depth: tg at 0 and 32768 cached tokens (the MLA promise: a flat curve)
-    memops) env=(HMOE_HANDOVER=memops) ;; w*) opts=(--experts-threads ${variant#w}) ;; depth) opts=(-p 0 -d 0,32768) ;;
+    memops) env=(HMOE_HANDOVER=memops) ;; base) dir=_dev/base ;; w*) opts=(--experts-threads ${variant#w}) ;; depth) opts=(-p 0 -d 0,32768) ;;
   esac
   L=$(left); [ $L -gt 60 ] || { stamp "skipped $name: budget"; return; }
   S=$(date +%s)
-  env "${env[@]}" timeout $L python3 -m runtime bench --model /tmp/v2l --rules /tmp/q8_0.yaml -p 512 -n ${NGEN:-128} \
-    -r 3 --bw-gib 1 --breakdown --out $OUT/bench-v2l-q8_0-$name.json "${opts[@]}" 2>&1 | grep -v repetition | tail -9
+  (cd $dir && env "${env[@]}" timeout $L python3 -m runtime bench --model /tmp/v2l --rules /tmp/q8_0.yaml -p 512 \
+    -n ${NGEN:-128} -r 3 --bw-gib 1 --breakdown --out $OUT/bench-v2l-q8_0-$name.json "${opts[@]}") 2>&1 |
+    grep -v repetition | tail -9
   stamp "$name took $(( $(date +%s) - S )) s"
 }
 for v in ${VARIANTS:-default memops w14 w16 default}; do bench $v; done  # the first load quantizes and packs

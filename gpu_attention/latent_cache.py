@@ -190,6 +190,15 @@ class LatentCache:
             f"prepare announced length {self.lens[0]}, write ends at {start + T}"
         self._store(layer, self._slots.reshape(-1), latent.reshape(B * T, -1))
 
+    def write_target(self, layer: int, start: int | torch.Tensor, B: int, T: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Where write(layer, start, latent [B, T, D]) would store: (the layer's rows [slots, D], the flat
+        slot of each new token [B * T]), for a kernel that computes and stores the latent at once; None
+        for an fp8 cache (its scales are written beside it)."""
+        assert self._slots is not None and self._slots.shape == (B, T), "call prepare(start, T, B) before write"
+        assert not isinstance(start, int) or self.lens[0] == start + T, \
+            f"prepare announced length {self.lens[0]}, write ends at {start + T}"
+        return None if self.fp8 else (self.data[layer].view(-1, self.latent_dim), self._slots.reshape(-1))
+
     def store(self, layer: int, seq: int, start: int, latent: torch.Tensor) -> None:
         """Store latent [T, D] of one sequence at positions start.. (within its length)."""
         T = latent.shape[0]

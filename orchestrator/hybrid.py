@@ -77,8 +77,11 @@ _PER_CALL_SLOTS = ("T", "TOPK", "X", "XSTRIDE", "IDS", "W", "OUT", "OSTRIDE", "N
 
 
 class HostStaging:
-    """Host buffers for up to `max_tokens` tokens, shared by the layers of one model: hidden [M, H]
-    f32, ids [M, k] i64, weights [M, k] f32, out [M, H] f32, as numpy arrays and tensors (one memory).
+    """Host buffers for up to `max_tokens` tokens, shared by the layers of one model: the inputs of a
+    launch of T tokens packed in one region, hidden [T, H] f32 then ids [T, k] i64 then weights
+    [T, k] f32 (so one copy brings them over), and out [M, H] f32; as numpy arrays and tensors (one
+    memory). On a GPU the same packed region exists in device memory (`device_inputs`): a MoE block
+    that fills it in place (router kernel included) hands the CPU its inputs in one copy.
 
     Page-locked with cudaHostRegister on first CUDA use (so a CPU-only model never touches CUDA),
     rather than taken from torch's pinned allocator: the buffers never move or get recycled, and
@@ -93,11 +96,41 @@ class HostStaging:
         self.mailbox_device = 0  # the mailbox's device address once registered (memops on a GPU)
 
         self.max_tokens, self.hidden_size, self.top_k = max_tokens, hidden, top_k
-        M, H, k = max_tokens, hidden, top_k
-        self.arrays = [aligned_zeros(rows * cols, dtype, align=4096).reshape(rows, cols) for rows, cols, dtype in
-                       ((M, H, np.float32), (M, k, np.int64), (M, k, np.float32), (M, H, np.float32))]
-        self.tensors = tuple(torch.from_numpy(a) for a in self.arrays)
+        M, H = max_tokens, hidden
+        self.arrays = [aligned_zeros(self.input_bytes(M), np.uint8, align=4096),
+                       aligned_zeros(M * H, np.float32, align=4096).reshape(M, H)]
+        self.packed_in, self.out = (torch.from_numpy(a) for a in self.arrays)
+        self._device_in: dict[torch.device, torch.Tensor] = {}
         self.registered = False
+
+    def input_bytes(self, T: int) -> int:
+        return T * (4 * self.hidden_size + 12 * self.top_k)
+
+    def inputs(self, packed: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(hidden [T, H] f32, ids [T, k] i64, weights [T, k] f32): views of a packed uint8 region."""
+        H, k = self.hidden_size, self.top_k
+        a, b = 4 * T * H, 4 * T * H + 8 * T * k  # offsets stay 8-byte aligned: H is even
+        return (packed[:a].view(torch.float32).view(T, H), packed[a:b].view(torch.int64).view(T, k),
+                packed[b:self.input_bytes(T)].view(torch.float32).view(T, k))
+
+    def device_inputs(self, device: torch.device, T: int):
+        """inputs() of the device's packed region, allocated at the first call (None inside a CUDA graph
+        capture that comes before any: the caller then fills its own tensors)."""
+        packed = self._device_in.get(device)
+        if packed is None:
+            if torch.cuda.is_current_stream_capturing():
+                return None
+            packed = self._device_in[device] = torch.empty(self.input_bytes(self.max_tokens), dtype=torch.uint8,
+                                                           device=device)
+        return self.inputs(packed, T)
+
+    def is_device_packed(self, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> bool:
+        """Whether these are device_inputs' views for their token count (one copy moves them)."""
+        packed = self._device_in.get(hidden.device)
+        if packed is None:
+            return False
+        views = self.inputs(packed, hidden.shape[0])
+        return all(t.data_ptr() == v.data_ptr() and t.shape == v.shape for t, v in zip((hidden, ids, weights), views))
 
     def pin(self) -> None:
         if not self.registered:
@@ -254,13 +287,24 @@ class HybridExperts(nn.Module):
             out = done
         return out.to(dtype)
 
+    def inputs(self, hidden: torch.Tensor):
+        """Device buffers (hidden f32, ids, weights) for a launch of hidden's tokens, for the caller to
+        fill (MoE: the hidden state converted, the router's choice written in place); one copy then
+        brings all three to the host. None where that does not apply (CPU inputs, long prompts)."""
+        if not hidden.is_cuda or hidden.shape[0] > self.staging.max_tokens:
+            return None
+        return self.staging.device_inputs(hidden.device, hidden.shape[0])
+
     def _launch(self, lane, hidden, topk_ids, topk_weights):
         T = hidden.shape[0]
         job = self._job(T, lane)
-        h, ids, w, _ = self.staging.tensors
-        lane.copy_in(h[:T], hidden.detach())
-        lane.copy_in(ids[:T], topk_ids)
-        lane.copy_in(w[:T], topk_weights.detach())
+        staging = self.staging
+        if hidden.is_cuda and staging.is_device_packed(hidden, topk_ids, topk_weights):
+            n = staging.input_bytes(T)
+            lane.copy_in(staging.packed_in[:n], staging._device_in[hidden.device][:n])
+        else:
+            for dst, src in zip(staging.inputs(staging.packed_in, T), (hidden, topk_ids, topk_weights)):
+                lane.copy_in(dst, src.detach())
         # memops for decode-sized launches only: each (layer, T) keeps a mailbox row for good, and
         # prompts (any T, one launch per layer) gain nothing from a faster hand-over
         pool = self.engine.pool
@@ -279,7 +323,7 @@ class HybridExperts(nn.Module):
             lane.await_done(self.staging)
         else:
             lane.call(self._fns[1], job)
-        return lane.copy_out(self.staging.tensors[3][:T])
+        return lane.copy_out(self.staging.out[:T])
 
     def _job(self, T: int, lane) -> np.ndarray:
         """This layer's job for T tokens: a copy of the engine's job after bind(), so each token count
@@ -298,8 +342,9 @@ class HybridExperts(nn.Module):
         from cpu_experts.codegen.fields import J, JOB_FIELDS
         from cpu_experts.pool import aligned_zeros
 
-        h, ids, w, out = self.staging.arrays
-        submit, wait, address = self.engine.bind(h[:T], ids[:T], w[:T], out[:T])
+        staging = self.staging
+        h, ids, w = (t.numpy() for t in staging.inputs(staging.packed_in, T))
+        submit, wait, address = self.engine.bind(h, ids, w, staging.arrays[1][:T])
         job = aligned_zeros(len(JOB_FIELDS), np.int64)
         job[:] = np.ctypeslib.as_array((ctypes.c_int64 * len(JOB_FIELDS)).from_address(address))
         fixed = np.ones(len(JOB_FIELDS), bool)

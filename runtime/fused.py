@@ -1,4 +1,6 @@
-"""Small decode-step ops in one Triton kernel each on the GPU: RMSNorm and the RoPE rotation.
+"""Small decode-step ops in one Triton kernel each on the GPU: RMSNorm (alone or after the residual
+add), the RoPE rotation, the latent cache's store (RMSNorm of c_kv, RoPE of k_pe, written into its
+page slot) and the router's choice (softmax/sigmoid, groups, top-k, renormalisation, scaling).
 
 At one token a decode step is launch-bound: each torch op is a kernel of a few microseconds.
 `hmoe bench --breakdown` counted ~250 GPU kernels in a 4-layer V2-Lite step, 104 of them in
@@ -8,6 +10,7 @@ multiply by the weight), 3-4 calls per layer; RoPE is ~8 more per call, two call
 RMSNorm: the math of `runtime.model.RMSNorm`: the row's mean square in fp32, x * rsqrt(mean + eps)
 rounded to x's dtype, then times the weight in their promoted dtype (torch multiplies bf16 in fp32
 and rounds once, as here); only the order of the sum differs from torch's reduction.
+The residual add rounds h + delta to h's dtype first, as torch's add does, then normalises that.
 RoPE (`runtime.rope.RotaryTables.apply`): fp32 math reading x through its strides (q_pe and k_pe
 are views into the projections' outputs); the compiler may fuse a product and a sum into one FMA,
 so a result can differ from torch's in the last fp32 bit.
@@ -49,6 +52,36 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 @triton.jit
+def _add_rms_norm_kernel(h_ptr, d_ptr, w_ptr, sum_ptr, out_ptr, n, eps, stride_h, stride_d, stride_out,
+                         BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n
+    h = tl.load(h_ptr + row * stride_h + cols, mask=mask, other=0.0).to(tl.float32)
+    d = tl.load(d_ptr + row * stride_d + cols, mask=mask, other=0.0).to(tl.float32)
+    s = (h + d).to(sum_ptr.dtype.element_ty)  # the residual stream, rounded as torch's add rounds it
+    tl.store(sum_ptr + row * n + cols, s, mask=mask)
+    x = s.to(tl.float32)
+    r = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n + eps)
+    y = (x * r).to(sum_ptr.dtype.element_ty).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_out + cols, (w * y).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def add_rms_norm(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h + delta, rms_norm(h + delta)) in one kernel: h, delta [..., D] of one dtype on a GPU."""
+    D = h.shape[-1]
+    hr, dr = h.reshape(-1, D), delta.reshape(-1, D)
+    hr, dr = (t if t.stride(-1) == 1 else t.contiguous() for t in (hr, dr))
+    total = torch.empty(hr.shape, dtype=h.dtype, device=h.device)
+    out = torch.empty(hr.shape, dtype=torch.promote_types(weight.dtype, h.dtype), device=h.device)
+    BLOCK = triton.next_power_of_2(D)
+    _add_rms_norm_kernel[(hr.shape[0],)](hr, dr, weight, total, out, D, eps, hr.stride(0), dr.stride(0), out.stride(0),
+                                         BLOCK=BLOCK, num_warps=min(16, max(1, BLOCK // 512)))
+    return total.view(h.shape), out.view(*h.shape[:-1], D)
+
+
+@triton.jit
 def _rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, T, H, sxb, sxt, sxh, HALF: tl.constexpr,
                  INTERLEAVE: tl.constexpr):
     pid = tl.program_id(0)  # one (b, t, head) vector per program
@@ -82,3 +115,120 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool
     _rope_kernel[(B * T * H,)](x, cos, sin, out, T, H, x.stride(0), x.stride(1), x.stride(2), HALF=D // 2,
                                INTERLEAVE=interleave, num_warps=1)
     return out
+
+
+@triton.jit
+def _store_latent_kernel(kv_ptr, w_ptr, cos_ptr, sin_ptr, slot_ptr, dst_ptr, T, eps, stride_kv, stride_dst,
+                         RANK: tl.constexpr, HALF: tl.constexpr, INTERLEAVE: tl.constexpr):
+    row = tl.program_id(0)  # one token (b, t) per program: rows are b * T + t
+    t = row % T
+    src = kv_ptr + row * stride_kv
+    dst = dst_ptr + tl.load(slot_ptr + row) * stride_dst
+    dtype = kv_ptr.dtype.element_ty
+    cols = tl.arange(0, RANK)  # c_kv: RMSNorm as _rms_norm_kernel does it
+    x = tl.load(src + cols).to(tl.float32)
+    r = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / RANK + eps)
+    y = (x * r).to(dtype).to(tl.float32)
+    w = tl.load(w_ptr + cols).to(tl.float32)
+    tl.store(dst + cols, (w * y).to(w_ptr.dtype.element_ty).to(dst_ptr.dtype.element_ty))
+    i = tl.arange(0, HALF)  # k_pe: RoPE as _rope_kernel does it
+    if INTERLEAVE:
+        lo, hi = 2 * i, 2 * i + 1
+    else:
+        lo, hi = i, i + HALF
+    a = tl.load(src + RANK + lo).to(tl.float32)
+    c = tl.load(src + RANK + hi).to(tl.float32)
+    cos = tl.load(cos_ptr + t * HALF + i)
+    sin = tl.load(sin_ptr + t * HALF + i)
+    tl.store(dst + RANK + lo, (a * cos - c * sin).to(dtype).to(dst_ptr.dtype.element_ty))
+    tl.store(dst + RANK + hi, (c * cos + a * sin).to(dtype).to(dst_ptr.dtype.element_ty))
+
+
+def store_latent(kv: torch.Tensor, norm_weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor,
+                 interleave: bool, slots: torch.Tensor, dest: torch.Tensor) -> None:
+    """The latent cache's write of one step in one kernel: kv [B, T, rank + rope] (kv_a_proj's output)
+    -> dest[slots[b * T + t]] = [rms_norm(c_kv) | rope(k_pe)], each rounded to kv's dtype as the
+    unfused ops round them, then to dest's. dest [slots, rank + rope] (the cache's flat view)."""
+    B, T, D = kv.shape
+    rank, rope_dim = norm_weight.shape[0], D - norm_weight.shape[0]
+    rows = kv.reshape(B * T, D)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    _store_latent_kernel[(B * T,)](rows, norm_weight, cos.contiguous(), sin.contiguous(), slots.reshape(-1), dest, T,
+                                   eps, rows.stride(0), dest.stride(0), RANK=rank, HALF=rope_dim // 2,
+                                   INTERLEAVE=interleave, num_warps=1)
+
+
+ROUTE_METHODS = {"greedy": 0, "group_limited_greedy": 1, "noaux_tc": 2}
+
+
+@triton.jit
+def _route_kernel(logits_ptr, bias_ptr, w_ptr, id_ptr, E, stride_l, stride_w, stride_id, scaling,
+                  E_P2: tl.constexpr, K: tl.constexpr, K_P2: tl.constexpr, N_GROUP: tl.constexpr,
+                  G_P2: tl.constexpr, TOPK_GROUP: tl.constexpr,
+                  METHOD: tl.constexpr, SIGMOID: tl.constexpr, NORM: tl.constexpr):
+    row = tl.program_id(0)
+    e = tl.arange(0, E_P2)
+    valid = e < E
+    NEG = float("-inf")
+    logits = tl.load(logits_ptr + row * stride_l + e, mask=valid, other=NEG)
+    if SIGMOID:
+        scores = tl.where(valid, tl.sigmoid(logits), 0.0)
+    else:
+        p = tl.exp(logits - tl.max(logits, axis=0))
+        scores = p / tl.sum(p, axis=0)
+    choice = tl.where(valid, scores, NEG)
+    if METHOD == 2:  # noaux_tc: the correction bias only chooses
+        choice = choice + tl.load(bias_ptr + e, mask=valid, other=0.0)
+    if METHOD != 0:  # keep the best TOPK_GROUP groups of E // N_GROUP experts
+        group = e // (E // N_GROUP)
+        g = tl.arange(0, G_P2)
+        gscore = tl.full([G_P2], NEG, tl.float32)
+        for j in tl.static_range(N_GROUP):
+            member = (group == j) & valid
+            c = tl.where(member, choice, NEG)
+            best = tl.max(c, axis=0)
+            if METHOD == 2:  # a group's score is the sum of its two best
+                first = tl.min(tl.where(c == best, e, E_P2), axis=0)
+                best = best + tl.max(tl.where(e == first, NEG, c), axis=0)
+            gscore = tl.where(g == j, best, gscore)
+        keep = tl.zeros([E_P2], tl.int1)
+        for _ in tl.static_range(TOPK_GROUP):
+            top = tl.max(gscore, axis=0)
+            pick = tl.min(tl.where(gscore == top, g, G_P2), axis=0)
+            keep = keep | (group == pick)
+            gscore = tl.where(g == pick, NEG, gscore)
+        choice = tl.where(keep & valid, choice, NEG)
+    kk = tl.arange(0, K_P2)
+    w = tl.zeros([K_P2], tl.float32)
+    ids = tl.zeros([K_P2], tl.int64)
+    for k in tl.static_range(K):  # the K best, best first
+        top = tl.max(choice, axis=0)
+        pick = tl.min(tl.where(choice == top, e, E_P2), axis=0)
+        w = tl.where(kk == k, tl.sum(tl.where(e == pick, scores, 0.0), axis=0), w)
+        ids = tl.where(kk == k, pick.to(tl.int64), ids)
+        choice = tl.where(e == pick, NEG, choice)
+    if NORM:
+        w = w / (tl.sum(w, axis=0) + 1e-20)
+    tl.store(w_ptr + row * stride_w + kk, w * scaling, mask=kk < K)
+    tl.store(id_ptr + row * stride_id + kk, ids, mask=kk < K)
+
+
+def route(logits: torch.Tensor, *, top_k: int, method: str, sigmoid: bool, n_group: int, topk_group: int,
+          norm: bool, scaling: float, bias: torch.Tensor | None = None,
+          out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """runtime.moe.Router's choice from fp32 logits [T, E] on a GPU, in one kernel: (weights [T, k] fp32,
+    ids [T, k] int64), best first; into `out` (weights, ids) when given (e.g. the host copy's buffers)."""
+    T, E = logits.shape
+    if out is None:
+        out = (torch.empty(T, top_k, dtype=torch.float32, device=logits.device),
+               torch.empty(T, top_k, dtype=torch.int64, device=logits.device))
+    weights, ids = out
+    kind = ROUTE_METHODS[method]
+    _route_kernel[(T,)](logits, bias if bias is not None else logits, weights, ids, E, logits.stride(0),
+                        weights.stride(0), ids.stride(0), float(scaling), E_P2=triton.next_power_of_2(E), K=top_k,
+                        K_P2=triton.next_power_of_2(top_k), N_GROUP=n_group if kind else 1,
+                        G_P2=triton.next_power_of_2(n_group if kind else 1), TOPK_GROUP=topk_group if kind else 1,
+                        METHOD=kind,
+                        SIGMOID=sigmoid, NORM=norm, num_warps=4)
+    return weights, ids

@@ -108,6 +108,8 @@ def load_model(model_dir: str | Path, *, dtype: str = "auto", device: str = "cpu
 
                 p = dataclasses.replace(p, threads=default_workers())
             moe.experts = _build_experts(ckpt, model_dir, cfg, p, i, reference, packed_cache, bar)
+    for layer in model.model.layers:  # one GEMM for q(_a) and kv_a where both are plain linears
+        layer.self_attn.fuse_input_projections()
     _overlap_on_gpu(model, cfg, plan, [(i, moe) for i, moe, _ in pending])
     connect(model, plan)
     model.cache_options = cache_options(plan)

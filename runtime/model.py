@@ -7,6 +7,7 @@ then `runtime.loader` fills it tensor by tensor. Shapes: B batch, T new tokens, 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from gpu_attention.attention import backend_for, choose_form, mla_attention
@@ -26,17 +27,28 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.empty(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and x.dtype in _FUSED_DTYPES and backend_for(x.device) == "triton":
-            from .fused import rms_norm  # one kernel instead of eight (decode is launch-bound)
+    def forward(self, x: torch.Tensor, delta: torch.Tensor | None = None):
+        """norm(x); given delta, (x + delta, norm(x + delta)): the residual add that precedes a norm is
+        done by its kernel on a GPU (no launch of its own)."""
+        if x.is_cuda and x.dtype in _FUSED_DTYPES and backend_for(x.device) == "triton" and (
+                delta is None or delta.dtype == x.dtype):
+            from .fused import add_rms_norm, rms_norm  # one kernel instead of eight (decode is launch-bound)
 
-            return rms_norm(x, self.weight, self.eps)
+            return rms_norm(x, self.weight, self.eps) if delta is None else add_rms_norm(x, delta, self.weight,
+                                                                                          self.eps)
+        if delta is not None:
+            x = x + delta
+            return x, self(x)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
 
 
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _pow2(n: int) -> bool:  # Triton's blocks are powers of two
+    return n >= 2 and n & (n - 1) == 0
 
 
 class MLA(nn.Module):
@@ -57,20 +69,20 @@ class MLA(nn.Module):
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
         self.o_proj = nn.Linear(H * cfg.v_head_dim, cfg.hidden_size, bias=False)
         self.indexer = Indexer(cfg) if cfg.has_indexer else None  # V3.2: DeepSeek sparse attention
+        self._input_weight: torch.Tensor | None = None  # fuse_input_projections' joint weight
 
     def forward(self, x, *, rope: RotaryTables, cos_sin, cache: LatentCache, layer: int, start_pos: int,
                 form: str, index_cache: LatentCache | None = None) -> torch.Tensor:
         cfg = self.cfg
         B, T, _ = x.shape
-        q_resid = None if cfg.q_lora_rank is None else self.q_a_layernorm(self.q_a_proj(x))
-        q = self.q_proj(x) if q_resid is None else self.q_b_proj(q_resid)
+        q_first, kv = self._project_input(x)
+        q_resid = None if cfg.q_lora_rank is None else self.q_a_layernorm(q_first)
+        q = q_first if q_resid is None else self.q_b_proj(q_resid)
         q_nope, q_pe = q.view(B, T, cfg.num_attention_heads, cfg.qk_head_dim).split(
             [cfg.qk_nope_head_dim, cfg.qk_rope_head_dim], dim=-1)
-        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
         cos, sin = cos_sin
         q_pe = rope.apply(q_pe, cos, sin)
-        k_pe = rope.apply(k_pe[:, :, None, :], cos, sin)[:, :, 0]
-        cache.write(layer, start_pos, torch.cat([self.kv_a_layernorm(c_kv), k_pe], dim=-1))
+        self._store_latent(kv, rope, cos, sin, cache, layer, start_pos)
         # DSA: top-k keys per query; None while the context fits index_topk (dense is then identical)
         indices = None if self.indexer is None else self.indexer(x, q_resid, cos_sin, cache=index_cache, layer=layer,
                                                                   start_pos=start_pos)
@@ -81,6 +93,50 @@ class MLA(nn.Module):
         else:
             out = mla_attention(q_nope, q_pe, cache, layer, kv_b_weight, **args)
         return self.o_proj(out.reshape(B, T, -1))
+
+    def _project_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q_proj(x) or q_a_proj(x), kv_a_proj_with_mqa(x)): one GEMM where fuse_input_projections ran."""
+        first = self.q_proj if self.cfg.q_lora_rank is None else self.q_a_proj
+        joint = self._input_weight
+        if joint is None or first.weight.data_ptr() != joint.data_ptr() or first.weight.device != joint.device:
+            self._input_weight = None  # the weights were replaced or moved (e.g. module.to()): two GEMMs again
+            return first(x), self.kv_a_proj_with_mqa(x)
+        return F.linear(x, joint).split([first.out_features, self.cfg.latent_dim], dim=-1)
+
+    def fuse_input_projections(self) -> bool:
+        """Make the two projections of the layer's input one GEMM (decode is launch-bound): their
+        weights become views of one [q + latent, hidden] tensor, so the checkpoint's names and the
+        memory stay as they were. Only for plain linears of one device and dtype (not FP8's blocks);
+        returns whether it did."""
+        first, kv = (self.q_proj if self.cfg.q_lora_rank is None else self.q_a_proj), self.kv_a_proj_with_mqa
+        if type(first) is not nn.Linear or type(kv) is not nn.Linear or first.bias is not None or kv.bias is not None:
+            return False
+        a, b = first.weight, kv.weight
+        if a.is_meta or a.device != b.device or a.dtype != b.dtype:
+            return False
+        if self._input_weight is None:
+            joint = torch.cat([a.detach(), b.detach()])
+            first.weight = nn.Parameter(joint[:a.shape[0]], requires_grad=False)
+            kv.weight = nn.Parameter(joint[a.shape[0]:], requires_grad=False)
+            self._input_weight = joint
+        return True
+
+    def _store_latent(self, kv, rope: RotaryTables, cos, sin, cache: LatentCache, layer: int, start_pos) -> None:
+        """[kv_a_layernorm(c_kv) | rope(k_pe)] into the cache: one kernel on a GPU with a 16/32-bit cache."""
+        cfg = self.cfg
+        B, T, _ = kv.shape
+        norm = self.kv_a_layernorm
+        if kv.is_cuda and backend_for(kv.device) == "triton" and _pow2(cfg.kv_lora_rank) and _pow2(cfg.qk_rope_head_dim) \
+                and kv.dtype in _FUSED_DTYPES and norm.weight.dtype == kv.dtype:
+            target = cache.write_target(layer, start_pos, B, T)
+            if target is not None:
+                from .fused import store_latent
+
+                store_latent(kv, norm.weight, norm.eps, cos, sin, rope.interleave, target[1], target[0])
+                return
+        c_kv, k_pe = kv.split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
+        k_pe = rope.apply(k_pe[:, :, None, :], cos, sin)[:, :, 0]
+        cache.write(layer, start_pos, torch.cat([norm(c_kv), k_pe], dim=-1))
 
 
 class LayerCaches:
@@ -104,9 +160,13 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, h, **attn_args) -> torch.Tensor:  # attn_args name the layer's cache and its index there
-        h = h + self.self_attn(self.input_layernorm(h), **attn_args)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(self, h, delta=None, **attn_args) -> tuple[torch.Tensor, torch.Tensor]:
+        """h: the residual stream, delta: the previous layer's MLP output not yet added to it (None at
+        the first layer) -> (h, this layer's MLP output). Each add is done by the norm that follows it
+        (one kernel on a GPU). attn_args name the layer's cache and its index there."""
+        h, x = (h, self.input_layernorm(h)) if delta is None else self.input_layernorm(h, delta)
+        h, x = self.post_attention_layernorm(h, self.self_attn(x, **attn_args))
+        return h, self.mlp(x)
 
 
 class DeepseekModel(nn.Module):
@@ -164,12 +224,12 @@ class DeepseekForCausalLM(nn.Module):
         for part, layers in parts:  # per cache: this step's pages, and the attention arguments on its device
             args = self._attention_args(part, B, T, start_pos, form)
             layer_args.update({layer: dict(args, layer=local) for local, layer in enumerate(layers)})
-        h = self.model.embed_tokens(input_ids)
+        h, delta = self.model.embed_tokens(input_ids), None
         for i, layer in enumerate(self.model.layers):
-            h = layer(h, **layer_args[i])
+            h, delta = layer(h, delta, **layer_args[i])
         if last_only:
-            h = h[:, -1:]
-        return self.lm_head(self.model.norm(h)).float()
+            h, delta = h[:, -1:], delta[:, -1:]
+        return self.lm_head(self.model.norm(h, delta)[1]).float()
 
     def _attention_args(self, cache: LatentCache | DSACache, B: int, T: int, start_pos: int | torch.Tensor,
                         form: str) -> dict:

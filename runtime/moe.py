@@ -35,6 +35,7 @@ class MLP(nn.Module):
 
 
 ROUTER_F32_CACHE_MAX = 1 << 20  # weight elements up to which the router keeps an fp32 copy (4 MiB)
+ROUTE_KERNEL_MAX_EXPERTS = 1024  # runtime.fused.route holds a token's scores in one program's registers
 
 
 class Router(nn.Module):
@@ -65,15 +66,39 @@ class Router(nn.Module):
             self._weight_f32 = (key, w.detach().float())
         return self._weight_f32[1]
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [T, H] -> topk_weights [T, k] fp32, topk_ids [T, k] int64."""
+    def forward(self, x: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, H] -> topk_weights [T, k] fp32, topk_ids [T, k] int64 (written into `out` when given:
+        e.g. the buffers a host copy reads). On a GPU one kernel after the logits' GEMM chooses."""
         logits = F.linear(x.float(), self.weight_f32())
+        if logits.is_cuda and self._fused(logits.device):
+            from .fused import route
+
+            bias = self.e_score_correction_bias if self.method == "noaux_tc" else None
+            return route(logits, top_k=self.top_k, method=self.method, sigmoid=self.scoring == "sigmoid",
+                         n_group=self.n_group, topk_group=self.topk_group, norm=self.norm_topk_prob,
+                         scaling=self.scaling, bias=bias, out=out)
+        weights, ids = self._choose(logits)
+        if out is None:
+            return weights, ids
+        out[0].copy_(weights)
+        out[1].copy_(ids)
+        return out
+
+    def _fused(self, device: torch.device) -> bool:
+        from gpu_attention.attention import backend_for
+
+        E = self.weight.shape[0]
+        return backend_for(device) == "triton" and E <= ROUTE_KERNEL_MAX_EXPERTS and (
+            self.method == "greedy" or (self.method in ("group_limited_greedy", "noaux_tc") and E % self.n_group == 0))
+
+    def _choose(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         scores = logits.sigmoid() if self.scoring == "sigmoid" else logits.softmax(dim=-1)
         if self.method == "greedy":
             weights, ids = scores.topk(self.top_k, dim=-1, sorted=False)
         else:
             choice = scores + self.e_score_correction_bias if self.method == "noaux_tc" else scores
-            grouped = choice.view(x.shape[0], self.n_group, -1)
+            grouped = choice.view(logits.shape[0], self.n_group, -1)
             if self.method == "noaux_tc":
                 group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
             else:
@@ -150,16 +175,23 @@ class MoE(nn.Module):
         if hasattr(self.experts, "start"):  # routed experts elsewhere (the CPU): start them, run the shared
             # experts here meanwhile, then join (orchestrator.hybrid). Where both the router and the
             # experts take fp32 (the CPU's), one conversion serves the two
-            x_in = x.float() if getattr(self.experts, "takes_fp32", False) else x
-            weights, ids = self.gate(x_in)
+            inputs = self.experts.inputs(x) if hasattr(self.experts, "inputs") else None
+            if inputs is not None:  # its own buffers (e.g. what one host copy reads): fill them in place
+                x_in, ids, weights = inputs
+                x_in.copy_(x)
+                self.gate(x_in, out=(weights, ids))
+            else:
+                x_in = x.float() if getattr(self.experts, "takes_fp32", False) else x
+                weights, ids = self.gate(x_in)
             self.experts.start(x_in, ids, weights)
             try:
                 shared = self.shared_experts(x) if self.shared_experts is not None else None
             except BaseException:  # (Ctrl-C, a failed capture) join the started work: the experts stay usable
                 self.experts.finish()
                 raise
-            out = self.experts.finish().to(x.dtype)
-            return (out if shared is None else out + shared).view(shape)
+            out = self.experts.finish()
+            # one add in fp32 rounded once (no separate conversion kernel): shared += out
+            return (out.to(x.dtype) if shared is None else shared.add_(out)).view(shape)
         weights, ids = self.gate(x)
         out = self.experts(x, ids, weights)
         if self.shared_experts is not None:
