@@ -52,32 +52,40 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 @triton.jit
-def _add_rms_norm_kernel(h_ptr, d_ptr, w_ptr, sum_ptr, out_ptr, n, eps, stride_h, stride_d, stride_out,
-                         BLOCK: tl.constexpr):
+def _add_rms_norm_kernel(h_ptr, d_ptr, e_ptr, w_ptr, sum_ptr, out_ptr, n, eps, stride_h, stride_d, stride_e,
+                         stride_out, BLOCK: tl.constexpr, TWO: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < n
+    dtype = sum_ptr.dtype.element_ty
     h = tl.load(h_ptr + row * stride_h + cols, mask=mask, other=0.0).to(tl.float32)
     d = tl.load(d_ptr + row * stride_d + cols, mask=mask, other=0.0).to(tl.float32)
-    s = (h + d).to(sum_ptr.dtype.element_ty)  # the residual stream, rounded as torch's add rounds it
+    if TWO:  # (routed fp32, shared): their sum rounded to h's dtype first, as moe.add_parts rounds it
+        e = tl.load(e_ptr + row * stride_e + cols, mask=mask, other=0.0).to(tl.float32)
+        d = (d + e).to(dtype).to(tl.float32)
+    s = (h + d).to(dtype)  # the residual stream, rounded as torch's add rounds it
     tl.store(sum_ptr + row * n + cols, s, mask=mask)
     x = s.to(tl.float32)
     r = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n + eps)
-    y = (x * r).to(sum_ptr.dtype.element_ty).to(tl.float32)
+    y = (x * r).to(dtype).to(tl.float32)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * stride_out + cols, (w * y).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def add_rms_norm(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(h + delta, rms_norm(h + delta)) in one kernel: h, delta [..., D] of one dtype on a GPU."""
+def add_rms_norm(h: torch.Tensor, deltas: tuple[torch.Tensor, ...], weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h + delta, rms_norm(h + delta)) in one kernel, h [..., D] on a GPU; deltas: (delta,) of h's
+    dtype, or (routed, shared) whose sum (rounded to h's dtype) is the delta."""
     D = h.shape[-1]
-    hr, dr = h.reshape(-1, D), delta.reshape(-1, D)
-    hr, dr = (t if t.stride(-1) == 1 else t.contiguous() for t in (hr, dr))
+    rows = [t.reshape(-1, D) for t in (h, *deltas)]
+    rows = [t if t.stride(-1) == 1 else t.contiguous() for t in rows]
+    hr, dr, er = rows[0], rows[1], rows[-1]
     total = torch.empty(hr.shape, dtype=h.dtype, device=h.device)
     out = torch.empty(hr.shape, dtype=torch.promote_types(weight.dtype, h.dtype), device=h.device)
     BLOCK = triton.next_power_of_2(D)
-    _add_rms_norm_kernel[(hr.shape[0],)](hr, dr, weight, total, out, D, eps, hr.stride(0), dr.stride(0), out.stride(0),
-                                         BLOCK=BLOCK, num_warps=min(16, max(1, BLOCK // 512)))
+    _add_rms_norm_kernel[(hr.shape[0],)](hr, dr, er, weight, total, out, D, eps, hr.stride(0), dr.stride(0),
+                                         er.stride(0), out.stride(0), BLOCK=BLOCK, TWO=len(deltas) == 2,
+                                         num_warps=min(16, max(1, BLOCK // 512)))
     return total.view(h.shape), out.view(*h.shape[:-1], D)
 
 

@@ -17,7 +17,7 @@ from gpu_attention.latent_cache import DEFAULT_PAGE_SIZE, LatentCache
 from .config import ModelConfig
 from .fp8_linear import dense_weight
 from .indexer import Indexer
-from .moe import MLP, MoE
+from .moe import MLP, MoE, add_parts
 from .rope import RotaryTables
 
 
@@ -27,17 +27,20 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.empty(dim))
 
-    def forward(self, x: torch.Tensor, delta: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, delta: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None):
         """norm(x); given delta, (x + delta, norm(x + delta)): the residual add that precedes a norm is
-        done by its kernel on a GPU (no launch of its own)."""
-        if x.is_cuda and x.dtype in _FUSED_DTYPES and backend_for(x.device) == "triton" and (
-                delta is None or delta.dtype == x.dtype):
+        done by its kernel on a GPU (no launch of its own). delta may be MoE.forward_parts' pair
+        (routed fp32, shared), added first as add_parts adds them."""
+        if x.is_cuda and x.dtype in _FUSED_DTYPES and backend_for(x.device) == "triton":
             from .fused import add_rms_norm, rms_norm  # one kernel instead of eight (decode is launch-bound)
 
-            return rms_norm(x, self.weight, self.eps) if delta is None else add_rms_norm(x, delta, self.weight,
-                                                                                          self.eps)
+            if delta is None:
+                return rms_norm(x, self.weight, self.eps)
+            parts = delta if isinstance(delta, tuple) else (delta,)
+            if parts[-1].dtype == x.dtype:
+                return add_rms_norm(x, parts, self.weight, self.eps)
         if delta is not None:
-            x = x + delta
+            x = x + (add_parts(delta) if isinstance(delta, tuple) else delta)
             return x, self(x)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -162,11 +165,11 @@ class DecoderLayer(nn.Module):
 
     def forward(self, h, delta=None, **attn_args) -> tuple[torch.Tensor, torch.Tensor]:
         """h: the residual stream, delta: the previous layer's MLP output not yet added to it (None at
-        the first layer) -> (h, this layer's MLP output). Each add is done by the norm that follows it
+        the first layer; MoE.forward_parts' pair at times) -> (h, this layer's MLP output). Each add is done by the norm that follows it
         (one kernel on a GPU). attn_args name the layer's cache and its index there."""
         h, x = (h, self.input_layernorm(h)) if delta is None else self.input_layernorm(h, delta)
         h, x = self.post_attention_layernorm(h, self.self_attn(x, **attn_args))
-        return h, self.mlp(x)
+        return h, (self.mlp.forward_parts(x) if isinstance(self.mlp, MoE) else self.mlp(x))
 
 
 class DeepseekModel(nn.Module):
@@ -228,7 +231,8 @@ class DeepseekForCausalLM(nn.Module):
         for i, layer in enumerate(self.model.layers):
             h, delta = layer(h, delta, **layer_args[i])
         if last_only:
-            h, delta = h[:, -1:], delta[:, -1:]
+            h = h[:, -1:]
+            delta = tuple(d[:, -1:] for d in delta) if isinstance(delta, tuple) else delta[:, -1:]
         return self.lm_head(self.model.norm(h, delta)[1]).float()
 
     def _attention_args(self, cache: LatentCache | DSACache, B: int, T: int, start_pos: int | torch.Tensor,

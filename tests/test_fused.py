@@ -86,10 +86,15 @@ def test_add_then_norm_in_one_kernel_matches_the_two_torch_ops(dtype, dim):
     gen = torch.Generator(device="cuda").manual_seed(dim)
     h, delta = (torch.randn(2, 3, dim, device="cuda", generator=gen).to(dtype) for _ in range(2))
     weight = (1 + 0.1 * torch.randn(dim, device="cuda", generator=gen)).to(dtype)
-    total, normed = add_rms_norm(h, delta, weight, 1e-6)
+    total, normed = add_rms_norm(h, (delta,), weight, 1e-6)
     assert torch.equal(total, h + delta)  # the residual stream rounds exactly as torch's add
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2 ** -7, atol=2 ** -7)
     torch.testing.assert_close(normed, _torch_norm(h + delta, weight, 1e-6), **tol)
+    routed = torch.randn(2, 3, dim, device="cuda", generator=gen)  # MoE.forward_parts' pair: fp32 + shared
+    total, normed = add_rms_norm(h, (routed, delta), weight, 1e-6)
+    want = h + delta.clone().add_(routed)
+    assert torch.equal(total, want)
+    torch.testing.assert_close(normed, _torch_norm(want, weight, 1e-6), **tol)
 
 
 def _router(E, k, method, scoring, groups, topk_group, norm, scaling):
@@ -181,3 +186,5 @@ def test_a_moe_layer_hands_its_inputs_to_the_cpu_in_one_copy(tiny_v3):
     weights, ids = moe.gate(x.view(3, -1))
     want = moe.experts.forward(x.view(3, -1).float(), ids, weights) + moe.shared_experts(x.view(3, -1))
     torch.testing.assert_close(got.view(3, -1), want, rtol=1e-5, atol=1e-5)
+    routed, shared = moe.forward_parts(x)  # the decoder layer's call: the sum left to the next norm
+    assert routed.dtype == torch.float32 and torch.equal(shared + routed, got)
