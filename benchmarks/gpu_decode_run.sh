@@ -1,13 +1,14 @@
 #!/bin/bash
 # Hybrid decode on the GPU machine, whole DeepSeek-V2-Lite (27 layers, random weights): where a step
-# goes (`hmoe bench --breakdown`) for the default (host functions, one worker per core but one), the
-# memops hand-over and other worker counts. Routed experts q8_0 on the CPU (q4_k would spend the budget
-# quantizing 26 layers in numpy), everything else bf16 on cuda:0. Before that, GPU tests.
+# goes (`hmoe bench --breakdown`) for the default (one worker per core but one, the hand-over `auto`)
+# and variants. Routed experts q8_0 (or q4_k) on the CPU, everything else bf16 on cuda:0. Before that,
+# GPU tests.
 # Results land in $OUT; budget $BUDGET seconds (default 540). From the repository root:
 #   OUT=$OUT bash benchmarks/gpu_decode_run.sh
 # TESTS= the GPU test files (default: the decode path's; "none" skips), CPU_TESTS=1 adds the AMX/VNNI
-# CPU-expert tests, VARIANTS= the bench variants in order (default, memops, wN = N workers, depth, base =
-# the tree in _dev/base, e.g. `git archive REV | tar -x -C _dev/base`, carried along: A/B in one call).
+# CPU-expert tests, VARIANTS= the bench variants in order (default, memops, wN = N workers, depth, q4_k =
+# the experts in q4_k, gpuN = N experts per layer kept on the GPU, base = the tree in _dev/base, e.g.
+# `git archive REV | tar -x -C _dev/base`, carried along: A/B in one call). Output: bench-v2l-VARIANT.json.
 export HMOE_CACHE_DIR=/tmp/hc PYTHONPATH=. PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT; BUDGET=${BUDGET:-540}
 exec > >(tee $OUT/log-decode.txt) 2>&1
@@ -21,17 +22,21 @@ MM=$!
 [ -n "$CPU_TESTS" ] && timeout 100 python3 -m pytest -p no:cacheprovider -rfE -k "amx or vnni or mixed or pool or share" \
   tests/test_cpu_experts_moe.py tests/test_cpu_experts_mixed.py 2>&1 | tail -4
 wait $MM; stamp "tests done, model ready"; df -h /tmp | tail -1
-printf "name: V2-Lite hybrid q8_0\nrules:\n  - match: 'model\\\\.layers\\\\.\\\\d+\\\\.mlp\\\\.experts'\n    device: cpu\n    op: jit\n    quant: q8_0\n  - match: '.*'\n    device: cuda:0\n    dtype: bf16\n" > /tmp/q8_0.yaml
+rules() {  # $1 = experts' format, $2 = extra line of the experts' rule
+  printf "name: V2-Lite hybrid $1\nrules:\n  - match: 'model\\\\.layers\\\\.\\\\d+\\\\.mlp\\\\.experts'\n    device: cpu\n    op: jit\n    quant: $1\n$2  - match: '.*'\n    device: cuda:0\n    dtype: bf16\n"
+}
+rules q8_0 > /tmp/q8_0.yaml; rules q4_k > /tmp/q4_k.yaml
 bench() {  # $1 = variant: default, memops, wN (N workers); repeated names get -2, -3
-  local variant=$1 name=$1 n=2 env=() opts=() dir=.
-  while [ -e $OUT/bench-v2l-q8_0-$name.json ]; do name=$variant-$n; n=$((n + 1)); done
+  local variant=$1 name=$1 n=2 env=() opts=() dir=. rules=/tmp/q8_0.yaml
+  while [ -e $OUT/bench-v2l-$name.json ]; do name=$variant-$n; n=$((n + 1)); done
   case $variant in  # depth: tg at 0 and 32768 cached tokens (the MLA promise: a flat curve)
-    memops) env=(HMOE_HANDOVER=memops) ;; base) dir=_dev/base ;; w*) opts=(--experts-threads ${variant#w}) ;; depth) opts=(-p 0 -d 0,32768) ;;
+    memops) env=(HMOE_HANDOVER=memops) ;; base) dir=_dev/base ;; q4_k) rules=/tmp/q4_k.yaml ;;
+    gpu*) rules=/tmp/$variant.yaml; rules q8_0 "    gpu_experts: {count: ${variant#gpu}, device: cuda:0, quant: bf16}\n" > $rules ;; w*) opts=(--experts-threads ${variant#w}) ;; depth) opts=(-p 0 -d 0,32768) ;;
   esac
   L=$(left); [ $L -gt 60 ] || { stamp "skipped $name: budget"; return; }
   S=$(date +%s)
-  (cd $dir && env "${env[@]}" timeout $L python3 -m runtime bench --model /tmp/v2l --rules /tmp/q8_0.yaml -p 512 \
-    -n ${NGEN:-128} -r 3 --bw-gib 1 --breakdown --out $OUT/bench-v2l-q8_0-$name.json "${opts[@]}") 2>&1 |
+  (cd $dir && env "${env[@]}" timeout $L python3 -m runtime bench --model /tmp/v2l --rules $rules -p 512 \
+    -n ${NGEN:-128} -r 3 --bw-gib 1 --breakdown --out $OUT/bench-v2l-$name.json "${opts[@]}") 2>&1 |
     grep -v repetition | tail -9
   stamp "$name took $(( $(date +%s) - S )) s"
 }
