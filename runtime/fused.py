@@ -1,6 +1,7 @@
 """Small decode-step ops in one Triton kernel each on the GPU: RMSNorm (alone or after the residual
 add), the RoPE rotation, the latent cache's store (RMSNorm of c_kv, RoPE of k_pe, written into its
-page slot) and the router's choice (softmax/sigmoid, groups, top-k, renormalisation, scaling).
+page slot), the router's logits (the hidden state's fp32 copy for the CPU experts written on the
+way) and its choice (softmax/sigmoid, groups, top-k, renormalisation, scaling).
 
 At one token a decode step is launch-bound: each torch op is a kernel of a few microseconds.
 `hmoe bench --breakdown` counted ~250 GPU kernels in a 4-layer V2-Lite step, 104 of them in
@@ -165,6 +166,40 @@ def store_latent(kv: torch.Tensor, norm_weight: torch.Tensor, eps: float, cos: t
     _store_latent_kernel[(B * T,)](rows, norm_weight, cos.contiguous(), sin.contiguous(), slots.reshape(-1), dest, T,
                                    eps, rows.stride(0), dest.stride(0), RANK=rank, HALF=rope_dim // 2,
                                    INTERLEAVE=interleave, num_warps=1)
+
+
+@triton.jit
+def _router_logits_kernel(x_ptr, w_ptr, logits_ptr, x_out_ptr, E, H, stride_x, stride_w, BLOCK_E: tl.constexpr,
+                          BLOCK_H: tl.constexpr, WRITE_X: tl.constexpr):
+    block, row = tl.program_id(0), tl.program_id(1)  # BLOCK_E experts of one token
+    es = block * BLOCK_E + tl.arange(0, BLOCK_E)
+    emask = es < E
+    acc = tl.zeros([BLOCK_E, BLOCK_H], tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        cols = h0 + tl.arange(0, BLOCK_H)
+        cmask = cols < H
+        x = tl.load(x_ptr + row * stride_x + cols, mask=cmask, other=0.0).to(tl.float32)
+        if WRITE_X:  # the first block also hands the fp32 hidden state on
+            if block == 0:
+                tl.store(x_out_ptr + row * H + cols, x, mask=cmask)
+        w = tl.load(w_ptr + es[:, None] * stride_w + cols[None, :], mask=emask[:, None] & cmask[None, :], other=0.0)
+        acc += w.to(tl.float32) * x[None, :]
+    tl.store(logits_ptr + row * E + es, tl.sum(acc, axis=1), mask=emask)
+
+
+def router_logits(x: torch.Tensor, weight: torch.Tensor, x_out: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 logits [T, E] = x [T, H] . weight [E, H]^T in fp32 (either operand bf16 or fp32, converted on
+    load: no fp32 copy of a large router weight), for a few tokens (a GEMV per token: one kernel instead
+    of cuBLAS's and a conversion's); x as fp32 into x_out [T, H] (contiguous) when given."""
+    T, H = x.shape
+    E = weight.shape[0]
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    logits = torch.empty(T, E, dtype=torch.float32, device=x.device)
+    BLOCK_E = 4
+    _router_logits_kernel[(triton.cdiv(E, BLOCK_E), T)](x, weight, logits, x_out if x_out is not None else logits, E, H,
+                                                       x.stride(0), weight.stride(0), BLOCK_E=BLOCK_E, BLOCK_H=512,
+                                                       WRITE_X=x_out is not None, num_warps=8)
+    return logits
 
 
 ROUTE_METHODS = {"greedy": 0, "group_limited_greedy": 1, "noaux_tc": 2}

@@ -36,6 +36,7 @@ class MLP(nn.Module):
 
 ROUTER_F32_CACHE_MAX = 1 << 20  # weight elements up to which the router keeps an fp32 copy (4 MiB)
 ROUTE_KERNEL_MAX_EXPERTS = 1024  # runtime.fused.route holds a token's scores in one program's registers
+ROUTER_GEMV_MAX_TOKENS = 16  # up to this many tokens the router's logits are a Triton GEMV per token
 
 
 class Router(nn.Module):
@@ -66,12 +67,21 @@ class Router(nn.Module):
             self._weight_f32 = (key, w.detach().float())
         return self._weight_f32[1]
 
-    def forward(self, x: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor] | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor] | None = None,
+                x_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, H] -> topk_weights [T, k] fp32, topk_ids [T, k] int64 (written into `out` when given:
-        e.g. the buffers a host copy reads). On a GPU one kernel after the logits' GEMM chooses."""
-        logits = F.linear(x.float(), self.weight_f32())
-        if logits.is_cuda and self._fused(logits.device):
+        e.g. the buffers a host copy reads; x as fp32 into `x_out` when given, for the CPU experts).
+        On a GPU two kernels: the logits (for decode-sized T; cuBLAS above), then the choice."""
+        fused = x.is_cuda and self._fused(x.device)
+        if fused and x.shape[0] <= ROUTER_GEMV_MAX_TOKENS:
+            from .fused import router_logits
+
+            logits = router_logits(x, self.weight, x_out)  # reads the weight as stored (bf16: half the bytes)
+        else:
+            if x_out is not None:
+                x = x_out.copy_(x)
+            logits = F.linear(x.float(), self.weight_f32())
+        if fused:
             from .fused import route
 
             bias = self.e_score_correction_bias if self.method == "noaux_tc" else None
@@ -185,8 +195,7 @@ class MoE(nn.Module):
             inputs = self.experts.inputs(x) if hasattr(self.experts, "inputs") else None
             if inputs is not None:  # its own buffers (e.g. what one host copy reads): fill them in place
                 x_in, ids, weights = inputs
-                x_in.copy_(x)
-                self.gate(x_in, out=(weights, ids))
+                self.gate(x, out=(weights, ids), x_out=x_in)
             else:
                 x_in = x.float() if getattr(self.experts, "takes_fp32", False) else x
                 weights, ids = self.gate(x_in)

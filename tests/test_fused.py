@@ -188,3 +188,19 @@ def test_a_moe_layer_hands_its_inputs_to_the_cpu_in_one_copy(tiny_v3):
     torch.testing.assert_close(got.view(3, -1), want, rtol=1e-5, atol=1e-5)
     routed, shared = moe.forward_parts(x)  # the decoder layer's call: the sum left to the next norm
     assert routed.dtype == torch.float32 and torch.equal(shared + routed, got)
+
+
+@pytest.mark.parametrize("experts, hidden, dtype", [(64, 2048, torch.bfloat16), (256, 7168, torch.bfloat16),
+                                                    (16, 100, torch.float32)])
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_router_logits_kernel_is_the_fp32_product_and_hands_on_the_fp32_hidden_state(experts, hidden, dtype, tokens):
+    from runtime.fused import router_logits
+
+    gen = torch.Generator(device="cuda").manual_seed(experts + tokens)
+    x = torch.randn(tokens, hidden, device="cuda", generator=gen).to(dtype)
+    weight = torch.randn(experts, hidden, device="cuda", generator=gen).to(dtype)
+    x_out = torch.empty(tokens, hidden, device="cuda")
+    logits = router_logits(x, weight, x_out)
+    assert torch.equal(x_out, x.float())
+    want = torch.nn.functional.linear(x.float(), weight.float())
+    torch.testing.assert_close(logits, want, rtol=1e-4, atol=1e-4 * hidden ** 0.5)
