@@ -277,8 +277,6 @@ def quantize_torch(x, fmt: str, *, device=None, chunk_weights: int | None = None
     device, the bytes of `formats.quantize`; computed on `device` (default x's) in chunks of blocks."""
     spec = get_format(fmt)
     x = torch.as_tensor(x)
-    if not x.is_floating_point():
-        raise ValueError(f"{fmt}: quantize takes floating-point weights, got {x.dtype}")
     if x.dim() == 0 or x.shape[-1] % spec.block_elems:
         raise ValueError(f"{fmt}: last dimension {tuple(x.shape)[-1:]} is not a multiple of {spec.block_elems}")
     device = torch.device(device) if device is not None else x.device
