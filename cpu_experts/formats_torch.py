@@ -295,18 +295,16 @@ def quantize_torch(x, fmt: str, *, device=None, chunk_weights: int | None = None
 # ---------------------------------------------------------------- where experts are quantized
 
 ENV = "HMOE_QUANT_DEVICE"
-# the faster quantizer on a CPU (2-core CI box, weights/s, NOTES.md "Quantizing on torch"): torch for the
-# k-quants' long searches, numpy for the one-pass formats
-CPU_BACKEND = {"bf16": "numpy", "q8_0": "numpy", "q4_0": "numpy", "q4_k": "cpu", "q6_k": "cpu"}
 
 
 def quant_device(fmt: str) -> str:
     """Where `fmt` is quantized: $HMOE_QUANT_DEVICE (auto, numpy, cpu, cuda, cuda:N; default auto);
-    auto is CUDA when present, else the faster of torch-CPU and numpy for the format."""
+    auto is CUDA when present, else torch on the CPU: faster than numpy for every format on the 2-core
+    CI box (2 threads, weights/s: q4_k 8.6 M vs 7.2 M, q6_k 17.5 vs 16.5, q4_0 216 vs 144, q8_0 350 vs 173)."""
     get_format(fmt)
     want = os.environ.get(ENV, "auto").strip().lower() or "auto"
     if want == "auto":
-        return "cuda" if torch.cuda.is_available() else CPU_BACKEND[fmt]
+        return "cuda" if torch.cuda.is_available() else "cpu"
     if want in ("numpy", "cpu"):
         return want
     if want == "cuda" or (want.startswith("cuda:") and want[5:].isdigit()):
