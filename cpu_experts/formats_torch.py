@@ -33,14 +33,20 @@ def _div(a, b):
     return torch.div(a, b)
 
 
-def _rint(v):
-    """np.rint(v).astype(np.int32), kept in float32: half to even; NaN and out-of-range -> INT32_MIN."""
-    r = torch.round(v)
+def _x86_int(r):
+    """Integral float32 values as x86's float -> int32 conversion (numpy's astype on this host) leaves
+    them, kept in float32: NaN and values outside int32 become INT32_MIN. CUDA's conversion
+    saturates instead, so nothing out of range is ever converted by the device."""
     return torch.where((r > _I32_MIN) & (r < -_I32_MIN), r, _I32_MIN)
 
 
+def _rint(v):
+    """np.rint(v).astype(np.int32), kept in float32: half to even, then _x86_int."""
+    return _x86_int(torch.round(v))
+
+
 def _u8(v):
-    """float32 integer values -> uint8 as numpy's int32 -> uint8 cast (modulo 256)."""
+    """float32 values in int32's range -> uint8 as numpy's int32 -> (u)int8 cast: the low byte."""
     return (v.to(torch.int32) & 0xFF).to(torch.uint8)
 
 
@@ -79,7 +85,7 @@ def _roundf_away(x):
 def _quantize_q8_0(x):
     d = _div(torch.abs(x).amax(dim=1, keepdim=True), f(127))
     inv = torch.where(d == 0, 0.0, _div(f(1), d))
-    qs = _roundf_away(x * inv).to(torch.int8).view(torch.uint8)
+    qs = _u8(_x86_int(_roundf_away(x * inv)))  # astype(int8): the low byte of an int32 conversion
     return torch.cat([_f16_bytes(d[:, 0].to(torch.float16)), qs], dim=1)
 
 
@@ -87,7 +93,7 @@ def _quantize_q4_0(x):
     imax = torch.abs(x).argmax(dim=1, keepdim=True)
     d = _div(torch.gather(x, 1, imax), f(-8))
     inv = torch.where(d == 0, 0.0, _div(f(1), d))
-    q = torch.trunc(x * inv + 8.5).to(torch.uint8).clamp(0, 15)
+    q = _u8(_x86_int(torch.trunc(x * inv + 8.5))).clamp(0, 15)
     qs = q[:, :16] | (q[:, 16:] << 4)
     return torch.cat([_f16_bytes(d[:, 0].to(torch.float16)), qs], dim=1)
 
@@ -121,8 +127,10 @@ def _make_qkx2_quants(x, w, nmax, rmin, rdelta, nstep):
     del wx
     flat = mx == mn
     rng = torch.where(flat, 1.0, mx - mn)
-    # finite x and range: iscale * (x - mn) <= nmax + 1, no int32 overflow to emulate in the loop
-    exact = not bool(torch.isfinite(rng).all() & torch.isfinite(x).all())
+    # x finite and the largest iscale finite (a tiny range overflows it): 0 <= iscale * (x - mn) <=
+    # nmax + 1 in every step, no int32 overflow to emulate in the loop
+    top = _div(f(rmin) + f(rdelta) * f(nstep) + f(nmax), rng)
+    exact = not bool(torch.isfinite(top).all() & torch.isfinite(x).all())
     iscale = _div(f(nmax), rng)
     scale = _div(f(1), iscale)
     best_iscale, best_mn = iscale, mn
@@ -239,7 +247,7 @@ def _quantize_q6_k(x):
     zero = torch.abs(max_scale) < f(1e-15)
     iscale = _where0(~zero, _div(f(-128), torch.where(zero, 1.0, max_scale)))
     d16 = _where0(~zero, _div(f(1), torch.where(zero, 1.0, iscale))).to(torch.float16)
-    sc = torch.clamp(_rint(iscale[:, None] * scales), max=127).to(torch.int8)
+    sc = _u8(torch.clamp(_rint(iscale[:, None] * scales), max=127)).view(torch.int8)
     d = d16.float()[:, None] * sc.float()
     l = torch.clamp(_rint(_div(x.reshape(B, 16, 16), d[..., None])), -32, 31) + 32
     # formats.py: ggml keeps make_qx_quants' L where d is 0; any value dequantizes the same; 32 there

@@ -43,12 +43,15 @@ def test_bytes_match_numpy_on_cpu(fmt, seed):
     np.testing.assert_array_equal(got.numpy(), want)
 
 
-@pytest.mark.parametrize("fmt", ["q4_k", "q6_k", "q4_0"])
-def test_chunks_that_cut_the_matrix_unevenly(fmt):
-    # 40 rows x 2 blocks = 80 blocks in chunks of 7 blocks: the last chunk holds 3
+@pytest.mark.parametrize("fmt", ["q4_k", "q6_k", "q4_0", "q8_0"])
+@pytest.mark.parametrize("blocks", [1, 7])
+def test_chunks_that_cut_the_matrix_unevenly(fmt, blocks):
+    # 40 rows x 2 blocks = 80 blocks in chunks of 7 blocks (the last holds 3), or one block per chunk:
+    # each hard row then meets the search alone (no neighbour decides which code path runs)
     x = hard_weights(2)
-    blk = formats.get_format(fmt).block_elems
-    got = quantize_torch(torch.from_numpy(x), fmt, chunk_weights=7 * blk)
+    if formats.get_format(fmt).block_elems == 32:
+        x = x[:, :256]
+    got = quantize_torch(torch.from_numpy(x), fmt, chunk_weights=blocks * formats.get_format(fmt).block_elems)
     np.testing.assert_array_equal(got.numpy(), formats.quantize(x, fmt))
 
 
