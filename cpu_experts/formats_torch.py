@@ -50,9 +50,17 @@ def _u8(v):
     return (v.to(torch.int32) & 0xFF).to(torch.uint8)
 
 
+_X86_NAN_F16 = -512  # 0xFE00: x86's default NaN (sign set, quiet) in f16, as numpy writes it
+
+
 def _f16_bytes(d):
-    """d: [B] float16 -> [B, 2] little-endian bytes."""
-    return d.contiguous().view(torch.uint8).reshape(d.shape[0], 2)
+    """d: [B] float16 -> [B, 2] little-endian bytes. A NaN scale (q6_k of weights past ~1e19, whose
+    squares overflow) is made by arithmetic: x86 makes -qNaN (f16 0xFE00), CUDA +0x7FFF; write x86's.
+    On the CPU nothing changes, so a NaN carried in from the weights keeps numpy's bits there."""
+    b = d.contiguous().view(torch.int16)
+    if d.device.type != "cpu":
+        b = torch.where(d.isnan(), torch.tensor(_X86_NAN_F16, dtype=torch.int16, device=d.device), b)
+    return b.view(torch.uint8).reshape(d.shape[0], 2)
 
 
 def _where0(cond, a):
