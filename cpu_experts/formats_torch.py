@@ -6,8 +6,10 @@ round-half-even, the same divisions, f16 by round-to-nearest-even. Elementwise f
 IEEE-exact on CPU torch and on CUDA (PyTorch builds without fast-math), so the bytes are numpy's.
 Traps avoided, both of which round twice: torch computes `scalar / t` as `reciprocal(t) * scalar`,
 and CUDA divides by a CPU scalar as a multiply by its reciprocal; every division here is
-tensor / same-device tensor (`_div`). numpy's int32 casts turn NaN and values outside int32 into
-INT32_MIN (x86) before clipping; `_rint` does the same, so pathological blocks match too.
+tensor / same-device tensor (`_div`). Where numpy's semantics are x86's or its own, they are
+written out: float -> int casts (`_x86_int`: NaN and out-of-range -> INT32_MIN, then the low byte),
+signed zeros of np.maximum/np.minimum (`_maximum0`), the NaN bits of a NaN scale (`_f16_bytes`),
+so pathological blocks match too (cpu_experts/NOTES.md, "Quantizing in torch").
 
 This is a torch adapter: cpu_experts' core stays numpy; experts.py imports it lazily.
 """
