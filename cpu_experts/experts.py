@@ -141,6 +141,15 @@ def _each_expert(E: int, pack) -> None:
             pass  # re-raises the first error
 
 
+def _quant_device(fmt: str) -> str:
+    """numpy, cpu (torch) or cuda[:N]: formats_torch.quant_device, or numpy where torch is absent."""
+    try:
+        from . import formats_torch
+    except ImportError:
+        return "numpy"
+    return formats_torch.quant_device(fmt)
+
+
 def _as_numpy(x, dtype, name):
     if type(x).__module__.startswith("torch"):
         from . import torch_io
@@ -217,19 +226,33 @@ class CPUExperts:
     def from_tensors(cls, gate, up, down, *, fmt: str = "q8_0", threads: int | None = None,
                      numa: str = "interleave", isa: str | None = None, tiles: Tiles | None = None,
                      amx: bool | None = None, down_fmt: str | None = None):
-        """gate, up: [E, I, H]; down: [E, H, I]; numpy arrays or CPU torch tensors (fp32/bf16)."""
-        gate, up, down = (_as_numpy(w, np.float32, n)[0] for w, n in ((gate, "gate"), (up, "up"), (down, "down")))
-        if gate.ndim != 3 or gate.shape != up.shape or down.shape != (gate.shape[0], gate.shape[2], gate.shape[1]):
-            raise ValueError(f"expected gate, up [E, I, H] and down [E, H, I]; got {gate.shape}, {up.shape}, "
-                             f"{down.shape}")
-        E, I, H = gate.shape
+        """gate, up: [E, I, H]; down: [E, H, I]; numpy arrays or CPU torch tensors (fp32/bf16).
+        Quantized where `formats_torch.quant_device` says (CUDA when present, $HMOE_QUANT_DEVICE),
+        the same bytes wherever; repacked in numpy on all cores."""
+        shapes = [tuple(w.shape) for w in (gate, up, down)]
+        if len(shapes[0]) != 3 or shapes[0] != shapes[1] or shapes[2] != (shapes[0][0], shapes[0][2], shapes[0][1]):
+            raise ValueError(f"expected gate, up [E, I, H] and down [E, H, I]; got {shapes[0]}, {shapes[1]}, "
+                             f"{shapes[2]}")
+        E, I, H = shapes[0]
         self = cls(fmt=fmt, num_experts=E, hidden=H, inter=I, threads=threads, numa=numa, isa=isa, tiles=tiles,
                    amx=amx, down_fmt=down_fmt)
-        def pack(e):
-            for mat, w, f, geo in ((self.gate, gate[e], fmt, self.geo), (self.up, up[e], fmt, self.geo),
-                                   (self.down, down[e], self.down_fmt, self.down_geo)):
-                mat.fill(e, repack(quantize(w, f), f, *w.shape, geo))
-        _each_expert(E, pack)
+        where = {f: _quant_device(f) for f in (fmt, self.down_fmt)}
+        projections = ((self.gate, gate, fmt, self.geo), (self.up, up, fmt, self.geo),
+                       (self.down, down, self.down_fmt, self.down_geo))
+        if all(w == "numpy" for w in where.values()):
+            # one expert at a time on every core: numpy's quantize releases the GIL
+            mats = [(mat, _as_numpy(w, np.float32, "weights")[0], f, geo) for mat, w, f, geo in projections]
+            def pack(e):
+                for mat, w, f, geo in mats:
+                    mat.fill(e, repack(quantize(w[e], f), f, *w[e].shape, geo))
+            _each_expert(E, pack)
+            return self
+        from . import formats_torch  # torch quantizes a whole projection (chunked), numpy repacks
+        blocks = [(mat, formats_torch.quantize(w, f, where[f]), f, geo, w.shape[1:]) for mat, w, f, geo in projections]
+        def pack_blocks(e):
+            for mat, q, f, geo, shape in blocks:
+                mat.fill(e, repack(q[e], f, *shape, geo))
+        _each_expert(E, pack_blocks)
         return self
 
     @classmethod

@@ -196,10 +196,19 @@ class GGUFWeights:
               f"(the CPU kernels run {', '.join(GGML_TYPE)}, one format for gate and up)", file=sys.stderr)
 
 
-def _requantize(t: ReaderTensor, fmt: str) -> np.ndarray:
-    from cpu_experts.formats import quantize
+REQUANT_WEIGHTS = 64 << 20  # weights dequantized per group of experts (256 MB of fp32)
 
-    return np.stack([quantize(dequantize_rows(t.data[e], t.tensor_type), fmt) for e in range(t.data.shape[0])])
+
+def _requantize(t: ReaderTensor, fmt: str) -> np.ndarray:
+    """[E, rows, cols] of another type -> `fmt` blocks, a group of experts at a time, quantized where
+    formats_torch.quant_device says (CUDA when present); the bytes of formats.quantize wherever."""
+    from cpu_experts.formats_torch import quant_device, quantize
+
+    where = quant_device(fmt)
+    E, rows, cols = shape_of(t)
+    per = max(1, REQUANT_WEIGHTS // (rows * cols))
+    return np.concatenate([quantize(dequantize_rows(t.data[e:e + per], t.tensor_type), fmt, where)
+                           for e in range(0, E, per)])
 
 
 def _to_torch(data: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
