@@ -43,9 +43,9 @@ def build(layer: int, fmt: str, reference: TorchExperts, *, threads: int | None 
     from cpu_experts.experts import CPUExperts
 
     try:
-        with torch.no_grad():
-            engine = CPUExperts.from_tensors(reference.gate_proj.float(), reference.up_proj.float(),
-                                             reference.down_proj.float(), fmt=fmt, threads=threads,
+        with torch.no_grad():  # as loaded (bf16: half the bytes to a GPU quantizer, no fp32 copy of the layer)
+            engine = CPUExperts.from_tensors(reference.gate_proj.detach(), reference.up_proj.detach(),
+                                             reference.down_proj.detach(), fmt=fmt, threads=threads,
                                              numa=numa or "interleave", down_fmt=down_fmt)
     except ValueError as e:  # shapes the format cannot hold, e.g. q4_k needs rows of 256
         raise HmoeError(f"routed experts of layer {layer} cannot run as {_formats(fmt, down_fmt)}: {e}") from None
