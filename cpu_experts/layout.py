@@ -39,6 +39,19 @@ class Geometry:
     signed: bool       # payload is signed int8 (q8_0 without VNNI)
     offset: int        # integer code offset removed with offset*sum(a)
     bias: bool         # a stored f16 bias per scale group (q4_k)
+    fused: bool = False  # scales (and bias) stored after each block's payload: one stream per row group
+
+    @property
+    def block_stride(self) -> int:
+        """Bytes from one 32-weight block of a row group's payload stream to the next."""
+        if not self.fused:
+            return self.block_payload_bytes
+        return self.block_payload_bytes + self.group_rows * self.scales_per_block * 2 * (2 if self.bias else 1)
+
+    @property
+    def scale_stride(self) -> int:
+        """f16 elements from one block's scales to the next (the same for the bias)."""
+        return self.block_stride // 2 if self.fused else self.group_rows * self.scales_per_block
 
     @property
     def k_align(self) -> int:

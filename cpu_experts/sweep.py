@@ -60,6 +60,9 @@ VARIANTS = {   # changes to the default tiling (codegen/moe.py Tiles; AMX fields
     "tail512": {"tail_rows": 512},
     "ready_tail256": {"expert_ready": True, "tail_rows": 256},
     "ready_tail512": {"expert_ready": True, "tail_rows": 512},
+    "ready_tail1024": {"expert_ready": True, "tail_rows": 1024},   # V3 (H 7168): the V2-Lite default's options,
+    "ready_tail1792": {"expert_ready": True, "tail_rows": 1792},   # tail = H/8 or H/4 in 16-row tasks
+    "ready_tail1792_prof": {"expert_ready": True, "tail_rows": 1792, "profile": True},
     "ready_prof": {"expert_ready": True, "profile": True},
     "pf_first": {"prefetch_first": True},   # workers waiting for phase 0 prefetch their first gate/up task
     "ready_tail512_pf": {"expert_ready": True, "tail_rows": 512, "prefetch_first": True},
