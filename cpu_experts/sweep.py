@@ -80,13 +80,15 @@ POOL_OPTS = {"w15": dict(spare=1), "w15spin": dict(spare=1, wait_spin=1 << 40), 
 
 
 def run(shape: str, fmt: str, threads: int, tokens: list[int], variants: list[str], repeats: int = 20,
-        seed: int = 0, prefill_variants: list[str] | None = None, log=print, partial=None) -> dict:
+        seed: int = 0, prefill_variants: list[str] | None = None, log=print, partial=None,
+        down_fmt: str | None = None) -> dict:
     """variants are timed at <= 64 tokens, prefill_variants (default: the same) above. partial(result)
     is called after each token count (percentages against the first bandwidth reading until the end)."""
     s = SHAPES[shape]
     E, k, H, I = s["num_experts"], s["topk"], s["hidden"], s["inter"]
     t0 = time.perf_counter()
-    base = CPUExperts.random(fmt=fmt, num_experts=E, hidden=H, inter=I, threads=threads, seed=seed)
+    base = CPUExperts.random(fmt=fmt, num_experts=E, hidden=H, inter=I, threads=threads, seed=seed,
+                             down_fmt=down_fmt)
     build_s = time.perf_counter() - t0
     engines = {}
     prefill_variants = variants if prefill_variants is None else prefill_variants
@@ -198,7 +200,7 @@ def _result(base, engines, rows, shape, fmt, threads, bws) -> dict:
            for name, rs in rows.items()}
     return dict(date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), device=cpu_model(), isa=base.isa.name,
                 cpu=base.isa.cpu, threads=threads, cpus=base.pool.cpus, numa=base.numa, shape=shape, fmt=fmt,
-                read_bandwidth_gbs=max(bws), read_bandwidth_before_after_gbs=bws,
+                down_fmt=base.down_fmt, read_bandwidth_gbs=max(bws), read_bandwidth_before_after_gbs=bws,
                 bytes_per_expert=base.bytes_per_expert(), commit=_commit(), variants=out)
 
 
@@ -206,6 +208,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m cpu_experts.sweep", description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", choices=sorted(SHAPES), default="v2-lite")
     p.add_argument("--fmt", default="q8_0")
+    p.add_argument("--down-fmt", default=None, help="format of down_proj (default: --fmt; V2-Lite q4_k: q4_0)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--tokens", default="1,8")
     p.add_argument("--variants", default="base", help=f"comma-separated, from: {', '.join(VARIANTS)}")
@@ -226,7 +229,7 @@ def main(argv=None) -> int:
             with open(a.out, "w") as f:
                 json.dump({**res, "command": command}, f, indent=1)
     write(run(a.shape, a.fmt, a.threads or default_threads(), [int(t) for t in a.tokens.split(",")], names,
-              repeats=a.repeats, prefill_variants=pnames, partial=write))
+              repeats=a.repeats, prefill_variants=pnames, partial=write, down_fmt=a.down_fmt))
     return 0
 
 
