@@ -20,6 +20,7 @@ import json
 import os
 import threading
 import time
+from typing import ClassVar
 
 import numpy as np
 from llvmlite import ir
@@ -30,12 +31,31 @@ from .codegen.irutil import I64, PTR, define, for_range, gep, i64, intrinsic, lo
 from .experts import _geometry
 from .isa import host_isa
 from .jit import Library
-from .layout import BLOCK
+from .layout import BLOCK, Geometry
 from .numa import Buffer
 
 SCENARIOS = ("hot", "l3", "stream")
 L3_PAIRS = 96          # row-group pairs per thread in the l3 scenario (q4_k K 7168: 14 MiB per thread)
 FUSABLE = ("q4_k", "q6_k")   # fused block = 320 / 576 bytes: payload vectors stay 64-byte aligned
+
+
+@dataclasses.dataclass(frozen=True)
+class FusedGeometry(Geometry):
+    """The probe layout: per block of a row group [payload][scales][bias], one stream (kernel only:
+    the repack, the AMX kernels and the MoE keep the three streams)."""
+    fused: ClassVar[bool] = True
+
+    @property
+    def block_stride(self) -> int:
+        return self.block_payload_bytes + self.group_rows * self.scales_per_block * 2 * (2 if self.bias else 1)
+
+    @property
+    def scale_stride(self) -> int:
+        return self.block_stride // 2
+
+
+def fused_geometry(geo: Geometry) -> FusedGeometry:
+    return FusedGeometry(**dataclasses.asdict(geo))
 
 
 def build_ir(geo, isa, nt: int, prefetch_bytes: int = 2048) -> str:
@@ -156,7 +176,7 @@ def run(fmts=("q4_k", "q8_0"), Ks=(7168, 2048), threads=None, nt=1, pool_bytes=2
         for layout in layouts:
             if layout == "fused" and fmt not in FUSABLE:
                 continue
-            geo = dataclasses.replace(base_geo, fused=layout == "fused")
+            geo = fused_geometry(base_geo) if layout == "fused" else base_geo
             f = _SIG(Library(build_ir(geo, isa, nt), isa).address("prof_run"))
             for K in Ks:
                 nb = K // BLOCK

@@ -1,8 +1,6 @@
 """dotprof's harness (the vector decode kernel alone): one call of its kernel against numpy, the
 probe's fused layout (scales and bias after each block's payload) giving the split layout's exact
 result, and a small run that reports every scenario and thread count."""
-import dataclasses
-
 import numpy as np
 import pytest
 
@@ -95,7 +93,7 @@ def test_kernel_call_matches_numpy_in_both_layouts(fmt):
                   aq, ad, sums, term)
     np.testing.assert_allclose(split, ref, rtol=2e-5, atol=2e-5 * np.abs(ref).max())
     if fmt in dotprof.FUSABLE:
-        fgeo = dataclasses.replace(geo, fused=True)
+        fgeo = dotprof.fused_geometry(geo)
         assert fgeo.block_stride % 64 == 0
         fused = _call(fgeo, isa, (_fused(geo, pay, sc, bias),), aq, ad, sums, term)
         np.testing.assert_array_equal(fused, split)   # same operations in the same order
