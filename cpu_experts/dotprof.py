@@ -29,6 +29,7 @@ from .bench import _commit, cpu_model
 from .codegen.dot import emit_quant_dot, quant_dot_name
 from .codegen.irutil import I64, PTR, define, for_range, gep, i64, intrinsic, load, prefetch
 from .experts import _geometry
+from .formats import get_format
 from .isa import host_isa
 from .jit import Library
 from .layout import BLOCK, Geometry
@@ -156,8 +157,24 @@ def _run_threads(f, cpus, jobs, nblocks, acts, repeat):
     return cyc
 
 
+def check_args(fmts, Ks, nt, layouts):
+    """One-line errors for what the command line can get wrong."""
+    for fmt in fmts:
+        get_format(fmt)   # unknown names raise its one-line error
+        if fmt == "bf16":
+            raise ValueError("dotprof times the quantized kernels (q8_0, q4_0, q4_k, q6_k), not bf16")
+    bad = [k for k in Ks if k <= 0 or k % BLOCK]
+    if bad:
+        raise ValueError(f"K must be a positive multiple of {BLOCK}, got {bad}")
+    if not 1 <= nt <= 8:
+        raise ValueError(f"nt (activation rows per call) must be 1-8, got {nt}")
+    if set(layouts) - {"split", "fused"} or not layouts:
+        raise ValueError(f"layouts are split and/or fused, got {list(layouts)}")
+
+
 def run(fmts=("q4_k", "q8_0"), Ks=(7168, 2048), threads=None, nt=1, pool_bytes=2 << 30, layouts=("split", "fused"),
         log=print) -> dict:
+    check_args(fmts, Ks, nt, layouts)
     isa = host_isa()
     ncpu = threads or len(os.sched_getaffinity(0))
     cpus = sorted(os.sched_getaffinity(0))[:ncpu]
@@ -222,6 +239,10 @@ def main(argv=None) -> int:
     p.add_argument("--layouts", default="split,fused")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
+    try:
+        check_args(a.fmts.split(","), [int(k) for k in a.k.split(",")], a.nt, a.layouts.split(","))
+    except ValueError as e:
+        p.error(str(e))
     res = run(a.fmts.split(","), [int(k) for k in a.k.split(",")], a.threads, a.nt, a.pool_mib << 20,
               a.layouts.split(","))
     res["command"] = "python -m cpu_experts.dotprof " + " ".join(

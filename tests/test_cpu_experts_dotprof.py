@@ -1,6 +1,8 @@
 """dotprof's harness (the vector decode kernel alone): one call of its kernel against numpy, the
 probe's fused layout (scales and bias after each block's payload) giving the split layout's exact
 result, and a small run that reports every scenario and thread count."""
+import re
+
 import numpy as np
 import pytest
 
@@ -105,3 +107,16 @@ def test_run_reports_every_scenario_and_thread_count():
     assert {(r["scenario"], r["threads"]) for r in rows} == {(s, t) for s in dotprof.SCENARIOS for t in (1, 2)}
     for r in rows:
         assert r["cycles_per_block"] > 0 and r["gbs_per_core"] > 0 and r["gbs_total"] > 0
+
+
+@pytest.mark.parametrize("kw, msg", [
+    (dict(fmts=("q5_k",)), "unknown weight format 'q5_k'"),
+    (dict(fmts=("bf16",)), "not bf16"),
+    (dict(Ks=(100,)), "K must be a positive multiple of 32, got [100]"),
+    (dict(nt=9), "must be 1-8, got 9"),
+    (dict(layouts=("packed",)), "layouts are split and/or fused"),
+])
+def test_bad_arguments_get_one_line_errors(kw, msg):
+    args = dict(fmts=("q4_k",), Ks=(256,), nt=1, layouts=("split",)) | kw
+    with pytest.raises(ValueError, match=re.escape(msg)):
+        dotprof.check_args(**args)
