@@ -63,6 +63,8 @@ VARIANTS = {   # changes to the default tiling (codegen/moe.py Tiles; AMX fields
     "ready_tail1024": {"expert_ready": True, "tail_rows": 1024},   # V3 (H 7168): the V2-Lite default's options,
     "ready_tail1792": {"expert_ready": True, "tail_rows": 1792},   # tail = H/8 or H/4 in 16-row tasks
     "ready_tail1792_prof": {"expert_ready": True, "tail_rows": 1792, "profile": True},
+    "q1": {"quant_rows": 1},    # one x row per phase-0 task: T rows quantized (and copied to their k slots) in parallel
+    "q1_prof": {"quant_rows": 1, "profile": True},
     "ready_prof": {"expert_ready": True, "profile": True},
     "pf_first": {"prefetch_first": True},   # workers waiting for phase 0 prefetch their first gate/up task
     "ready_tail512_pf": {"expert_ready": True, "tail_rows": 512, "prefetch_first": True},
