@@ -8,8 +8,8 @@ task streams them; the head of the next call's streams is prefetched before each
     l3:     96 row-group pairs per thread, re-read (L3-resident: 14 MiB per thread for q4_k, K 7168)
     stream: consecutive row groups of a region of DRAM of its own per thread, never re-read
 on 1, 2, 4, 8, ... threads at once (pinned, one per CPU, started together behind a barrier).
-Reports rdtsc cycles per 32-weight block of one row group, bytes streamed per cycle and GB/s per core,
-and for `stream` the sum over threads (bytes / slowest thread's time). Layout variants: "split" (the
+Reports rdtsc cycles per 32-weight block of one row group, bytes per cycle and GB/s per core (median
+thread), and the sum over threads (bytes / slowest thread's time). Layout variants: "split" (the
 three streams payload / scales / bias) and "fused" (scales and bias after each block's payload,
 q4_k and q6_k, whose fused blocks stay 64-byte aligned).
 """
@@ -86,17 +86,23 @@ def build_ir(geo, isa, nt: int, prefetch_bytes: int = 2048) -> str:
     return str(m)
 
 
+def _scale_bytes(geo) -> int:
+    """Bytes of one block's f16 scales (as many again for the bias) of one row group."""
+    return geo.group_rows * geo.scales_per_block * 2
+
+
 def group_bytes(geo, K: int) -> tuple[int, int]:
     """(payload-stream bytes, scale-stream bytes per stream) of one row group x K (fused: all in the first)."""
     nb = K // BLOCK
     if geo.fused:
         return nb * geo.block_stride, 0
-    return nb * geo.block_payload_bytes, nb * geo.group_rows * geo.scales_per_block * 2
+    return nb * geo.block_payload_bytes, nb * _scale_bytes(geo)
 
 
-def _sets(geo, K, base, nbytes, scenario) -> np.ndarray:
-    """Row-group pointer triples in a region [base, base+nbytes): payload, scale and bias streams in
-    three sub-regions (offset by odd multiples of 4 KiB: no aliasing of equal low address bits)."""
+def _sets(geo, K, base, nbytes, scenario) -> tuple[np.ndarray, int]:
+    """Row-group pointer triples (payload, scales, bias) in a region [base, base+nbytes), and the bytes
+    one call streams. Split layout: the three streams in three sub-regions (offset by odd multiples of
+    4 KiB: no aliasing of equal low address bits); fused: scales and bias inside the payload stream."""
     gp, gs = group_bytes(geo, K)
     nsc = 2 if geo.bias else 1
     per = gp + nsc * gs
@@ -112,8 +118,8 @@ def _sets(geo, K, base, nbytes, scenario) -> np.ndarray:
     rows = []
     for i in range(count):
         if geo.fused:
-            p = pay0 + i * gp
-            rows.append([p, p + geo.block_payload_bytes, p + geo.block_payload_bytes + geo.group_rows * geo.scales_per_block * 2])
+            sc = pay0 + i * gp + geo.block_payload_bytes
+            rows.append([pay0 + i * gp, sc, sc + _scale_bytes(geo)])
         else:
             rows.append([pay0 + i * gp, sc0 + i * gs, (bi0 + i * gs) if geo.bias else sc0 + i * gs])
     return np.array(rows, np.int64), per

@@ -137,7 +137,8 @@ def run(shape: str, fmt: str, threads: int, tokens: list[int], variants: list[st
             f"last worker out {r['last_out_us']:7.1f} us" + (f"  {r['profile_us']}" if "profile_us" in r else ""))
     res = dict(date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), device=cpu_model(), host=socket.gethostname(),
                isa=base.isa.name, cpu=base.isa.cpu, threads=threads, cpus=pool.cpus, caller_cpu=caller, shape=shape,
-               fmt=fmt, down_fmt=base.down_fmt, experts=E, layers=layers, steps=steps, rounds=rounds, read_bandwidth_gbs=bw,
+               fmt=fmt, down_fmt=base.down_fmt, experts=E, layers=layers, steps=steps, rounds=rounds,
+               read_bandwidth_gbs=bw,
                read_bandwidth_before_after_gbs=[bw0, bw1], bytes_per_expert=base.bytes_per_expert(),
                commit=_commit(),
                tiles={n: dataclasses.asdict(v[0].tiles) for n, v in engines.items()}, results=rows)
