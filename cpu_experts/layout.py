@@ -20,6 +20,7 @@ Rounding: q4_k's d*sc and dmin*m and q6_k's d*sc are stored as f16 (relative err
 far below the int8 activation error; see NOTES.md); q8_0, q4_0 and bf16 keep GGUF values exactly.
 """
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
@@ -39,6 +40,19 @@ class Geometry:
     signed: bool       # payload is signed int8 (q8_0 without VNNI)
     offset: int        # integer code offset removed with offset*sum(a)
     bias: bool         # a stored f16 bias per scale group (q4_k)
+    # scales (and bias) after each block's payload, one stream per row group: only dotprof's probe
+    # (FusedGeometry) sets it; a class constant, so packed-cache headers (asdict) are unchanged
+    fused: ClassVar[bool] = False
+
+    @property
+    def block_stride(self) -> int:
+        """Bytes from one 32-weight block of a row group's payload stream to the next."""
+        return self.block_payload_bytes
+
+    @property
+    def scale_stride(self) -> int:
+        """f16 elements from one block's scales to the next (the same for the bias)."""
+        return self.group_rows * self.scales_per_block
 
     @property
     def k_align(self) -> int:

@@ -61,11 +61,15 @@ def spare_cpu(workers: list[int] | None) -> int | None:
 
 
 def run(shape: str, fmt: str, threads: int, tokens: list[int], variants: list[str], layers: int = 26,
-        steps: int = 20, rounds: int = 5, waits=("futex", "spin"), seed: int = 0, log=print) -> dict:
+        steps: int = 20, rounds: int = 5, waits=("futex", "spin"), seed: int = 0, log=print,
+        down_fmt: str | None = None, experts: int | None = None) -> dict:
+    """experts: fewer experts per layer than the shape has (a small box; the job's work per call is the
+    same while experts >= topk x tokens, but routing then repeats experts more often)."""
     s = SHAPES[shape]
-    E, k, H, I = s["num_experts"], s["topk"], s["hidden"], s["inter"]
+    E, k, H, I = experts or s["num_experts"], s["topk"], s["hidden"], s["inter"]
     t0 = time.perf_counter()
-    base = CPUExperts.random(fmt=fmt, num_experts=E * layers, hidden=H, inter=I, threads=threads, seed=seed)
+    base = CPUExperts.random(fmt=fmt, num_experts=E * layers, hidden=H, inter=I, threads=threads, seed=seed,
+                             down_fmt=down_fmt)
     build_s = time.perf_counter() - t0
     engines = {}
     for name in variants:
@@ -133,7 +137,8 @@ def run(shape: str, fmt: str, threads: int, tokens: list[int], variants: list[st
             f"last worker out {r['last_out_us']:7.1f} us" + (f"  {r['profile_us']}" if "profile_us" in r else ""))
     res = dict(date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), device=cpu_model(), host=socket.gethostname(),
                isa=base.isa.name, cpu=base.isa.cpu, threads=threads, cpus=pool.cpus, caller_cpu=caller, shape=shape,
-               fmt=fmt, layers=layers, steps=steps, rounds=rounds, read_bandwidth_gbs=bw,
+               fmt=fmt, down_fmt=base.down_fmt, experts=E, layers=layers, steps=steps, rounds=rounds,
+               read_bandwidth_gbs=bw,
                read_bandwidth_before_after_gbs=[bw0, bw1], bytes_per_expert=base.bytes_per_expert(),
                commit=_commit(),
                tiles={n: dataclasses.asdict(v[0].tiles) for n, v in engines.items()}, results=rows)
@@ -164,7 +169,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m cpu_experts.native_timing", description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", choices=sorted(SHAPES), default="v2-lite")
     p.add_argument("--fmt", default="q8_0")
+    p.add_argument("--down-fmt", default=None, help="format of down_proj (default: --fmt; V2-Lite q4_k: q4_0)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--experts", type=int, default=None, help="experts per layer (default: the shape's)")
     p.add_argument("--tokens", default="1")
     p.add_argument("--variants", default="base", help=f"comma-separated, from: {', '.join(VARIANTS)}")
     p.add_argument("--layers", type=int, default=26, help="distinct layers' weights, called in turn")
@@ -183,7 +190,8 @@ def main(argv=None) -> int:
     command = "python -m cpu_experts.native_timing " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in vars(a).items() if v is not None and k != "out")
     res = run(a.shape, a.fmt, a.threads or default_threads(), [int(t) for t in a.tokens.split(",")], names,
-              layers=a.layers, steps=a.steps, rounds=a.rounds, waits=waits)
+              layers=a.layers, steps=a.steps, rounds=a.rounds, waits=waits, down_fmt=a.down_fmt,
+              experts=a.experts)
     if a.out:
         with open(a.out, "w") as f:
             json.dump({**res, "command": command}, f, indent=1)

@@ -60,6 +60,11 @@ VARIANTS = {   # changes to the default tiling (codegen/moe.py Tiles; AMX fields
     "tail512": {"tail_rows": 512},
     "ready_tail256": {"expert_ready": True, "tail_rows": 256},
     "ready_tail512": {"expert_ready": True, "tail_rows": 512},
+    "ready_tail1024": {"expert_ready": True, "tail_rows": 1024},   # V3 (H 7168): the V2-Lite default's options,
+    "ready_tail1792": {"expert_ready": True, "tail_rows": 1792},   # tail = H/8 or H/4 in 16-row tasks
+    "ready_tail1792_prof": {"expert_ready": True, "tail_rows": 1792, "profile": True},
+    "q1": {"quant_rows": 1},    # one x row per phase-0 task: T rows quantized (and copied to their k slots) in parallel
+    "q1_prof": {"quant_rows": 1, "profile": True},
     "ready_prof": {"expert_ready": True, "profile": True},
     "pf_first": {"prefetch_first": True},   # workers waiting for phase 0 prefetch their first gate/up task
     "ready_tail512_pf": {"expert_ready": True, "tail_rows": 512, "prefetch_first": True},
@@ -77,13 +82,15 @@ POOL_OPTS = {"w15": dict(spare=1), "w15spin": dict(spare=1, wait_spin=1 << 40), 
 
 
 def run(shape: str, fmt: str, threads: int, tokens: list[int], variants: list[str], repeats: int = 20,
-        seed: int = 0, prefill_variants: list[str] | None = None, log=print, partial=None) -> dict:
+        seed: int = 0, prefill_variants: list[str] | None = None, log=print, partial=None,
+        down_fmt: str | None = None) -> dict:
     """variants are timed at <= 64 tokens, prefill_variants (default: the same) above. partial(result)
     is called after each token count (percentages against the first bandwidth reading until the end)."""
     s = SHAPES[shape]
     E, k, H, I = s["num_experts"], s["topk"], s["hidden"], s["inter"]
     t0 = time.perf_counter()
-    base = CPUExperts.random(fmt=fmt, num_experts=E, hidden=H, inter=I, threads=threads, seed=seed)
+    base = CPUExperts.random(fmt=fmt, num_experts=E, hidden=H, inter=I, threads=threads, seed=seed,
+                             down_fmt=down_fmt)
     build_s = time.perf_counter() - t0
     engines = {}
     prefill_variants = variants if prefill_variants is None else prefill_variants
@@ -195,7 +202,7 @@ def _result(base, engines, rows, shape, fmt, threads, bws) -> dict:
            for name, rs in rows.items()}
     return dict(date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), device=cpu_model(), isa=base.isa.name,
                 cpu=base.isa.cpu, threads=threads, cpus=base.pool.cpus, numa=base.numa, shape=shape, fmt=fmt,
-                read_bandwidth_gbs=max(bws), read_bandwidth_before_after_gbs=bws,
+                down_fmt=base.down_fmt, read_bandwidth_gbs=max(bws), read_bandwidth_before_after_gbs=bws,
                 bytes_per_expert=base.bytes_per_expert(), commit=_commit(), variants=out)
 
 
@@ -203,6 +210,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m cpu_experts.sweep", description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", choices=sorted(SHAPES), default="v2-lite")
     p.add_argument("--fmt", default="q8_0")
+    p.add_argument("--down-fmt", default=None, help="format of down_proj (default: --fmt; V2-Lite q4_k: q4_0)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--tokens", default="1,8")
     p.add_argument("--variants", default="base", help=f"comma-separated, from: {', '.join(VARIANTS)}")
@@ -223,7 +231,7 @@ def main(argv=None) -> int:
             with open(a.out, "w") as f:
                 json.dump({**res, "command": command}, f, indent=1)
     write(run(a.shape, a.fmt, a.threads or default_threads(), [int(t) for t in a.tokens.split(",")], names,
-              repeats=a.repeats, prefill_variants=pnames, partial=write))
+              repeats=a.repeats, prefill_variants=pnames, partial=write, down_fmt=a.down_fmt))
     return 0
 
 

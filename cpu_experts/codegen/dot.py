@@ -76,10 +76,10 @@ def emit_quant_dot(module, geo: Geometry, isa: Isa, nt: int, prefetch_bytes: int
     spb = geo.scales_per_block
     quads_per_group = 8 // spb
     acc = [local(b, vf, splat(F32, R, 0.0)) for _ in range(nt)]
-    bpb = geo.block_payload_bytes
+    bpb, stride = geo.block_payload_bytes, geo.block_stride
     with for_range(b, 0, nblocks, name="blk") as blk:
-        pbase = b.mul(blk, i64(bpb))
-        for line in range(0, bpb if prefetch_all else 1, 64):
+        pbase = b.mul(blk, i64(stride))
+        for line in range(0, stride if prefetch_all else 1, 64):
             prefetch(b, gep(b, pay, b.add(pbase, i64(prefetch_bytes + line))), locality)
         nvec = bpb // vb
         raw = [load(b, pay, vec(I8, vb), b.add(pbase, i64(v * vb)), align=64) for v in range(nvec)]
@@ -89,11 +89,12 @@ def emit_quant_dot(module, geo: Geometry, isa: Isa, nt: int, prefetch_bytes: int
             wq = raw
         uq = [b.select(b.icmp_signed("<", w, splat(I8, vb, 0)), b.sub(splat(I8, vb, 0), w), w)
               for w in wq] if geo.signed else wq
-        sbase = b.mul(blk, i64(spb * R))
+        sbase = b.mul(blk, i64(geo.scale_stride))
         sc_ahead = prefetch_bytes // 8       # scales (and bias) advance 2*spb*R bytes per block
         sc_every = 64 // (2 * spb * R) or 1   # blocks per line of scales
         pf_sc = b.icmp_signed("==", b.urem(blk, i64(sc_every)), i64(0)) if prefetch_all and sc_every > 1 else None
-        streams = [sc] + ([bias] if geo.bias and prefetch_all else [])
+        # fused: the scales (and bias) are lines of the payload stream, prefetched with it above
+        streams = [] if geo.fused else [sc] + ([bias] if geo.bias and prefetch_all else [])
         if pf_sc is None:
             for st in streams:
                 prefetch(b, gep(b, st, b.add(b.mul(sbase, i64(2)), i64(sc_ahead))), locality)
