@@ -13,7 +13,6 @@ does not add up: all < dequant + tiles says how much the two halves overlap.
 """
 import argparse
 import ctypes
-import json
 import os
 import threading
 import time
@@ -21,7 +20,7 @@ import time
 import numpy as np
 from llvmlite import ir
 
-from .bench import _commit, cpu_model
+from .bench import _commit, cpu_model, save_result
 from .codegen.amx_bf16 import BF16_BLOCK_BYTES, PARTS, amx_bf16_name, emit_amx_bf16_mm
 from .codegen.irutil import I64, PTR, define, for_range, gep, i64, intrinsic, load
 from .experts import _geometry, enable_amx
@@ -151,11 +150,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     res = run(a.fmt, a.k, [int(s) for s in a.slots.split(",")], a.threads, a.calls)
-    res["command"] = "python -m cpu_experts.amxprof " + " ".join(f"--{k} {v}" for k, v in vars(a).items()
-                                                                 if v is not None and k != "out")
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump(res, f, indent=1)
+    save_result(res, "cpu_experts.amxprof", a)
     return 0
 
 

@@ -18,6 +18,17 @@ SHAPES = {  # routed experts, top-k, hidden, moe inter
 }
 
 
+def save_result(res: dict, module: str, args) -> None:
+    """Record the command line (argparse namespace, `--out` left out) in res and write it to args.out if set."""
+    res["command"] = f"python -m {module} " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None and k != "out")
+    if args.out:
+        import json
+
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
+
+
 def routing(rng, T: int, E: int, k: int) -> np.ndarray:
     """Distinct experts per token; consecutive tokens walk a permutation so that T*k >= E covers all."""
     perm = rng.permutation(E)

@@ -16,7 +16,6 @@ q4_k and q6_k, whose fused blocks stay 64-byte aligned).
 import argparse
 import ctypes
 import dataclasses
-import json
 import os
 import threading
 import time
@@ -25,7 +24,7 @@ from typing import ClassVar
 import numpy as np
 from llvmlite import ir
 
-from .bench import _commit, cpu_model
+from .bench import _commit, cpu_model, save_result
 from .codegen.dot import emit_quant_dot, quant_dot_name
 from .codegen.irutil import I64, PTR, define, for_range, gep, i64, intrinsic, load, prefetch
 from .experts import _geometry
@@ -251,11 +250,7 @@ def main(argv=None) -> int:
         p.error(str(e))
     res = run(a.fmts.split(","), [int(k) for k in a.k.split(",")], a.threads, a.nt, a.pool_mib << 20,
               a.layouts.split(","))
-    res["command"] = "python -m cpu_experts.dotprof " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(a).items() if v is not None and k != "out")
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump(res, f, indent=1)
+    save_result(res, "cpu_experts.dotprof", a)
     return 0
 
 
