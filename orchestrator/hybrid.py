@@ -124,13 +124,15 @@ class HostStaging:
                                                            device=device)
         return self.inputs(packed, T)
 
-    def is_device_packed(self, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> bool:
-        """Whether these are device_inputs' views for their token count (one copy moves them)."""
+    def device_region(self, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor | None:
+        """The packed device region whose first input_bytes(T) bytes these are, if they are device_inputs'
+        views for their token count (one copy then moves them), else None."""
         packed = self._device_in.get(hidden.device)
         if packed is None:
-            return False
+            return None
         views = self.inputs(packed, hidden.shape[0])
-        return all(t.data_ptr() == v.data_ptr() and t.shape == v.shape for t, v in zip((hidden, ids, weights), views))
+        ours = all(t.data_ptr() == v.data_ptr() and t.shape == v.shape for t, v in zip((hidden, ids, weights), views))
+        return packed[:self.input_bytes(hidden.shape[0])] if ours else None
 
     def pin(self) -> None:
         if not self.registered:
@@ -299,9 +301,9 @@ class HybridExperts(nn.Module):
         T = hidden.shape[0]
         job = self._job(T, lane)
         staging = self.staging
-        if hidden.is_cuda and staging.is_device_packed(hidden, topk_ids, topk_weights):
-            n = staging.input_bytes(T)
-            lane.copy_in(staging.packed_in[:n], staging._device_in[hidden.device][:n])
+        region = staging.device_region(hidden, topk_ids, topk_weights) if hidden.is_cuda else None
+        if region is not None:
+            lane.copy_in(staging.packed_in[:region.numel()], region)
         else:
             for dst, src in zip(staging.inputs(staging.packed_in, T), (hidden, topk_ids, topk_weights)):
                 lane.copy_in(dst, src.detach())

@@ -165,8 +165,9 @@ class DecoderLayer(nn.Module):
 
     def forward(self, h, delta=None, **attn_args) -> tuple[torch.Tensor, torch.Tensor]:
         """h: the residual stream, delta: the previous layer's MLP output not yet added to it (None at
-        the first layer; MoE.forward_parts' pair at times) -> (h, this layer's MLP output). Each add is done by the norm that follows it
-        (one kernel on a GPU). attn_args name the layer's cache and its index there."""
+        the first layer; MoE.forward_parts' pair at times) -> (h, this layer's MLP output). Each add is
+        done by the norm that follows it (one kernel on a GPU). attn_args name the layer's cache and
+        its index there."""
         h, x = (h, self.input_layernorm(h)) if delta is None else self.input_layernorm(h, delta)
         h, x = self.post_attention_layernorm(h, self.self_attn(x, **attn_args))
         return h, (self.mlp.forward_parts(x) if isinstance(self.mlp, MoE) else self.mlp(x))
