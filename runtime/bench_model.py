@@ -136,12 +136,13 @@ def cpu_part(experts):
 def routed_experts(model) -> dict:
     """What one decode token must read of the routed experts: per MoE layer top-k experts."""
     cfg = model.cfg
-    layers, per_layer, kinds = 0, [], set()
+    layers, per_layer, kinds, some_on_gpu = 0, [], set(), False
     for layer in model.model.layers:
         if not isinstance(layer.mlp, MoE):
             continue
         experts = layer.mlp.experts
         fast = getattr(experts, "fast_ids", None) and (len(experts.fast_ids), experts.fast_device)
+        some_on_gpu = some_on_gpu or bool(fast)
         experts = cpu_part(experts)  # SplitExperts: the roofline of its CPU part
         engine = getattr(experts, "engine", None)
         if engine is not None:
@@ -164,7 +165,7 @@ def routed_experts(model) -> dict:
     # experts kept on a GPU (gpu_experts) take part of each token's choices off the CPU, by a share the
     # routing decides: the roofline still counts every choice as read from RAM, so t/s can pass it
     return {"moe_layers": layers, "top_k": k, "bytes_per_expert": per_layer[0], "experts": ", ".join(sorted(kinds)),
-            "bytes_per_token": k * sum(per_layer), "some_on_gpu": any("/layer on" in kind for kind in kinds)}
+            "bytes_per_token": k * sum(per_layer), "some_on_gpu": some_on_gpu}
 
 
 def cpu_engines(model) -> list:

@@ -27,16 +27,39 @@ _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl
 
 
 @triton.jit
+def _normed(x, w_ptr, cols, mask, n, eps, X_DTYPE: tl.constexpr):
+    """RMSNorm of one row x (fp32, zeros past n): x * rsqrt(mean square + eps) rounded to X_DTYPE,
+    times the weight, in fp32 (the caller rounds to its output's dtype)."""
+    r = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n + eps)
+    y = (x * r).to(X_DTYPE).to(tl.float32)
+    return tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32) * y
+
+
+@triton.jit
+def _rotated(src, cos_ptr, sin_ptr, t, HALF: tl.constexpr, INTERLEAVE: tl.constexpr):
+    """RoPE of the vector at src for position row t: (lo, hi offsets, rotated lo, rotated hi) in fp32.
+    Interleaved pairs (x0, x1), (x2, x3)..., else the two halves."""
+    i = tl.arange(0, HALF)
+    if INTERLEAVE:
+        lo, hi = 2 * i, 2 * i + 1
+    else:
+        lo, hi = i, i + HALF
+    a = tl.load(src + lo).to(tl.float32)
+    c = tl.load(src + hi).to(tl.float32)
+    cos = tl.load(cos_ptr + t * HALF + i)
+    sin = tl.load(sin_ptr + t * HALF + i)
+    return lo, hi, a * cos - c * sin, c * cos + a * sin
+
+
+@triton.jit
 def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, n, eps, stride_x, stride_out, BLOCK: tl.constexpr,
                      X_DTYPE: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < n
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    r = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n + eps)
-    y = (x * r).to(X_DTYPE).to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * stride_out + cols, (w * y).to(out_ptr.dtype.element_ty), mask=mask)
+    y = _normed(x, w_ptr, cols, mask, n, eps, X_DTYPE)
+    tl.store(out_ptr + row * stride_out + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -66,11 +89,8 @@ def _add_rms_norm_kernel(h_ptr, d_ptr, e_ptr, w_ptr, sum_ptr, out_ptr, n, eps, s
         d = (d + e).to(dtype).to(tl.float32)
     s = (h + d).to(dtype)  # the residual stream, rounded as torch's add rounds it
     tl.store(sum_ptr + row * n + cols, s, mask=mask)
-    x = s.to(tl.float32)
-    r = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n + eps)
-    y = (x * r).to(dtype).to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * stride_out + cols, (w * y).to(out_ptr.dtype.element_ty), mask=mask)
+    y = _normed(s.to(tl.float32), w_ptr, cols, mask, n, eps, dtype)
+    tl.store(out_ptr + row * stride_out + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def add_rms_norm(h: torch.Tensor, deltas: tuple[torch.Tensor, ...], weight: torch.Tensor,
@@ -97,20 +117,10 @@ def _rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, T, H, sxb, sxt, sxh, HALF: tl
     h = pid % H
     t = (pid // H) % T
     b = pid // (H * T)
-    i = tl.arange(0, HALF)
-    src = x_ptr + b * sxb + t * sxt + h * sxh
-    if INTERLEAVE:  # pairs (x0, x1), (x2, x3), ...
-        lo, hi = 2 * i, 2 * i + 1
-    else:  # halves
-        lo, hi = i, i + HALF
-    a = tl.load(src + lo).to(tl.float32)
-    c = tl.load(src + hi).to(tl.float32)
-    cos = tl.load(cos_ptr + t * HALF + i)
-    sin = tl.load(sin_ptr + t * HALF + i)
+    lo, hi, a, c = _rotated(x_ptr + b * sxb + t * sxt + h * sxh, cos_ptr, sin_ptr, t, HALF, INTERLEAVE)
     dst = out_ptr + pid * (2 * HALF)
-    dtype = out_ptr.dtype.element_ty
-    tl.store(dst + lo, (a * cos - c * sin).to(dtype))
-    tl.store(dst + hi, (c * cos + a * sin).to(dtype))
+    tl.store(dst + lo, a.to(out_ptr.dtype.element_ty))
+    tl.store(dst + hi, c.to(out_ptr.dtype.element_ty))
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
@@ -135,22 +145,11 @@ def _store_latent_kernel(kv_ptr, w_ptr, cos_ptr, sin_ptr, slot_ptr, dst_ptr, T, 
     dst = dst_ptr + tl.load(slot_ptr + row) * stride_dst
     dtype = kv_ptr.dtype.element_ty
     cols = tl.arange(0, RANK)  # c_kv: RMSNorm as _rms_norm_kernel does it
-    x = tl.load(src + cols).to(tl.float32)
-    r = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / RANK + eps)
-    y = (x * r).to(dtype).to(tl.float32)
-    w = tl.load(w_ptr + cols).to(tl.float32)
-    tl.store(dst + cols, (w * y).to(w_ptr.dtype.element_ty).to(dst_ptr.dtype.element_ty))
-    i = tl.arange(0, HALF)  # k_pe: RoPE as _rope_kernel does it
-    if INTERLEAVE:
-        lo, hi = 2 * i, 2 * i + 1
-    else:
-        lo, hi = i, i + HALF
-    a = tl.load(src + RANK + lo).to(tl.float32)
-    c = tl.load(src + RANK + hi).to(tl.float32)
-    cos = tl.load(cos_ptr + t * HALF + i)
-    sin = tl.load(sin_ptr + t * HALF + i)
-    tl.store(dst + RANK + lo, (a * cos - c * sin).to(dtype).to(dst_ptr.dtype.element_ty))
-    tl.store(dst + RANK + hi, (c * cos + a * sin).to(dtype).to(dst_ptr.dtype.element_ty))
+    y = _normed(tl.load(src + cols).to(tl.float32), w_ptr, cols, cols < RANK, RANK, eps, dtype)
+    tl.store(dst + cols, y.to(w_ptr.dtype.element_ty).to(dst_ptr.dtype.element_ty))
+    lo, hi, a, c = _rotated(src + RANK, cos_ptr, sin_ptr, t, HALF, INTERLEAVE)  # k_pe: RoPE as _rope_kernel
+    tl.store(dst + RANK + lo, a.to(dtype).to(dst_ptr.dtype.element_ty))
+    tl.store(dst + RANK + hi, c.to(dtype).to(dst_ptr.dtype.element_ty))
 
 
 def store_latent(kv: torch.Tensor, norm_weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor,
