@@ -1,6 +1,10 @@
 """Measured DRAM read bandwidth: a JIT-compiled streaming read over a large buffer, all threads.
 
 This is the yardstick of the decode kernels (GB/s of weights streamed / this number, same run).
+`PoolFlusher` runs the same read as a job of an expert pool, on its own workers: it evicts the
+last-level cache before a timed call and measures the bandwidth the memory system gives at that
+moment, so every timed call has a reading taken right before it (the machines here move by 10-40%
+between readings seconds apart: neighbours share the memory channels).
 """
 import ctypes
 import os
@@ -9,7 +13,8 @@ import time
 
 import numpy as np
 
-from .codegen.irutil import I32, I64, PTR, define, for_range, gep, i64, prefetch, splat, vec
+from .codegen.fields import J, JOB_FIELDS
+from .codegen.irutil import I32, I64, PTR, VOID, define, field, for_range, gep, i64, prefetch, splat, vec
 from .isa import host_isa
 from .jit import Library
 from llvmlite import ir
@@ -41,6 +46,15 @@ def _read_ir(vector_bytes: int, prefetch_bytes: int) -> str:
         tot = b.xor(tot, b.load(a, typ=vt))
     r = b.extract_element(tot, ir.Constant(I32, 0))
     b.ret(b.zext(r, I64))
+    read = fn
+    # void hmoe_read_job(pool, job, tid): a worker pool's job (the type of hmoe_run_job): worker tid reads
+    # job[H] bytes from job[X] + tid * job[H]; the xor lands in job[OUT] so that the loads stay
+    fn, b = define(m, "hmoe_read_job", VOID, [PTR, PTR, I64])
+    _, job, tid = fn.args
+    per = field(b, job, J["H"])
+    r = b.call(read, [gep(b, field(b, job, J["X"], True), b.mul(tid, per)), per])
+    b.store(r, gep(b, job, i64(8 * J["OUT"]), I64))
+    b.ret_void()
     return str(m)
 
 
@@ -100,3 +114,28 @@ class Flusher:
             th.start()
         for th in ths:
             th.join()
+
+
+class PoolFlusher:
+    """The Flusher's read as a job of `pool` (its workers, each reading nbytes / threads), timed from
+    submit to wait: call it to evict the last-level cache; it returns the GB/s it read at. The workers
+    are left spinning afterwards, as between the layers of a decode step."""
+
+    def __init__(self, pool, nbytes: int = 1 << 29):
+        from .pool import aligned_zeros
+        isa = host_isa()
+        self._lib = Library(_read_ir(isa.vector_bytes, 0), isa)
+        self._buf = np.ones(nbytes // 8 + 512, np.int64)
+        per = (nbytes // pool.threads) // 4096 * 4096
+        self.nbytes = per * pool.threads
+        self.job = aligned_zeros(len(JOB_FIELDS), np.int64)
+        self.job[J["RUN"]] = self._lib.address("hmoe_read_job")
+        self.job[J["X"]] = self._buf.ctypes.data + (-self._buf.ctypes.data) % 4096
+        self.job[J["H"]] = per
+        self.pool = pool
+
+    def __call__(self) -> float:
+        t0 = time.perf_counter()
+        self.pool.submit(self.job)
+        self.pool.wait()
+        return self.nbytes / (time.perf_counter() - t0) / 1e9

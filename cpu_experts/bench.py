@@ -1,4 +1,5 @@
 """Benchmark of one MoE layer's routed experts (random weights and routing), used by `hmoe bench-moe`."""
+import ctypes
 import dataclasses
 import datetime
 import os
@@ -9,7 +10,7 @@ import time
 
 import numpy as np
 
-from .bandwidth import Flusher, measure_read_bandwidth
+from .bandwidth import PoolFlusher, measure_read_bandwidth
 from .experts import CPUExperts
 
 SHAPES = {  # routed experts, top-k, hidden, moe inter
@@ -72,30 +73,71 @@ def repeats_for(tokens: int, repeats: int) -> int:
     return repeats if tokens <= 64 else max(2, repeats // 3)
 
 
-def time_layer(ex: CPUExperts, tokens: int, *, top_k: int, repeats: int, rng: np.random.Generator, flush) -> dict:
-    """One layer at `tokens`: random routing with distinct experts per token, a warm-up call, `flush()`
-    (evict the last-level cache) before each timed call, median of the calls. One row: tokens, ms,
-    ms_min, experts_touched, weight_gb, gbs, gflops."""
+_VOID_P = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+
+
+def _timed(call, ex: CPUExperts, flush) -> tuple[float, float | None]:
+    """flush() (evict the last-level cache; a PoolFlusher also returns the GB/s it read), workers
+    spinning as between a decode step's layers, then the call's seconds; and flush's reading."""
+    reading = flush()
+    if reading is None:
+        ex.pool.wake()   # an empty job; PoolFlusher's read was a job of this pool already
+    t0 = time.perf_counter()
+    call()
+    return time.perf_counter() - t0, reading
+
+
+def time_layer(ex: CPUExperts, tokens: int, *, top_k: int, repeats: int, rng: np.random.Generator, flush,
+               native: bool = False) -> dict:
+    """One layer at `tokens`: random routing with distinct experts per token, a warm-up call, then per
+    timed call `flush()` (evict the last-level cache; see _timed), median of the calls. One row: tokens,
+    ms, ms_min, experts_touched, weight_gb, gbs, gflops; with a PoolFlusher also read_gbs (median of the
+    reads right before the calls) and pct_paired (median over calls of the call's GB/s / its read's).
+    native: also time the bound native submit/wait (`CPUExperts.bind`, the path a GPU-driven decode
+    step calls) on other routings, alternating with `forward`: ms_native, gbs_native (pct_paired_native);
+    the difference is `forward`'s Python."""
     E, H, I = ex.E, ex.H, ex.I
     x = rng.standard_normal((tokens, H)).astype(np.float32)
     w = rng.uniform(0.1, 1.0, (tokens, top_k)).astype(np.float32)
     ex.forward(x, routing(rng, tokens, E, top_k), w)  # warm: scratch allocation, page faults
-    times, touched = [], []
+    ids_bound, out_bound = np.zeros((tokens, top_k), np.int64), np.empty((tokens, H), np.float32)
+    calls = {"": [], "_native": []}   # (seconds, bytes, reading) per timed call
     for _ in range(repeats):
         ids = routing(rng, tokens, E, top_k)
-        flush()
-        t0 = time.perf_counter()
-        ex.forward(x, ids, w)
-        times.append(time.perf_counter() - t0)
-        touched.append(len(np.unique(ids)))
+        dt, reading = _timed(lambda: ex.forward(x, ids, w), ex, flush)
+        calls[""].append((dt, len(np.unique(ids)) * ex.bytes_per_expert(), reading))
+        if native:
+            ids_bound[:] = routing(rng, tokens, E, top_k)
+            submit, wait, job = ex.bind(x, ids_bound, w, out_bound)
+            dt, reading = _timed(lambda: (_VOID_P(submit)(job), _VOID_P(wait)(job)), ex, flush)
+            calls["_native"].append((dt, len(np.unique(ids_bound)) * ex.bytes_per_expert(), reading))
+    everything = calls[""] + calls["_native"]
+    touched = float(np.mean([n for _, n, _ in everything])) / ex.bytes_per_expert()
+    nbytes = touched * ex.bytes_per_expert()
+    times = [t for t, _, _ in calls[""]]
     dt = float(np.median(times))
-    nbytes = float(np.mean(touched)) * ex.bytes_per_expert()
-    return dict(tokens=tokens, ms=dt * 1e3, ms_min=min(times) * 1e3, experts_touched=float(np.mean(touched)),
-                weight_gb=nbytes / 1e9, gbs=nbytes / dt / 1e9, gflops=2.0 * 3 * tokens * top_k * H * I / dt / 1e9)
+    row = dict(tokens=tokens, ms=dt * 1e3, ms_min=min(times) * 1e3, experts_touched=touched,
+               weight_gb=nbytes / 1e9, gbs=nbytes / dt / 1e9, gflops=2.0 * 3 * tokens * top_k * H * I / dt / 1e9)
+    if native:
+        dn = float(np.median([t for t, _, _ in calls["_native"]]))
+        row.update(ms_native=dn * 1e3, gbs_native=nbytes / dn / 1e9)
+    if everything[0][2] is not None:
+        row["read_gbs"] = float(np.median([r for _, _, r in everything]))
+        row["read_gbs_range"] = [min(r for _, _, r in everything), max(r for _, _, r in everything)]
+        for suffix, cs in calls.items():
+            if cs:
+                row["pct_paired" + suffix] = pct_paired(cs)
+    return row
+
+
+def pct_paired(calls) -> float:
+    """calls: (seconds, bytes, GB/s read right before) per call -> the median over calls of the call's
+    GB/s as a % of its read's."""
+    return 100 * float(np.median([n / t / 1e9 / r for t, n, r in calls]))
 
 
 def run(shape: str, fmt: str, threads: int, tokens: list[int], numa: str = "interleave", isa: str | None = None,
-        amx: bool | None = None, repeats: int = 10, seed: int = 0, log=print) -> dict:
+        amx: bool | None = None, repeats: int = 10, seed: int = 0, native: bool = True, log=print) -> dict:
     s = SHAPES[shape]
     E, k, H, I = s["num_experts"], s["topk"], s["hidden"], s["inter"]
     t0 = time.perf_counter()
@@ -106,19 +148,23 @@ def run(shape: str, fmt: str, threads: int, tokens: list[int], numa: str = "inte
     log(f"# {shape} {fmt} isa={ex.isa.name} amx={ex.tiles.amx} threads={threads} cpus={ex.pool.cpus} numa={ex.numa} "
         f"read bandwidth {bw0:.1f} GB/s (weights built in {build_s:.1f} s)")
     rng = np.random.default_rng(seed)
-    flush = Flusher(threads, ex.pool.cpus)  # 512 MiB parallel read: evicts the LLC (300 MiB on the GPU machine)
-    rows = []
-    for T in tokens:
-        rows.append(time_layer(ex, T, top_k=k, repeats=repeats_for(T, repeats), rng=rng, flush=flush))
-    # the yardstick is the larger of two readings, before and after the timed runs (the machines here
-    # move by up to 10-20% between readings)
+    # 512 MiB read by the pool's workers before each call: evicts the LLC (300 MiB on the GPU machine) and
+    # is the yardstick of that call (pct_bandwidth: the median over calls of the call's GB/s / its read's)
+    flush = PoolFlusher(ex.pool)
+    rows = [time_layer(ex, T, top_k=k, repeats=repeats_for(T, repeats), rng=rng, flush=flush, native=native)
+            for T in tokens]
     bw1 = measure_read_bandwidth(threads, cpus=ex.pool.cpus)
-    bw = max(bw0, bw1)
-    log(f"# read bandwidth after the runs {bw1:.1f} GB/s; percentages against {bw:.1f}")
+    bw = max([bw0, bw1] + [r["read_gbs_range"][1] for r in rows])
+    log(f"# read bandwidth {bw0:.1f} GB/s before, {bw1:.1f} after; the reads before the calls "
+        f"{min(r['read_gbs_range'][0] for r in rows):.1f}-{max(r['read_gbs_range'][1] for r in rows):.1f}; "
+        f"% = each call against the read right before it (median), and against the largest reading {bw:.1f}")
     for row in rows:
-        row["pct_bandwidth"] = 100 * row["gbs"] / bw
-        log(f"tokens {row['tokens']:5d}  {row['ms']:9.3f} ms  {row['gbs']:7.1f} GB/s  {row['pct_bandwidth']:5.1f}% of read "
-            f"bw  {row['gflops']:8.1f} GFLOP/s")
+        row["pct_bandwidth"] = row["pct_paired"]
+        row["pct_of_max_reading"] = 100 * row["gbs"] / bw
+        native_txt = f"  native {row['ms_native']:9.3f} ms {row['pct_paired_native']:5.1f}%" if native else ""
+        log(f"tokens {row['tokens']:5d}  {row['ms']:9.3f} ms  {row['gbs']:7.1f} GB/s  {row['pct_bandwidth']:5.1f}% "
+            f"(reads {row['read_gbs']:.1f} GB/s; {row['pct_of_max_reading']:5.1f}% of the max)  {row['gflops']:8.1f} "
+            f"GFLOP/s{native_txt}")
     ex.close()
     return dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 device=cpu_model(), isa=ex.isa.name, amx=ex.tiles.amx, cpu=ex.isa.cpu, threads=threads, cpus=ex.pool.cpus,

@@ -1,4 +1,5 @@
 """`hmoe bench-moe`: time one MoE layer's routed experts on the CPU against the measured read bandwidth."""
+import argparse
 import json
 
 
@@ -6,7 +7,9 @@ def register(subparsers):
     p = subparsers.add_parser("bench-moe", help="benchmark the CPU fused MoE layer",
                               description="Random weights and routing at a model's expert shape; per token count "
                                           "prints ms/layer, GB/s of weight bytes touched, %% of the read "
-                                          "bandwidth measured in the same run, and GFLOP/s.")
+                                          "bandwidth measured in the same run (a reading after every token count; "
+                                          "each row against the larger reading around it), and GFLOP/s; the "
+                                          "last-level cache is evicted and the workers woken before each call.")
     p.add_argument("--shape", choices=["v2-lite", "v3"], default="v2-lite", help="expert shape (default v2-lite)")
     p.add_argument("--fmt", default="q8_0", help="weight format: bf16, q8_0, q4_0, q4_k, q6_k (default q8_0)")
     p.add_argument("--threads", type=int, default=None, help="worker threads (default: physical cores)")
@@ -17,6 +20,9 @@ def register(subparsers):
                    help="AMX tiles for large batches: auto (where host and format allow), on, off")
     p.add_argument("--repeats", type=int, default=10,
                    help="timed runs per token count up to 64 tokens (a third of them above); median reported")
+    p.add_argument("--native", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time the bound native submit/wait, the path a GPU decode step calls (default on; "
+                        "the difference to the Python forward() is its Python)")
     p.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
     p.add_argument("--out", default=None, help="also write the JSON result to this file")
     p.set_defaults(func=run)
@@ -39,7 +45,7 @@ def run(args) -> int:
     try:
         amx = {"auto": None, "on": True, "off": False}[args.amx]
         result = bench.run(args.shape, args.fmt, threads, tokens, numa=args.numa, isa=args.isa, amx=amx,
-                           repeats=args.repeats, log=quiet)
+                           repeats=args.repeats, native=args.native, log=quiet)
     except (ValueError, RuntimeError, MemoryError) as e:
         print(f"error: {e}")
         return 1
