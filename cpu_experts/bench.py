@@ -112,11 +112,10 @@ def time_layer(ex: CPUExperts, tokens: int, *, top_k: int, repeats: int, rng: np
             dt, reading = _timed(lambda: (_VOID_P(submit)(job), _VOID_P(wait)(job)), ex, flush)
             calls["_native"].append((dt, len(np.unique(ids_bound)) * ex.bytes_per_expert(), reading))
     everything = calls[""] + calls["_native"]
-    touched = float(np.mean([n for _, n, _ in everything])) / ex.bytes_per_expert()
-    nbytes = touched * ex.bytes_per_expert()
+    nbytes = float(np.mean([n for _, n, _ in everything]))
     times = [t for t, _, _ in calls[""]]
     dt = float(np.median(times))
-    row = dict(tokens=tokens, ms=dt * 1e3, ms_min=min(times) * 1e3, experts_touched=touched,
+    row = dict(tokens=tokens, ms=dt * 1e3, ms_min=min(times) * 1e3, experts_touched=nbytes / ex.bytes_per_expert(),
                weight_gb=nbytes / 1e9, gbs=nbytes / dt / 1e9, gflops=2.0 * 3 * tokens * top_k * H * I / dt / 1e9)
     if native:
         dn = float(np.median([t for t, _, _ in calls["_native"]]))
