@@ -141,7 +141,7 @@ def main(argv=None) -> int:
             t1 = time.perf_counter()
             layer.forward(bsz, x, ids_t, w, out)
             calls.append((time.perf_counter() - t1, len(np.unique(ids)) * bytes_per_expert, reading))
-            time.sleep(0.01)   # kt-kernel's workers may spin after a call: not on the next read's cores
+            time.sleep(0.1)   # kt-kernel's workers spin a while after a call: not during the next read
         times = [t for t, _, _ in calls]
         dt = float(np.median(times))
         nbytes = float(np.mean([n for _, n, _ in calls]))

@@ -124,7 +124,9 @@ class PoolFlusher:
     def __init__(self, pool, nbytes: int = 1 << 29):
         from .pool import aligned_zeros
         isa = host_isa()
-        self._lib = Library(_read_ir(isa.vector_bytes, 0), isa)
+        # the read with software prefetch 2 KiB ahead, as the decode kernels prefetch: on the GPU machine
+        # the plain read trailed the kernels (bench-moe rows at 100-120% of it)
+        self._lib = Library(_read_ir(isa.vector_bytes, 2048), isa)
         self._buf = np.ones(nbytes // 8 + 512, np.int64)
         per = (nbytes // pool.threads) // 4096 * 4096
         self.nbytes = per * pool.threads

@@ -10,6 +10,10 @@ every layer's native job back to back, random routing, no Python in between). So
 
     step = GPU busy outside the CPU windows + CPU windows + idle gaps elsewhere
     CPU window - CPU experts alone = what the hand-over costs.
+
+The worker pools also count, for the same profiled steps, each job's span from submit to its last
+worker's exit (rdtsc): windows minus those spans is the hand-over measured without a second run,
+and spans minus "alone" says whether the jobs themselves run slower inside a step.
 """
 
 from __future__ import annotations
@@ -110,19 +114,29 @@ def breakdown(runner, alone_ms: float | None, *, steps: int = 16, depth: int = 0
     for i in range(2):  # eager step and capture for this bucket
         token = runner.decode.step(token, depth + i)[:, -1].argmax(-1, keepdim=True)
     torch.cuda.synchronize()
+    pools = {id(e.engine.pool): e.engine.pool for e in layers}.values()
+    for pool in pools:
+        pool.profile(reset=True)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         t0 = time.perf_counter()
         for i in range(steps):
             token = runner.decode.step(token, depth + 2 + i)[:, -1].argmax(-1, keepdim=True)
         torch.cuda.synchronize()
         wall = time.perf_counter() - t0
+    job_cycles = sum(pool.profile(reset=True)["last_out"] for pool in pools)
     events = _device_events(prof)
     parts = split_timeline(events)
     if not layers or len(layers) != len(cpu_engines(runner.model)):
         alone_ms = None  # some CPU experts run without a window: windows - alone would mean nothing
     per_step = {k.removesuffix("_us") + "_ms": v / steps / 1e3 for k, v in parts.items() if k.endswith("_us")}
     window_ms = per_step["cpu_windows_ms"]
+    jobs_ms = None
+    if layers:
+        from cpu_experts.sweep import tsc_hz
+        jobs_ms = job_cycles / tsc_hz() / steps * 1e3
     return {"steps": steps, "wall_step_ms": wall / steps * 1e3, **per_step,
+            "cpu_jobs_in_step_ms": jobs_ms,
+            "window_minus_jobs_per_layer_us": (window_ms - jobs_ms) / len(layers) * 1e3 if jobs_ms else None,
             "cpu_windows_per_step": parts["windows"] / steps, "hybrid_layers": len(layers),
             "cpu_experts_alone_native_ms": alone_ms,
             "handover_ms": window_ms - alone_ms if alone_ms else None,
@@ -148,6 +162,9 @@ def describe(b: dict) -> str:
     if b["handover_ms"] is not None:
         text += (f"; CPU experts alone {b['cpu_experts_alone_native_ms']:.3f} ms, so the hand-over costs "
                  f"{b['handover_ms']:.3f} ms ({b['handover_per_layer_us']:.1f} us per layer)")
+    if b.get("cpu_jobs_in_step_ms") is not None:
+        text += (f"; the CPU jobs themselves (submit to last worker out) {b['cpu_jobs_in_step_ms']:.3f} ms, so "
+                 f"{b['window_minus_jobs_per_layer_us']:.1f} us per layer of each window is copies and hand-over")
     if b.get("top_gpu_ops"):
         text += "\nGPU time per step by op: " + "; ".join(
             f"{r['name'][:60]} x{r['calls_per_step']:.0f} {r['us_per_step']:.0f} us" for r in b["top_gpu_ops"][:8])

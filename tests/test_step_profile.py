@@ -56,6 +56,10 @@ def test_breakdown_of_a_hybrid_model(tiny_v3, tmp_path):
     parts = b["cpu_windows_ms"] + b["gpu_busy_outside_ms"] + b["idle_elsewhere_ms"]
     assert parts == pytest.approx(b["span_ms"], rel=1e-6)
     assert b["span_ms"] <= b["wall_step_ms"] * 1.01
+    # the jobs ran inside the windows: submit to last worker out is part of each window
+    assert 0 < b["cpu_jobs_in_step_ms"] < b["cpu_windows_ms"]
+    assert b["window_minus_jobs_per_layer_us"] == pytest.approx(
+        (b["cpu_windows_ms"] - b["cpu_jobs_in_step_ms"]) / 2 * 1e3)
 
 
 def test_a_gpu_driven_pool_leaves_one_core_for_the_hand_over(monkeypatch):
