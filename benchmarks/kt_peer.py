@@ -10,7 +10,9 @@ itself (online, nothing written to disk), and times it exactly as cpu_experts.be
 the same routing (distinct experts per token, every expert present at large batches), the last-level
 cache evicted before each call by a read on all cores that is also the call's yardstick (a
 `PoolFlusher` on a pool of ours whose workers sleep at once after it, so they leave kt-kernel's
-cores alone), median of the calls, GFLOP/s = 6·T·k·H·I / time, GB/s of the weight bytes touched, and
+cores alone), median of the calls (calls follow each other as in a decode loop: with 100 ms of idle
+between them kt-kernel's 1-token call took 2-3x longer, run 3 of NOTES; kt-kernel's own workers
+still poll after a call and slow the next read, so its pct_bandwidth reads high: compare ms), GFLOP/s = 6·T·k·H·I / time, GB/s of the weight bytes touched, and
 pct_bandwidth = the median over calls of the call's GB/s / its read's.
 
 kt-kernel's weight bytes per expert are counted as its payload (int4: 0.5 byte per weight, int8: 1)
@@ -141,7 +143,6 @@ def main(argv=None) -> int:
             t1 = time.perf_counter()
             layer.forward(bsz, x, ids_t, w, out)
             calls.append((time.perf_counter() - t1, len(np.unique(ids)) * bytes_per_expert, reading))
-            time.sleep(0.1)   # kt-kernel's workers spin a while after a call: not during the next read
         times = [t for t, _, _ in calls]
         dt = float(np.median(times))
         nbytes = float(np.mean([n for _, n, _ in calls]))

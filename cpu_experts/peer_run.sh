@@ -5,7 +5,7 @@
 # AMXINT4 / AMXINT8 (15 threads, as it asks) on the same host, q4_k and AMXINT4 once more (drift), the
 # quant_rows=1 A/B at 8 tokens, then the formats' accuracy. A step is ours:FMT, kt:METHOD, q1 or accuracy;
 # TOK (default 1,8,512,2048) and REPEATS (default 10) apply to all. Each engine in its own process (a V3
-# bf16 layer is 22.5 GB). JSON under $OUT/res, packed into $OUT/results.tgz. HMOE_COMMIT names the tree.
+# bf16 layer is 22.5 GB). JSON under $OUT/res, packed into $OUT/results-TIME.tgz. HMOE_COMMIT names the tree.
 set -u
 export PYTHONPATH=. PYTHONUNBUFFERED=1 HMOE_CACHE_DIR=${HMOE_CACHE_DIR:-/tmp/hmoe-cache}
 OUT=${OUT:-/tmp/out}; R=$OUT/res; mkdir -p "$R"
@@ -30,5 +30,5 @@ name() { local n=1; while [ -e "$R/$1-$n.json" ]; do n=$((n + 1)); done; echo "$
     esac
   done
   date -u
-} 2>&1 | tee "$OUT/log.txt"
-tar czf "$OUT/results.tgz" -C "$R" . && rm -rf "$R"
+} 2>&1 | tee -a "$OUT/log.txt"
+tar czf "$OUT/results-$(date +%H%M%S).tgz" -C "$R" . && rm -rf "$R"
