@@ -22,11 +22,22 @@ TMA = {  # kernel, (block_h, num_warps, block_n, num_stages), waves; page size 6
          ("tma_keys", (16, 4, 64, 2), 4)],
 }
 
+# one pipeline stage: <= 113 KB of shared memory and <= 255 registers x 128 threads, so that two CTAs
+# share an SM and one's softmax can run under the other's products (decode_kernel_report.py: keys-major
+# 32x4x64 110.6 KB, 255 registers, 432 spill stores; 16x4x64 92.2 KB, 12 spill stores); waves = programs
+# per SM. On the H200 (Triton 3.6) the first of them stopped with an illegal memory access: see NOTES.md
+TWO_PER_SM = {
+    128: [("default", None, None), ("tma_keys", (32, 4, 64, 1), 2), ("tma_keys", (32, 4, 64, 1), 4),
+          ("tma_keys", (16, 4, 64, 1), 2), ("tma_keys", (16, 4, 64, 1), 4)],
+    16: [("default", None, None), ("tma_keys", (16, 4, 64, 1), 2), ("tma_keys", (16, 4, 64, 1), 4)],
+}
+TABLES = {"tma": TMA, "two_per_sm": TWO_PER_SM}
 
-def configs(heads: int, ctx: int, sms: int) -> dict[int, list[dict]]:
+
+def configs(heads: int, ctx: int, sms: int, table: dict = TMA) -> dict[int, list[dict]]:
     """Configurations by the page size of the cache they run on."""
     out = {64: list(GENERIC)}
-    for kernel, block, waves, *page in TMA[heads]:
+    for kernel, block, waves, *page in table[heads]:
         if kernel == "default":
             cfg = dict(kernel=None)  # absorbed_decode's choice
         else:
@@ -45,6 +56,7 @@ def main():
     ap.add_argument("--seconds", type=float, default=120)
     ap.add_argument("--heads", default="128,16")
     ap.add_argument("--ctx", default="131072,32768,8192,1024")
+    ap.add_argument("--table", choices=sorted(TABLES), default="tma", help="which configurations besides the generic kernel")
     args = ap.parse_args()
     dev = torch.device("cuda")
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip() or None
@@ -64,7 +76,7 @@ def main():
             left = len(heads) * len(ctxs) - (i * len(ctxs) + j)
             roof = max(ctx * 1152 / bw / 1e3, bench.decode_flops(h, ctx, 1) / tf / 1e6)
             rows = []
-            for page, cfgs in configs(h, ctx, sms).items():
+            for page, cfgs in configs(h, ctx, sms, TABLES[args.table]).items():
                 s = bench.Shape(heads=h, ctx=ctx, batch=1, page_size=page, dtype="bf16", device=dev)
                 got = bench.sweep_decode(s, cfgs, time.monotonic() + (end - time.monotonic()) / left / 2, rep=30,
                                          cupti=True)
