@@ -117,7 +117,7 @@ def run(fmt="q4_k", K=7168, slots=(32, 64), threads=None, calls=200, log=print, 
     apool = (rng.standard_normal(threads * (max(slots) + 32) * K).astype(np.float32).view(np.uint32) >> 16) \
         .astype(np.uint16)
     pools = (wpool, spool, apool)
-    from .sweep import tsc_hz
+    from .pool import tsc_hz
     hz = tsc_hz()
     fns = {}
     for parts in PARTS:

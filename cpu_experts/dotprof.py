@@ -184,7 +184,7 @@ def run(fmts=("q4_k", "q8_0"), Ks=(7168, 2048), threads=None, nt=1, pool_bytes=2
     ncpu = threads or len(os.sched_getaffinity(0))
     cpus = sorted(os.sched_getaffinity(0))[:ncpu]
     counts = sorted({1, 2, 4, 8, ncpu} & set(range(1, ncpu + 1)))
-    from .sweep import tsc_hz
+    from .pool import tsc_hz
     hz = tsc_hz()
     pool = Buffer(pool_bytes, "interleave")
     view = pool.array(np.uint8, 0, pool_bytes)

@@ -30,7 +30,8 @@ from .bench import SHAPES, _commit, cpu_model, routing
 from .codegen.fields import J
 from .experts import CPUExperts, default_threads
 from .numa import physical_cpus
-from .sweep import PHASES, VARIANTS, tsc_hz
+from .pool import tsc_hz
+from .sweep import PHASES, VARIANTS
 
 _NATIVE = ctypes.CFUNCTYPE(None, ctypes.c_void_p)   # void f(void *job); ctypes drops the GIL
 

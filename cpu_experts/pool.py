@@ -17,8 +17,10 @@ the `hmoe_run_job` that job[RUN] names (every library's loop, submit and wait ar
 the layers of a model with several format pairs (Q4_K_M: q4_k/q4_k and q4_k/q6_k) share one pool.
 """
 import ctypes
+import functools
 import os
 import threading
+import time
 
 import numpy as np
 
@@ -114,3 +116,22 @@ class WorkerPool:
 
     def __del__(self):
         self.close()
+
+
+@functools.cache
+def tsc_hz() -> float:
+    """rdtsc ticks per second (llvm.readcyclecounter around a 50 ms sleep): converts the cycles that
+    WorkerPool.profile and the profiling tools count to time."""
+    from llvmlite import ir
+    from .codegen.irutil import I64, define, intrinsic
+    from .isa import host_isa
+    from .jit import Library
+    m = ir.Module(name="hmoe_tsc")
+    fn, b = define(m, "hmoe_tsc", I64, [])
+    b.ret(b.call(intrinsic(m, "llvm.readcyclecounter", I64, []), []))
+    lib = Library(str(m), host_isa())
+    tsc = ctypes.CFUNCTYPE(ctypes.c_int64)(lib.address("hmoe_tsc"))
+    t0, c0 = time.perf_counter(), tsc()
+    time.sleep(0.05)
+    t1, c1 = time.perf_counter(), tsc()
+    return (c1 - c0) / (t1 - t0)

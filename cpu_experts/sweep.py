@@ -19,7 +19,7 @@ import numpy as np
 from .bandwidth import Flusher, measure_read_bandwidth
 from .bench import SHAPES, _commit, cpu_model, routing
 from .experts import CPUExperts, default_threads
-from .pool import WorkerPool
+from .pool import WorkerPool, tsc_hz
 
 VARIANTS = {   # changes to the default tiling (codegen/moe.py Tiles; AMX fields spelled out, so a name keeps
     #            its meaning when the defaults move: base = mixed_v8_24 since session 3)
@@ -166,25 +166,6 @@ def run(shape: str, fmt: str, threads: int, tokens: list[int], variants: list[st
             engines[name].pool.close()
     base.close()
     return res
-
-
-def tsc_hz() -> float:
-    """rdtsc ticks per second (llvm.readcyclecounter around a 50 ms sleep): converts the profile's
-    cycles to time, to compare run_job's span with the measured layer time."""
-    import ctypes
-    from llvmlite import ir
-    from .codegen.irutil import I64, define, intrinsic
-    from .isa import host_isa
-    from .jit import Library
-    m = ir.Module(name="hmoe_tsc")
-    fn, b = define(m, "hmoe_tsc", I64, [])
-    b.ret(b.call(intrinsic(m, "llvm.readcyclecounter", I64, []), []))
-    lib = Library(str(m), host_isa())
-    tsc = ctypes.CFUNCTYPE(ctypes.c_int64)(lib.address("hmoe_tsc"))
-    t0, c0 = time.perf_counter(), tsc()
-    time.sleep(0.05)
-    t1, c1 = time.perf_counter(), tsc()
-    return (c1 - c0) / (t1 - t0)
 
 
 def _anon_huge_gb():

@@ -132,7 +132,7 @@ def breakdown(runner, alone_ms: float | None, *, steps: int = 16, depth: int = 0
     window_ms = per_step["cpu_windows_ms"]
     jobs_ms = None
     if layers:
-        from cpu_experts.sweep import tsc_hz
+        from cpu_experts.pool import tsc_hz
         jobs_ms = job_cycles / tsc_hz() / steps * 1e3
     return {"steps": steps, "wall_step_ms": wall / steps * 1e3, **per_step,
             "cpu_jobs_in_step_ms": jobs_ms,
