@@ -159,3 +159,14 @@ def worker_cpus(threads: int | None) -> list[int]:
     if threads is None:
         return cpus
     return [cpus[i % len(cpus)] for i in range(threads)]
+
+
+def anon_huge_gb() -> float | None:
+    """GB of this process's memory on transparent huge pages (None where /proc does not say): whether
+    the weight Buffers got the huge pages they asked for."""
+    try:
+        with open("/proc/self/smaps_rollup") as f:
+            kb = next(int(line.split()[1]) for line in f if line.startswith("AnonHugePages:"))
+        return round(kb / 1e6, 2)
+    except (OSError, StopIteration):
+        return None

@@ -19,6 +19,7 @@ import numpy as np
 from .bandwidth import Flusher, measure_read_bandwidth
 from .bench import SHAPES, _commit, cpu_model, routing
 from .experts import CPUExperts, default_threads
+from .numa import anon_huge_gb
 from .pool import WorkerPool, tsc_hz
 
 VARIANTS = {   # changes to the default tiling (codegen/moe.py Tiles; AMX fields spelled out, so a name keeps
@@ -105,7 +106,7 @@ def run(shape: str, fmt: str, threads: int, tokens: list[int], variants: list[st
             ex.pool = WorkerPool(ex.lib, threads - opt["spare"], cpus=cpus[opt["spare"]:],
                                  wait_spin=opt.get("wait_spin", 2000), yield_every=opt.get("yield_every", 0))
     bw0 = measure_read_bandwidth(threads, cpus=base.pool.cpus)
-    huge = _anon_huge_gb()
+    huge = anon_huge_gb()
     log(f"# {shape} {fmt} threads={threads} isa={base.isa.name} amx={base.tiles.amx} read bandwidth {bw0:.1f} GB/s "
         f"(weights {build_s:.1f} s, {base.bytes_per_expert() * E / 1e9:.1f} GB, on huge pages {huge} GB; "
         f"variants {', '.join(engines)})")
@@ -166,16 +167,6 @@ def run(shape: str, fmt: str, threads: int, tokens: list[int], variants: list[st
             engines[name].pool.close()
     base.close()
     return res
-
-
-def _anon_huge_gb():
-    """GB of this process's memory on transparent huge pages (None where /proc does not say)."""
-    try:
-        with open("/proc/self/smaps_rollup") as f:
-            kb = next(int(line.split()[1]) for line in f if line.startswith("AnonHugePages:"))
-        return round(kb / 1e6, 2)
-    except (OSError, StopIteration):
-        return None
 
 
 def _result(base, engines, rows, shape, fmt, threads, bws) -> dict:

@@ -175,6 +175,19 @@ def cpu_engines(model) -> list:
     return [e for e in found if e is not None]
 
 
+def cpu_expert_memory(model) -> dict | None:
+    """Bytes of the CPU experts' weight buffers and GB of the process's memory on transparent huge pages
+    (the buffers ask for them; 4 KiB pages stream ~11% slower, cpu_experts/NOTES.md). None without
+    CPU experts."""
+    from cpu_experts.numa import anon_huge_gb
+    from cpu_experts.packed_cache import nbytes
+
+    engines = cpu_engines(model)
+    if not engines:
+        return None
+    return {"cpu_experts_bytes": sum(nbytes(e) for e in engines), "anon_huge_pages_gb": anon_huge_gb()}
+
+
 def cpu_experts_step_ms(model, steps: int = 50, seed: int = 0) -> float | None:
     """Milliseconds one decode token's routed experts take on the CPU alone: every MoE layer's
     cpu_experts engine, 1 token, random hidden and top-k per step, run back to back as a step runs
@@ -284,6 +297,10 @@ def as_markdown(result: dict) -> str:
                             if r.get("outside_experts_fraction") is not None)
         lines.append(f"CPU experts alone: {result['cpu_experts_step_ms']:.3f} ms per decode token; share of a step "
                      f"outside them: {outside}")
+    mem = result.get("host_memory")
+    if mem and mem["anon_huge_pages_gb"] is not None:
+        lines.append(f"CPU experts' weights {mem['cpu_experts_bytes'] / 1e9:.2f} GB; process memory on huge pages "
+                     f"{mem['anon_huge_pages_gb']:.2f} GB")
     if result.get("step_breakdown"):
         from .step_profile import describe
 

@@ -3,6 +3,7 @@
 import csv
 import io
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -82,6 +83,9 @@ def test_bench_json(tiny_v3, tmp_path):
     assert out["decode_graph"]["on"] is False and "cpu" in out["decode_graph"]["reason"]
     assert out["handover"] is None  # CPU experts driven by the CPU itself: no hand-over
     assert out["cpu_experts_step_ms"] > 0  # q8_0 experts in cpu_experts: timed alone, then a tg step's share
+    # the experts' weight bytes: every expert of the 2 MoE layers, at the repacked bytes of one
+    n_experts = json.loads((Path(tiny_v3) / "config.json").read_text())["n_routed_experts"]
+    assert out["host_memory"]["cpu_experts_bytes"] == 2 * n_experts * 6528
     for row in out["results"]:
         if row["n_gen"]:
             assert row["outside_experts_fraction"] == pytest.approx(

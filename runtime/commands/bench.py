@@ -52,7 +52,8 @@ def run(args) -> int:
 
     from ..bench_common import command_line, int_list, metadata
     from ..bench_model import (Runner, as_csv, as_markdown, attach_outside, attach_roofline, context_needed,
-                               cpu_experts_step_ms, experts_threads, make_tests, roofline, routed_experts, run_tests)
+                               cpu_expert_memory, cpu_experts_step_ms, experts_threads, make_tests, roofline,
+                               routed_experts, run_tests)
     from ..config import load_config
     from ..errors import HmoeError
     from ..session import open_model
@@ -82,6 +83,7 @@ def run(args) -> int:
     experts_ms = cpu_experts_step_ms(model)
     if experts_ms is not None:
         log(f"CPU experts alone: {experts_ms:.3f} ms per decode token")
+    host_memory = cpu_expert_memory(model)
     runner = Runner(model, max_len=need, ubatch=args.ubatch, seed=args.seed, graph=not args.no_graph, log=log)
     counter = None
     if args.collect_routing:
@@ -116,7 +118,7 @@ def run(args) -> int:
     result = {**metadata(command_line("bench", args, skip=("output", "out", "ctx", "collect_routing"))),
               "model": Path(args.model).name, "roofline": roof, "cpu_experts_step_ms": experts_ms, "results": results,
               "decode_graph": {"on": graph_on, "reason": graph_reason}, "handover": handover_used(model),
-              "step_breakdown": step_breakdown}
+              "step_breakdown": step_breakdown, "host_memory": host_memory}
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
