@@ -114,18 +114,33 @@ def run_tests(runner: Runner, tests: list[BenchTest], *, reps: int, warmup: bool
         if warmup:
             runner.run(BenchTest(test.n_prompt, min(test.n_gen, 2), test.n_depth))  # 2 steps: a graph's warm-up and capture
         n = test.n_prompt or test.n_gen
+        pools = _pools(runner.model) if test.n_gen and not test.n_prompt else []
+        for pool in pools:
+            pool.profile(reset=True)
         samples = []
         for r in range(reps):
             seconds = runner.run(test)
             samples.append(seconds)
             log(f"{test.name}: repetition {r + 1}/{reps}: {n / seconds:.2f} t/s")
         ts = [n / s for s in samples]
-        results.append({"test": test.name, "n_prompt": test.n_prompt, "n_gen": test.n_gen, "n_depth": test.n_depth,
-                        "reps": reps, "samples_ns": [round(s * 1e9) for s in samples], "samples_ts": ts,
-                        "avg_ns": round(statistics.fmean(samples) * 1e9),
-                        "stddev_ns": round(statistics.stdev(samples) * 1e9) if reps > 1 else 0,
-                        "avg_ts": statistics.fmean(ts), "stddev_ts": statistics.stdev(ts) if reps > 1 else 0.0})
+        row = {"test": test.name, "n_prompt": test.n_prompt, "n_gen": test.n_gen, "n_depth": test.n_depth,
+               "reps": reps, "samples_ns": [round(s * 1e9) for s in samples], "samples_ts": ts,
+               "avg_ns": round(statistics.fmean(samples) * 1e9),
+               "stddev_ns": round(statistics.stdev(samples) * 1e9) if reps > 1 else 0,
+               "avg_ts": statistics.fmean(ts), "stddev_ts": statistics.stdev(ts) if reps > 1 else 0.0,
+               "cpu_jobs_ms_per_token": None, "outside_jobs_fraction": None}
+        if pools:   # the CPU expert jobs of these very steps (submit to last worker out), no profiler
+            from cpu_experts.pool import tsc_hz
+            jobs_ms = sum(pool.profile(reset=True)["last_out"] for pool in pools) / tsc_hz() / (reps * n) * 1e3
+            row["cpu_jobs_ms_per_token"] = jobs_ms
+            row["outside_jobs_fraction"] = 1 - jobs_ms / (sum(samples) / (reps * n) * 1e3)
+        results.append(row)
     return results
+
+
+def _pools(model) -> list:
+    """The distinct worker pools of the model's CPU experts."""
+    return list({id(e.pool): e.pool for e in cpu_engines(model)}.values())
 
 
 def cpu_part(experts):
@@ -248,7 +263,8 @@ def _time_steps(model, engines, steps: int, seed: int, spin: bool) -> float:
 
 
 def attach_outside(results: list[dict], experts_ms: float | None) -> None:
-    """Per tg row: the share of a decode step spent outside the CPU experts' own time."""
+    """Per tg row: the share of a decode step spent outside the CPU experts' time alone (a separate run
+    of the same engines; outside_jobs_fraction is the same share from the steps' own jobs)."""
     for r in results:
         step_ms = 1e3 / r["avg_ts"] if r["n_gen"] and r["avg_ts"] else None
         r["outside_experts_fraction"] = 1 - experts_ms / step_ms if step_ms and experts_ms else None
@@ -297,6 +313,11 @@ def as_markdown(result: dict) -> str:
                             if r.get("outside_experts_fraction") is not None)
         lines.append(f"CPU experts alone: {result['cpu_experts_step_ms']:.3f} ms per decode token; share of a step "
                      f"outside them: {outside}")
+    jobs = [r for r in result["results"] if r.get("cpu_jobs_ms_per_token") is not None]
+    if jobs:
+        lines.append("CPU expert jobs inside the decode steps (submit to last worker out, per token): " + ", ".join(
+            f"{r['test']} {r['cpu_jobs_ms_per_token']:.3f} ms, {100 * r['outside_jobs_fraction']:.0f}% of the step "
+            f"outside them" for r in jobs))
     mem = result.get("host_memory")
     if mem and mem["anon_huge_pages_gb"] is not None:
         lines.append(f"CPU experts' weights {mem['cpu_experts_bytes'] / 1e9:.2f} GB; process memory on huge pages "

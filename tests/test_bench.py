@@ -17,7 +17,7 @@ from .test_cli import hmoe
 
 RESULT_KEYS = {"test", "n_prompt", "n_gen", "n_depth", "reps", "samples_ns", "samples_ts", "avg_ns", "stddev_ns",
                "avg_ts", "stddev_ts", "roofline_fraction", "graph",
-               "outside_experts_fraction"}
+               "outside_experts_fraction", "cpu_jobs_ms_per_token", "outside_jobs_fraction"}
 
 
 def test_tests_are_named_as_llama_bench_names_them():
@@ -90,8 +90,12 @@ def test_bench_json(tiny_v3, tmp_path):
         if row["n_gen"]:
             assert row["outside_experts_fraction"] == pytest.approx(
                 1 - out["cpu_experts_step_ms"] / (1e3 / row["avg_ts"]))
+            # the steps' own expert jobs: part of each step, the rest of the step is outside them
+            step_ms = sum(row["samples_ns"]) / 1e6 / (row["reps"] * row["n_gen"])
+            assert 0 < row["cpu_jobs_ms_per_token"] < step_ms
+            assert row["outside_jobs_fraction"] == pytest.approx(1 - row["cpu_jobs_ms_per_token"] / step_ms, rel=1e-3)
         else:
-            assert row["outside_experts_fraction"] is None
+            assert row["outside_experts_fraction"] is None and row["cpu_jobs_ms_per_token"] is None
 
 
 def test_bench_markdown_and_csv(tiny_v3, capsys):
