@@ -107,19 +107,26 @@ class Runner:
         return time.perf_counter() - t0
 
 
-def run_tests(runner: Runner, tests: list[BenchTest], *, reps: int, warmup: bool = True, log=print) -> list[dict]:
+def run_tests(runner: Runner, tests: list[BenchTest], *, reps: int, warmup: bool = True, read=None,
+              log=print) -> list[dict]:
+    """Each test `reps` times. For decode tests with CPU experts also: the expert jobs of those very
+    steps (the pools' counters, submit to last worker out: no profiler, no separate run) and, with
+    read (a callable returning GB/s, e.g. a PoolFlusher), a read-bandwidth reading right before each
+    repetition, the yardstick of that repetition's roofline."""
     results = []
     for test in tests:
         runner.fill(test.n_depth, log)
         if warmup:
             runner.run(BenchTest(test.n_prompt, min(test.n_gen, 2), test.n_depth))  # 2 steps: a graph's warm-up and capture
         n = test.n_prompt or test.n_gen
-        pools = _pools(runner.model) if test.n_gen and not test.n_prompt else []
-        for pool in pools:
-            pool.profile(reset=True)
-        samples = []
+        pools = expert_pools(runner.model) if test.n_gen and not test.n_prompt else []
+        samples, readings, job_cycles = [], [], 0
         for r in range(reps):
+            if pools and read is not None:
+                readings.append(read())
+            before = _job_cycles(pools)
             seconds = runner.run(test)
+            job_cycles += _job_cycles(pools) - before
             samples.append(seconds)
             log(f"{test.name}: repetition {r + 1}/{reps}: {n / seconds:.2f} t/s")
         ts = [n / s for s in samples]
@@ -128,17 +135,22 @@ def run_tests(runner: Runner, tests: list[BenchTest], *, reps: int, warmup: bool
                "avg_ns": round(statistics.fmean(samples) * 1e9),
                "stddev_ns": round(statistics.stdev(samples) * 1e9) if reps > 1 else 0,
                "avg_ts": statistics.fmean(ts), "stddev_ts": statistics.stdev(ts) if reps > 1 else 0.0,
-               "cpu_jobs_ms_per_token": None, "outside_jobs_fraction": None}
-        if pools:   # the CPU expert jobs of these very steps (submit to last worker out), no profiler
+               "cpu_jobs_ms_per_token": None, "outside_jobs_fraction": None, "read_gbs_before_reps": readings or None}
+        if pools:
             from cpu_experts.pool import tsc_hz
-            jobs_ms = sum(pool.profile(reset=True)["last_out"] for pool in pools) / tsc_hz() / (reps * n) * 1e3
+            jobs_ms = job_cycles / tsc_hz() / (reps * n) * 1e3
             row["cpu_jobs_ms_per_token"] = jobs_ms
             row["outside_jobs_fraction"] = 1 - jobs_ms / (sum(samples) / (reps * n) * 1e3)
         results.append(row)
     return results
 
 
-def _pools(model) -> list:
+def _job_cycles(pools) -> int:
+    """Cycles from submit to last worker out, summed over every job the pools ran so far."""
+    return sum(pool.profile(reset=False)["last_out"] for pool in pools)
+
+
+def expert_pools(model) -> list:
     """The distinct worker pools of the model's CPU experts."""
     return list({id(e.pool): e.pool for e in cpu_engines(model)}.values())
 
@@ -285,8 +297,14 @@ def roofline(experts: dict, bandwidth_gbs: float, threads: int) -> dict:
 
 
 def attach_roofline(results: list[dict], roof: dict) -> None:
+    """roofline_fraction: t/s over the roofline at the run's yardstick (the larger of two readings);
+    roofline_fraction_paired: the median over repetitions of t/s over the roofline at the reading taken
+    right before that repetition (the host's bandwidth moves between readings minutes apart)."""
     for r in results:
         r["roofline_fraction"] = r["avg_ts"] / roof["tokens_per_s"] if r["n_gen"] else None
+        reads = r.get("read_gbs_before_reps")
+        r["roofline_fraction_paired"] = statistics.median(
+            ts * roof["bytes_per_token"] / (gbs * 1e9) for ts, gbs in zip(r["samples_ts"], reads)) if reads else None
 
 
 # ---------------------------------------------------------------- output
@@ -313,6 +331,12 @@ def as_markdown(result: dict) -> str:
                             if r.get("outside_experts_fraction") is not None)
         lines.append(f"CPU experts alone: {result['cpu_experts_step_ms']:.3f} ms per decode token; share of a step "
                      f"outside them: {outside}")
+    paired = [r for r in result["results"] if r.get("roofline_fraction_paired") is not None]
+    if paired:
+        lines.append("against a read right before each repetition (" + ", ".join(
+            f"{min(r['read_gbs_before_reps']):.0f}-{max(r['read_gbs_before_reps']):.0f} GB/s" for r in paired[:1])
+            + "): " + ", ".join(f"{r['test']} {100 * r['roofline_fraction_paired']:.1f}% of the roofline"
+                                for r in paired))
     jobs = [r for r in result["results"] if r.get("cpu_jobs_ms_per_token") is not None]
     if jobs:
         lines.append("CPU expert jobs inside the decode steps (submit to last worker out, per token): " + ", ".join(

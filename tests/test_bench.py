@@ -17,7 +17,8 @@ from .test_cli import hmoe
 
 RESULT_KEYS = {"test", "n_prompt", "n_gen", "n_depth", "reps", "samples_ns", "samples_ts", "avg_ns", "stddev_ns",
                "avg_ts", "stddev_ts", "roofline_fraction", "graph",
-               "outside_experts_fraction", "cpu_jobs_ms_per_token", "outside_jobs_fraction"}
+               "outside_experts_fraction", "cpu_jobs_ms_per_token", "outside_jobs_fraction", "read_gbs_before_reps",
+               "roofline_fraction_paired"}
 
 
 def test_tests_are_named_as_llama_bench_names_them():
@@ -94,8 +95,14 @@ def test_bench_json(tiny_v3, tmp_path):
             step_ms = sum(row["samples_ns"]) / 1e6 / (row["reps"] * row["n_gen"])
             assert 0 < row["cpu_jobs_ms_per_token"] < step_ms
             assert row["outside_jobs_fraction"] == pytest.approx(1 - row["cpu_jobs_ms_per_token"] / step_ms, rel=1e-3)
+            # each repetition against the read right before it: the median of those fractions
+            reads = row["read_gbs_before_reps"]
+            assert len(reads) == 2 and min(reads) > 0
+            paired = sorted(ts * roof["bytes_per_token"] / (gbs * 1e9) for ts, gbs in zip(row["samples_ts"], reads))
+            assert row["roofline_fraction_paired"] == pytest.approx(sum(paired) / 2)
         else:
             assert row["outside_experts_fraction"] is None and row["cpu_jobs_ms_per_token"] is None
+            assert row["read_gbs_before_reps"] is None and row["roofline_fraction_paired"] is None
 
 
 def test_bench_markdown_and_csv(tiny_v3, capsys):

@@ -48,12 +48,12 @@ def register(subparsers) -> None:
 def run(args) -> int:
     from pathlib import Path
 
-    from cpu_experts.bandwidth import measure_read_bandwidth
+    from cpu_experts.bandwidth import PoolFlusher, measure_read_bandwidth
 
     from ..bench_common import command_line, int_list, metadata
     from ..bench_model import (Runner, as_csv, as_markdown, attach_outside, attach_roofline, context_needed,
-                               cpu_expert_memory, cpu_experts_step_ms, experts_threads, make_tests, roofline,
-                               routed_experts, run_tests)
+                               expert_pools, cpu_expert_memory, cpu_experts_step_ms, experts_threads, make_tests,
+                               roofline, routed_experts, run_tests)
     from ..config import load_config
     from ..errors import HmoeError
     from ..session import open_model
@@ -90,7 +90,10 @@ def run(args) -> int:
         from ..routing_stats import RoutingCounter
 
         counter = RoutingCounter(model)
-    results = run_tests(runner, tests, reps=args.repetitions, warmup=not args.no_warmup, log=log)
+    pools = expert_pools(model)
+    # the yardstick of each decode repetition: the same read, by the experts' own workers, right before it
+    read = PoolFlusher(pools[0], int(args.bw_gib * 2**30)) if pools else None
+    results = run_tests(runner, tests, reps=args.repetitions, warmup=not args.no_warmup, read=read, log=log)
     graph_on, graph_reason = runner.decode.active, runner.decode.reason
     step_breakdown = breakdown(runner, experts_ms, depth=max(t.n_depth for t in tests)) if args.breakdown else None
     for r in results:
