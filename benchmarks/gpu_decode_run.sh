@@ -37,7 +37,7 @@ bench() {  # $1 = variant: default, memops, wN (N workers); repeated names get -
   S=$(date +%s)
   (cd $dir && env "${env[@]}" timeout $L python3 -m runtime bench --model /tmp/v2l --rules $rules -p 512 \
     -n ${NGEN:-128} -r 3 --bw-gib 1 --breakdown --out $OUT/bench-v2l-$name.json "${opts[@]}") 2>&1 |
-    grep -v repetition | tail -9
+    grep -v repetition | tail -12
   stamp "$name took $(( $(date +%s) - S )) s"
 }
 for v in ${VARIANTS:-default memops w14 w16 default}; do bench $v; done  # the first load quantizes and packs
