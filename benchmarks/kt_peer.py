@@ -10,13 +10,14 @@ itself (online, nothing written to disk), and times it exactly as cpu_experts.be
 the same routing (distinct experts per token, every expert present at large batches), the last-level
 cache evicted before each call by a read on all cores that is also the call's yardstick (a
 `PoolFlusher` on a pool of ours whose workers sleep at once after it, so they leave kt-kernel's
-cores alone), median of the calls (calls follow each other as in a decode loop: with 100 ms of idle
-between them kt-kernel's 1-token call took 2-3x longer, run 3 of NOTES; kt-kernel's own workers
-still poll after a call and slow the next read, so its pct_bandwidth reads high: compare ms), GFLOP/s = 6·T·k·H·I / time, GB/s of the weight bytes touched, and
-pct_bandwidth = the median over calls of the call's GB/s / its read's.
+cores alone), median of the calls, GFLOP/s = 6·T·k·H·I / time, GB/s of the weight bytes touched,
+and pct_bandwidth = the median over calls of the call's GB/s / its read's. Calls follow each other as
+in a decode loop (with 100 ms of idle between them kt-kernel's 1-token call took 2-3x longer: run 3
+in cpu_experts/NOTES.md); kt-kernel's workers still poll after a call and slow the next read, so its
+pct_bandwidth reads high: compare milliseconds.
 
 kt-kernel's weight bytes per expert are counted as its payload (int4: 0.5 byte per weight, int8: 1)
-plus one fp32 scale per output row; the scales are 0.2% of the payload either way.
+plus one fp32 scale per output row (0.1-0.2% of the payload).
 
 `--accuracy FMTS` instead measures what each format costs in accuracy: one layer of E experts at the
 shape's H and I from the same random bf16 weights, through kt-kernel's METHOD and through CPUExperts

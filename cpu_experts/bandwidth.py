@@ -14,7 +14,7 @@ import time
 import numpy as np
 
 from .codegen.fields import J, JOB_FIELDS
-from .codegen.irutil import I32, I64, PTR, VOID, define, field, for_range, gep, i64, prefetch, splat, vec
+from .codegen.irutil import I32, I64, PTR, VOID, define, field, for_range, gep, i64, prefetch, splat, store, vec
 from .isa import host_isa
 from .jit import Library
 from llvmlite import ir
@@ -53,7 +53,7 @@ def _read_ir(vector_bytes: int, prefetch_bytes: int) -> str:
     _, job, tid = fn.args
     per = field(b, job, J["H"])
     r = b.call(read, [gep(b, field(b, job, J["X"], True), b.mul(tid, per)), per])
-    b.store(r, gep(b, job, i64(8 * J["OUT"]), I64))
+    store(b, r, job, J["OUT"], align=8)
     b.ret_void()
     return str(m)
 

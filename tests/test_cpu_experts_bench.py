@@ -54,3 +54,21 @@ def test_pool_flusher_reads_on_the_workers_and_leaves_the_pool_working():
     assert flush.nbytes == 1 << 22 and flush() > 0
     np.testing.assert_array_equal(ex.forward(x, ids, w), before)   # the expert job runs as before
     ex.close()
+
+
+def test_pool_flusher_writes_only_its_own_job_slot():
+    # the read job's one store (the xor that keeps the loads) lands in job[OUT], nothing past the job
+    from cpu_experts.codegen.fields import J, JOB_FIELDS
+    from cpu_experts.pool import aligned_zeros
+
+    ex = CPUExperts.random(fmt="q8_0", num_experts=4, hidden=256, inter=128, threads=2, seed=1)
+    flush = PoolFlusher(ex.pool, nbytes=1 << 20)
+    guarded = aligned_zeros(len(JOB_FIELDS) + 128, np.int64)
+    guarded[:len(JOB_FIELDS)] = flush.job
+    guarded[len(JOB_FIELDS):] = -7
+    guarded[J["OUT"]] = -7
+    flush.job = guarded
+    assert flush() > 0
+    assert (guarded[len(JOB_FIELDS):] == -7).all()
+    assert guarded[J["OUT"]] != -7
+    ex.close()
