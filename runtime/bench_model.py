@@ -333,10 +333,9 @@ def as_markdown(result: dict) -> str:
                      f"outside them: {outside}")
     paired = [r for r in result["results"] if r.get("roofline_fraction_paired") is not None]
     if paired:
-        lines.append("against a read right before each repetition (" + ", ".join(
-            f"{min(r['read_gbs_before_reps']):.0f}-{max(r['read_gbs_before_reps']):.0f} GB/s" for r in paired[:1])
-            + "): " + ", ".join(f"{r['test']} {100 * r['roofline_fraction_paired']:.1f}% of the roofline"
-                                for r in paired))
+        lines.append("of the roofline against a read right before each repetition (median): " + ", ".join(
+            f"{r['test']} {100 * r['roofline_fraction_paired']:.1f}% (reads {min(r['read_gbs_before_reps']):.0f}-"
+            f"{max(r['read_gbs_before_reps']):.0f} GB/s)" for r in paired))
     jobs = [r for r in result["results"] if r.get("cpu_jobs_ms_per_token") is not None]
     if jobs:
         lines.append("CPU expert jobs inside the decode steps (submit to last worker out, per token): " + ", ".join(

@@ -52,7 +52,7 @@ def run(args) -> int:
 
     from ..bench_common import command_line, int_list, metadata
     from ..bench_model import (Runner, as_csv, as_markdown, attach_outside, attach_roofline, context_needed,
-                               expert_pools, cpu_expert_memory, cpu_experts_step_ms, experts_threads, make_tests,
+                               cpu_expert_memory, cpu_experts_step_ms, expert_pools, experts_threads, make_tests,
                                roofline, routed_experts, run_tests)
     from ..config import load_config
     from ..errors import HmoeError
