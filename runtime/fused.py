@@ -1,8 +1,7 @@
 """Small decode-step ops in one Triton kernel each on the GPU: RMSNorm (alone or after the residual
 add), the RoPE rotation, the latent cache's store (RMSNorm of c_kv, RoPE of k_pe, written into its
-page slot), and the router: its logits (the hidden state's fp32 copy for the CPU experts written on the
-way) and its choice (softmax/sigmoid, groups, top-k, renormalisation, scaling) in one kernel for
-decode-sized batches (`router`), the choice alone after cuBLAS's logits above that (`route`).
+page slot), the router's logits (the hidden state's fp32 copy for the CPU experts written on the
+way) and its choice (softmax/sigmoid, groups, top-k, renormalisation, scaling).
 
 At one token a decode step is launch-bound: each torch op is a kernel of a few microseconds.
 `hmoe bench --breakdown` counted ~250 GPU kernels in a 4-layer V2-Lite step, 104 of them in
@@ -169,9 +168,9 @@ def store_latent(kv: torch.Tensor, norm_weight: torch.Tensor, eps: float, cos: t
 
 
 @triton.jit
-def _logits_block(x_ptr, w_ptr, x_out_ptr, row, block, E, H, stride_x, stride_w, BLOCK_E: tl.constexpr,
-                  BLOCK_H: tl.constexpr, WRITE_X: tl.constexpr):
-    """fp32 logits of experts [block * BLOCK_E, +BLOCK_E) for token `row`; block 0 also writes the fp32 x."""
+def _router_logits_kernel(x_ptr, w_ptr, logits_ptr, x_out_ptr, E, H, stride_x, stride_w, BLOCK_E: tl.constexpr,
+                          BLOCK_H: tl.constexpr, WRITE_X: tl.constexpr):
+    block, row = tl.program_id(0), tl.program_id(1)  # BLOCK_E experts of one token
     es = block * BLOCK_E + tl.arange(0, BLOCK_E)
     emask = es < E
     acc = tl.zeros([BLOCK_E, BLOCK_H], tl.float32)
@@ -184,16 +183,37 @@ def _logits_block(x_ptr, w_ptr, x_out_ptr, row, block, E, H, stride_x, stride_w,
                 tl.store(x_out_ptr + row * H + cols, x, mask=cmask)
         w = tl.load(w_ptr + es[:, None] * stride_w + cols[None, :], mask=emask[:, None] & cmask[None, :], other=0.0)
         acc += w.to(tl.float32) * x[None, :]
-    return es, emask, tl.sum(acc, axis=1)
+    tl.store(logits_ptr + row * E + es, tl.sum(acc, axis=1), mask=emask)
+
+
+def router_logits(x: torch.Tensor, weight: torch.Tensor, x_out: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 logits [T, E] = x [T, H] . weight [E, H]^T in fp32 (either operand bf16 or fp32, converted on
+    load: no fp32 copy of a large router weight), for a few tokens (a GEMV per token: one kernel instead
+    of cuBLAS's and a conversion's); x as fp32 into x_out [T, H] (contiguous) when given."""
+    T, H = x.shape
+    E = weight.shape[0]
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    logits = torch.empty(T, E, dtype=torch.float32, device=x.device)
+    BLOCK_E = 2  # many small programs: a GEMV this size is latency-bound (4 experts per program: 4.1 us, V2-Lite)
+    _router_logits_kernel[(triton.cdiv(E, BLOCK_E), T)](x, weight, logits, x_out if x_out is not None else logits, E, H,
+                                                       x.stride(0), weight.stride(0), BLOCK_E=BLOCK_E, BLOCK_H=1024,
+                                                       WRITE_X=x_out is not None, num_warps=4)
+    return logits
+
+
+ROUTE_METHODS = {"greedy": 0, "group_limited_greedy": 1, "noaux_tc": 2}
 
 
 @triton.jit
-def _choose(logits, e, valid, bias_ptr, w_ptr, id_ptr, row, stride_w, stride_id, scaling, E,
-            E_P2: tl.constexpr, K: tl.constexpr, K_P2: tl.constexpr, N_GROUP: tl.constexpr, G_P2: tl.constexpr,
-            TOPK_GROUP: tl.constexpr, METHOD: tl.constexpr, SIGMOID: tl.constexpr, NORM: tl.constexpr):
-    """runtime.moe.Router's choice for one token from its fp32 logits [E_P2] (-inf past E): weights and
-    ids written best first."""
+def _route_kernel(logits_ptr, bias_ptr, w_ptr, id_ptr, E, stride_l, stride_w, stride_id, scaling,
+                  E_P2: tl.constexpr, K: tl.constexpr, K_P2: tl.constexpr, N_GROUP: tl.constexpr,
+                  G_P2: tl.constexpr, TOPK_GROUP: tl.constexpr,
+                  METHOD: tl.constexpr, SIGMOID: tl.constexpr, NORM: tl.constexpr):
+    row = tl.program_id(0)
+    e = tl.arange(0, E_P2)
+    valid = e < E
     NEG = float("-inf")
+    logits = tl.load(logits_ptr + row * stride_l + e, mask=valid, other=NEG)
     if SIGMOID:
         scores = tl.where(valid, tl.sigmoid(logits), 0.0)
     else:
@@ -236,96 +256,21 @@ def _choose(logits, e, valid, bias_ptr, w_ptr, id_ptr, row, stride_w, stride_id,
     tl.store(id_ptr + row * stride_id + kk, ids, mask=kk < K)
 
 
-@triton.jit
-def _router_kernel(x_ptr, w_ptr, logits_ptr, x_out_ptr, count_ptr, bias_ptr, wout_ptr, id_ptr, E, H, stride_x,
-                   stride_w, stride_wo, stride_id, scaling, BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr,
-                   WRITE_X: tl.constexpr, E_P2: tl.constexpr, K: tl.constexpr, K_P2: tl.constexpr,
-                   N_GROUP: tl.constexpr, G_P2: tl.constexpr, TOPK_GROUP: tl.constexpr, METHOD: tl.constexpr,
-                   SIGMOID: tl.constexpr, NORM: tl.constexpr):
-    block, row = tl.program_id(0), tl.program_id(1)  # BLOCK_E experts of one token
-    es, emask, logits = _logits_block(x_ptr, w_ptr, x_out_ptr, row, block, E, H, stride_x, stride_w, BLOCK_E,
-                                      BLOCK_H, WRITE_X)
-    tl.store(logits_ptr + row * E + es, logits, mask=emask)
-    # the row's last block to finish (its logits stores released before the count, acquired after it)
-    # chooses, and leaves the count at 0 for the next call
-    if tl.atomic_add(count_ptr + row, 1, sem="acq_rel") == tl.num_programs(0) - 1:
-        tl.store(count_ptr + row, 0)
-        e = tl.arange(0, E_P2)
-        valid = e < E
-        row_logits = tl.load(logits_ptr + row * E + e, mask=valid, other=float("-inf"), cache_modifier=".cg")
-        _choose(row_logits, e, valid, bias_ptr, wout_ptr, id_ptr, row, stride_wo, stride_id, scaling, E, E_P2, K,
-                K_P2, N_GROUP, G_P2, TOPK_GROUP, METHOD, SIGMOID, NORM)
-
-
-ROUTE_METHODS = {"greedy": 0, "group_limited_greedy": 1, "noaux_tc": 2}
-ROUTER_MAX_TOKENS = 64  # rows of the per-device arrival counts of `router`
-_COUNTS: dict[torch.device, torch.Tensor] = {}
-
-
-def _route_constants(E: int, top_k: int, method: str, sigmoid: bool, n_group: int, topk_group: int,
-                     norm: bool) -> dict:
-    kind = ROUTE_METHODS[method]
-    return dict(E_P2=triton.next_power_of_2(E), K=top_k, K_P2=triton.next_power_of_2(top_k),
-                N_GROUP=n_group if kind else 1, G_P2=triton.next_power_of_2(n_group if kind else 1),
-                TOPK_GROUP=topk_group if kind else 1, METHOD=kind, SIGMOID=sigmoid, NORM=norm)
-
-
-def _outputs(T: int, top_k: int, device, out):
-    if out is None:
-        out = (torch.empty(T, top_k, dtype=torch.float32, device=device),
-               torch.empty(T, top_k, dtype=torch.int64, device=device))
-    return out
-
-
-def router(x: torch.Tensor, weight: torch.Tensor, *, top_k: int, method: str, sigmoid: bool, n_group: int,
-           topk_group: int, norm: bool, scaling: float, bias: torch.Tensor | None = None,
-           x_out: torch.Tensor | None = None,
-           out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """runtime.moe.Router on a GPU for a few tokens, in one kernel: fp32 logits x [T, H] . weight [E, H]^T
-    (a GEMV per token reading the weight as stored, bf16 or fp32), then the choice as `route` makes it,
-    by each token's last block to finish; x as fp32 into x_out [T, H] (contiguous) when given. Returns
-    (weights [T, k] fp32, ids [T, k] int64), best first, into `out` when given. One kernel instead of
-    two per MoE layer and decode step (each a graph node of a few microseconds)."""
-    T, H = x.shape
-    E = weight.shape[0]
-    if T > ROUTER_MAX_TOKENS:
-        raise ValueError(f"router takes up to {ROUTER_MAX_TOKENS} tokens, got {T}")
-    x = x if x.stride(-1) == 1 else x.contiguous()
-    counts = _COUNTS.get(x.device)
-    if counts is None:   # zeros once; every call leaves them at 0 (a graph replays the same buffer)
-        counts = _COUNTS[x.device] = torch.zeros(ROUTER_MAX_TOKENS, dtype=torch.int32, device=x.device)
-    logits = torch.empty(T, E, dtype=torch.float32, device=x.device)
-    weights, ids = _outputs(T, top_k, x.device, out)
-    BLOCK_E = 2  # many small programs: a GEMV this size is latency-bound (4 experts per program: 4.1 us, V2-Lite)
-    _router_kernel[(triton.cdiv(E, BLOCK_E), T)](
-        x, weight, logits, x_out if x_out is not None else logits, counts, bias if bias is not None else logits,
-        weights, ids, E, H, x.stride(0), weight.stride(0), weights.stride(0), ids.stride(0), float(scaling),
-        BLOCK_E=BLOCK_E, BLOCK_H=1024, WRITE_X=x_out is not None,
-        **_route_constants(E, top_k, method, sigmoid, n_group, topk_group, norm), num_warps=4)
-    return weights, ids
-
-
-@triton.jit
-def _route_kernel(logits_ptr, bias_ptr, w_ptr, id_ptr, E, stride_l, stride_w, stride_id, scaling,
-                  E_P2: tl.constexpr, K: tl.constexpr, K_P2: tl.constexpr, N_GROUP: tl.constexpr,
-                  G_P2: tl.constexpr, TOPK_GROUP: tl.constexpr,
-                  METHOD: tl.constexpr, SIGMOID: tl.constexpr, NORM: tl.constexpr):
-    row = tl.program_id(0)
-    e = tl.arange(0, E_P2)
-    valid = e < E
-    logits = tl.load(logits_ptr + row * stride_l + e, mask=valid, other=float("-inf"))
-    _choose(logits, e, valid, bias_ptr, w_ptr, id_ptr, row, stride_w, stride_id, scaling, E, E_P2, K, K_P2, N_GROUP,
-            G_P2, TOPK_GROUP, METHOD, SIGMOID, NORM)
-
-
 def route(logits: torch.Tensor, *, top_k: int, method: str, sigmoid: bool, n_group: int, topk_group: int,
           norm: bool, scaling: float, bias: torch.Tensor | None = None,
           out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """runtime.moe.Router's choice from fp32 logits [T, E] on a GPU, in one kernel: (weights [T, k] fp32,
     ids [T, k] int64), best first; into `out` (weights, ids) when given (e.g. the host copy's buffers)."""
     T, E = logits.shape
-    weights, ids = _outputs(T, top_k, logits.device, out)
+    if out is None:
+        out = (torch.empty(T, top_k, dtype=torch.float32, device=logits.device),
+               torch.empty(T, top_k, dtype=torch.int64, device=logits.device))
+    weights, ids = out
+    kind = ROUTE_METHODS[method]
     _route_kernel[(T,)](logits, bias if bias is not None else logits, weights, ids, E, logits.stride(0),
-                        weights.stride(0), ids.stride(0), float(scaling),
-                        **_route_constants(E, top_k, method, sigmoid, n_group, topk_group, norm), num_warps=4)
+                        weights.stride(0), ids.stride(0), float(scaling), E_P2=triton.next_power_of_2(E), K=top_k,
+                        K_P2=triton.next_power_of_2(top_k), N_GROUP=n_group if kind else 1,
+                        G_P2=triton.next_power_of_2(n_group if kind else 1), TOPK_GROUP=topk_group if kind else 1,
+                        METHOD=kind,
+                        SIGMOID=sigmoid, NORM=norm, num_warps=4)
     return weights, ids

@@ -71,23 +71,23 @@ class Router(nn.Module):
                 x_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, H] -> topk_weights [T, k] fp32, topk_ids [T, k] int64 (written into `out` when given:
         e.g. the buffers a host copy reads; x as fp32 into `x_out` when given, for the CPU experts).
-        On a GPU one kernel for decode-sized T (logits as a GEMV reading the weight as stored, and the
-        choice); above that cuBLAS's logits, then the choice's kernel."""
+        On a GPU two kernels: the logits (for decode-sized T; cuBLAS above), then the choice."""
         fused = x.is_cuda and self._fused(x.device)
-        choice = dict(top_k=self.top_k, method=self.method, sigmoid=self.scoring == "sigmoid", n_group=self.n_group,
-                      topk_group=self.topk_group, norm=self.norm_topk_prob, scaling=self.scaling,
-                      bias=self.e_score_correction_bias if self.method == "noaux_tc" else None, out=out)
         if fused and x.shape[0] <= ROUTER_GEMV_MAX_TOKENS:
-            from .fused import router
+            from .fused import router_logits
 
-            return router(x, self.weight, x_out=x_out, **choice)
-        if x_out is not None:
-            x = x_out.copy_(x)
-        logits = F.linear(x.float(), self.weight_f32())
+            logits = router_logits(x, self.weight, x_out)  # reads the weight as stored (bf16: half the bytes)
+        else:
+            if x_out is not None:
+                x = x_out.copy_(x)
+            logits = F.linear(x.float(), self.weight_f32())
         if fused:
             from .fused import route
 
-            return route(logits, **choice)
+            bias = self.e_score_correction_bias if self.method == "noaux_tc" else None
+            return route(logits, top_k=self.top_k, method=self.method, sigmoid=self.scoring == "sigmoid",
+                         n_group=self.n_group, topk_group=self.topk_group, norm=self.norm_topk_prob,
+                         scaling=self.scaling, bias=bias, out=out)
         weights, ids = self._choose(logits)
         if out is None:
             return weights, ids
