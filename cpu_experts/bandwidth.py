@@ -3,8 +3,8 @@
 This is the yardstick of the decode kernels (GB/s of weights streamed / this number, same run).
 `PoolFlusher` runs the same read as a job of an expert pool, on its own workers: it evicts the
 last-level cache before a timed call and measures the bandwidth the memory system gives at that
-moment, so every timed call has a reading taken right before it (the machines here move by 10-40%
-between readings seconds apart: neighbours share the memory channels).
+moment, so every timed call has readings taken right before and right after it (the machines here
+move by 10-40% between readings seconds apart: neighbours share the memory channels).
 """
 import ctypes
 import os

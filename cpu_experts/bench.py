@@ -92,7 +92,8 @@ def time_layer(ex: CPUExperts, tokens: int, *, top_k: int, repeats: int, rng: np
     """One layer at `tokens`: random routing with distinct experts per token, a warm-up call, then per
     timed call `flush()` (evict the last-level cache; see _timed), median of the calls. One row: tokens,
     ms, ms_min, experts_touched, weight_gb, gbs, gflops; with a PoolFlusher also read_gbs (median of the
-    reads right before the calls) and pct_paired (median over calls of the call's GB/s / its read's).
+    calls' yardsticks: the mean of the reads right before and right after each) and pct_paired (median
+    over calls of the call's GB/s / its yardstick).
     native: also time the bound native submit/wait (`CPUExperts.bind`, the path a GPU-driven decode
     step calls) on other routings, alternating with `forward`: ms_native, gbs_native (pct_paired_native);
     the difference is `forward`'s Python."""
@@ -101,16 +102,22 @@ def time_layer(ex: CPUExperts, tokens: int, *, top_k: int, repeats: int, rng: np
     w = rng.uniform(0.1, 1.0, (tokens, top_k)).astype(np.float32)
     ex.forward(x, routing(rng, tokens, E, top_k), w)  # warm: scratch allocation, page faults
     ids_bound, out_bound = np.zeros((tokens, top_k), np.int64), np.empty((tokens, H), np.float32)
-    calls = {"": [], "_native": []}   # (seconds, bytes, reading) per timed call
+    seq = []   # (kind, seconds, bytes, the reading before) per timed call, in the order run
     for _ in range(repeats):
         ids = routing(rng, tokens, E, top_k)
         dt, reading = _timed(lambda: ex.forward(x, ids, w), ex, flush)
-        calls[""].append((dt, len(np.unique(ids)) * ex.bytes_per_expert(), reading))
+        seq.append(("", dt, len(np.unique(ids)) * ex.bytes_per_expert(), reading))
         if native:
             ids_bound[:] = routing(rng, tokens, E, top_k)
             submit, wait, job = ex.bind(x, ids_bound, w, out_bound)
             dt, reading = _timed(lambda: (_VOID_P(submit)(job), _VOID_P(wait)(job)), ex, flush)
-            calls["_native"].append((dt, len(np.unique(ids_bound)) * ex.bytes_per_expert(), reading))
+            seq.append(("_native", dt, len(np.unique(ids_bound)) * ex.bytes_per_expert(), reading))
+    # each call sits between two reads, the one before it and the next call's (or a last one): its
+    # yardstick is their mean, so a bandwidth that moves during the call counts on both sides
+    after = [r for _, _, _, r in seq[1:]] + [flush()]
+    calls = {"": [], "_native": []}   # (seconds, bytes, reading) per timed call
+    for (kind, dt, n, before), nxt in zip(seq, after):
+        calls[kind].append((dt, n, None if before is None else (before + nxt) / 2))
     everything = calls[""] + calls["_native"]
     nbytes = float(np.mean([n for _, n, _ in everything]))
     times = [t for t, _, _ in calls[""]]
@@ -121,8 +128,9 @@ def time_layer(ex: CPUExperts, tokens: int, *, top_k: int, repeats: int, rng: np
         dn = float(np.median([t for t, _, _ in calls["_native"]]))
         row.update(ms_native=dn * 1e3, gbs_native=nbytes / dn / 1e9)
     if everything[0][2] is not None:
+        reads = [r for *_, r in seq] + after[-1:]
         row["read_gbs"] = float(np.median([r for _, _, r in everything]))
-        row["read_gbs_range"] = [min(r for _, _, r in everything), max(r for _, _, r in everything)]
+        row["read_gbs_range"] = [min(reads), max(reads)]
         for suffix, cs in calls.items():
             if cs:
                 row["pct_paired" + suffix] = pct_paired(cs)
@@ -130,8 +138,8 @@ def time_layer(ex: CPUExperts, tokens: int, *, top_k: int, repeats: int, rng: np
 
 
 def pct_paired(calls) -> float:
-    """calls: (seconds, bytes, GB/s read right before) per call -> the median over calls of the call's
-    GB/s as a % of its read's."""
+    """calls: (seconds, bytes, yardstick GB/s) per call -> the median over calls of the call's GB/s as a %
+    of its yardstick."""
     return 100 * float(np.median([n / t / 1e9 / r for t, n, r in calls]))
 
 
@@ -147,16 +155,17 @@ def run(shape: str, fmt: str, threads: int, tokens: list[int], numa: str = "inte
     log(f"# {shape} {fmt} isa={ex.isa.name} amx={ex.tiles.amx} threads={threads} cpus={ex.pool.cpus} numa={ex.numa} "
         f"read bandwidth {bw0:.1f} GB/s (weights built in {build_s:.1f} s)")
     rng = np.random.default_rng(seed)
-    # 512 MiB read by the pool's workers before each call: evicts the LLC (300 MiB on the GPU machine) and
-    # is the yardstick of that call (pct_bandwidth: the median over calls of the call's GB/s / its read's)
+    # 512 MiB read by the pool's workers before each call: evicts the LLC (300 MiB on the GPU machine); the
+    # reads before and after a call are its yardstick (pct_bandwidth: the median over calls of GB/s / it)
     flush = PoolFlusher(ex.pool)
     rows = [time_layer(ex, T, top_k=k, repeats=repeats_for(T, repeats), rng=rng, flush=flush, native=native)
             for T in tokens]
     bw1 = measure_read_bandwidth(threads, cpus=ex.pool.cpus)
     bw = max([bw0, bw1] + [r["read_gbs_range"][1] for r in rows])
-    log(f"# read bandwidth {bw0:.1f} GB/s before, {bw1:.1f} after; the reads before the calls "
+    log(f"# read bandwidth {bw0:.1f} GB/s before, {bw1:.1f} after; the reads around the calls "
         f"{min(r['read_gbs_range'][0] for r in rows):.1f}-{max(r['read_gbs_range'][1] for r in rows):.1f}; "
-        f"% = each call against the read right before it (median), and against the largest reading {bw:.1f}")
+        f"% = each call against the mean of the reads right before and after it (median), and against the "
+        f"largest reading {bw:.1f}")
     for row in rows:
         row["pct_bandwidth"] = row["pct_paired"]
         row["pct_of_max_reading"] = 100 * row["gbs"] / bw

@@ -37,6 +37,25 @@ def test_native_timing_can_be_left_out(tiny_shape):
     assert "ms_native" not in res["results"][0] and "pct_paired_native" not in res["results"][0]
 
 
+def test_each_call_is_judged_against_the_reads_before_and_after_it(monkeypatch, tiny_shape):
+    # scripted reads: 10, 30, 50, ... GB/s in the order the flushes run; 2 calls and a last read
+    reads = iter(range(10, 1000, 20))
+
+    class Reads:
+        def __init__(self, pool):
+            self.pool = pool
+
+        def __call__(self):
+            self.pool.wake()
+            return float(next(reads))
+
+    monkeypatch.setattr(bench, "PoolFlusher", Reads)
+    res = bench.run("tiny", "q8_0", 2, [1], repeats=2, native=False, log=lambda *a: None)
+    row = res["results"][0]
+    # the yardsticks are the means of neighbouring reads: (10+30)/2 and (30+50)/2 -> median 30
+    assert row["read_gbs"] == 30.0 and row["read_gbs_range"] == [10.0, 50.0]
+
+
 def test_pct_paired_is_the_median_of_per_call_ratios():
     # 1 GB in 0.1 s against 20 GB/s (50%), in 0.05 s against 10 (200%), in 0.1 s against 8 (125%)
     calls = [(0.1, 1e9, 20.0), (0.05, 1e9, 10.0), (0.1, 1e9, 8.0)]

@@ -7,9 +7,9 @@ def register(subparsers):
     p = subparsers.add_parser("bench-moe", help="benchmark the CPU fused MoE layer",
                               description="Random weights and routing at a model's expert shape; per token count "
                                           "prints ms/layer, GB/s of weight bytes touched, %% of the read "
-                                          "bandwidth (each call against the 512 MiB read that evicts the last-level "
-                                          "cache right before it, run by the same workers; and against the "
-                                          "largest reading of the run), and GFLOP/s.")
+                                          "bandwidth (each call against the mean of the 512 MiB reads that evict the "
+                                          "last-level cache right before and after it, run by the same workers; "
+                                          "and against the largest reading of the run), and GFLOP/s.")
     p.add_argument("--shape", choices=["v2-lite", "v3"], default="v2-lite", help="expert shape (default v2-lite)")
     p.add_argument("--fmt", default="q8_0", help="weight format: bf16, q8_0, q4_0, q4_k, q6_k (default q8_0)")
     p.add_argument("--threads", type=int, default=None, help="worker threads (default: physical cores)")
