@@ -23,6 +23,11 @@ plus one fp32 scale per output row (0.1-0.2% of the payload).
 shape's H and I from the same random bf16 weights, through kt-kernel's METHOD and through CPUExperts
 in each of our formats, error against the float64 MoE of the bf16 weights (relative Frobenius norm).
 
+Getting the extension (11 MB of the 100 MB wheel; the GPU machine's Python is 3.12):
+
+    pip download kt-kernel==0.7.2 --no-deps --python-version 3.12 --only-binary=:all: -d /tmp/kt
+    mkdir -p _dev/kt && unzip /tmp/kt/kt_kernel-*.whl 'kt_kernel/_kt_kernel_ext_amx.*' 'kt_kernel.libs/*' -d _dev/kt
+
     python benchmarks/kt_peer.py --ext DIR/kt_kernel/_kt_kernel_ext_amx.cpython-312-x86_64-linux-gnu.so \
         --method AMXINT4 --shape v3 --threads 15 --tokens 1,8,512,2048 --out kt.json
     python benchmarks/kt_peer.py --ext ... --accuracy q4_k,q4_0,q8_0 --experts 8 --out acc.json
