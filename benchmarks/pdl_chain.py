@@ -10,7 +10,7 @@ weights stream from HBM as a decode step's do), captured in one CUDA graph, repl
   pdl_pre     PDL, and the first K tile of the weights loaded before the wait
   mixed       cuBLAS and the PDL Triton GEMV alternating (a PDL kernel after a kernel that is not)
 
-    python benchmarks/pdl_chain.py --nodes 100 --rows 2048 --cols 2048 --out pdl.json
+    PYTHONPATH=. python benchmarks/pdl_chain.py --nodes 100 --rows 2048 --cols 2048 --out pdl.json
 """
 import argparse
 import datetime
@@ -20,6 +20,8 @@ import sys
 import torch
 import triton
 import triton.language as tl
+
+from gpu_attention.bench import replay_us
 
 
 @triton.jit
@@ -62,20 +64,7 @@ def chain(variant: str, ws, xs):
 
 
 def per_node_us(variant: str, ws, xs, replays: int) -> float:
-    chain(variant, ws, xs)   # compile
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        chain(variant, ws, xs)
-    g.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        g.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / replays / len(ws)
+    return replay_us(lambda: chain(variant, ws, xs), replays) / len(ws)
 
 
 def main(argv=None) -> int:

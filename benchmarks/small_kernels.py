@@ -3,7 +3,7 @@ node, for each num_warps (a kernel of one program per token is a chain of block-
 cost grows with the warps that take part). The route kernel (V2-Lite greedy 64 experts top-6, V3
 noaux_tc 256 experts top-8) and add + RMSNorm (2048 and 7168 wide, bf16).
 
-    python benchmarks/small_kernels.py --out small.json
+    PYTHONPATH=. python benchmarks/small_kernels.py --out small.json
 """
 import argparse
 import datetime
@@ -12,25 +12,12 @@ import sys
 
 import torch
 
+from gpu_attention.bench import replay_us
 from runtime.fused import add_rms_norm, route
 
 
-def per_node_us(fn, nodes: int, replays: int = 50) -> float:
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(nodes):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        g.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / replays / nodes
+def per_node_us(fn, nodes: int) -> float:
+    return replay_us(lambda: [fn() for _ in range(nodes)]) / nodes
 
 
 def main(argv=None) -> int:

@@ -16,7 +16,6 @@ every layer on the first layer's scratch (routing, activations, h), which then s
 names give each layer its own, as CPUExperts does.
 """
 import argparse
-import ctypes
 import dataclasses
 import json
 import os
@@ -30,10 +29,9 @@ from .bench import SHAPES, _commit, cpu_model, routing
 from .codegen.fields import J
 from .experts import CPUExperts, default_threads
 from .numa import physical_cpus
-from .pool import tsc_hz
+from .pool import NATIVE_FN, tsc_hz
 from .sweep import PHASES, VARIANTS
 
-_NATIVE = ctypes.CFUNCTYPE(None, ctypes.c_void_p)   # void f(void *job); ctypes drops the GIL
 
 
 def layer_views(base: CPUExperts, tiles, num_experts: int, layers: int) -> list[CPUExperts]:
@@ -88,7 +86,7 @@ def run(shape: str, fmt: str, threads: int, tokens: list[int], variants: list[st
     hz = tsc_hz()
     rng = np.random.default_rng(seed)
     addr = {"futex": pool.wait_job_address, "spin": pool.wait_job_spin_address}
-    submit = _NATIVE(pool.submit_job_address)
+    submit = NATIVE_FN(pool.submit_job_address)
     rows = []
     if caller is not None:
         os.sched_setaffinity(0, {caller})
@@ -107,7 +105,7 @@ def run(shape: str, fmt: str, threads: int, tokens: list[int], variants: list[st
             acc = {(n, w): dict(ts=[], touched=[], prof=[]) for n in engines for w in waits}
             for _ in range(rounds):
                 for (name, wname), a in acc.items():
-                    wait = _NATIVE(addr[wname])
+                    wait = NATIVE_FN(addr[wname])
                     chosen = [[routing(rng, T, E, k) for _ in range(layers)] for _ in range(steps + 1)]
                     ts = np.empty(steps * layers, np.int64)
                     for step in range(steps + 1):   # step 0 warms (the caller and workers spin from here on)

@@ -26,7 +26,8 @@ import numpy as np
 
 from .codegen.fields import J, JOB_FIELDS, POOL_FIELDS, POOL_SLOTS, PROF_COUNTERS, PROF_THREADS
 
-_VOID_P = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+# void f(void *): the native submit / wait (of a pool or of a bound job); ctypes drops the GIL around the call
+NATIVE_FN = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
 _WORKER = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64)
 
 
@@ -58,8 +59,8 @@ class WorkerPool:
         self.submit_job_address = lib.address("hmoe_submit_job")
         self.wait_job_address = lib.address("hmoe_wait_job")
         self.wait_job_spin_address = lib.address("hmoe_wait_job_spin")  # spins HANDOVER_SPIN steps, not WAIT_SPIN
-        self._submit = _VOID_P(self.submit_address)
-        self._wait = _VOID_P(self.wait_address)
+        self._submit = NATIVE_FN(self.submit_address)
+        self._wait = NATIVE_FN(self.wait_address)
         self._worker = _WORKER(lib.address("hmoe_worker"))
         self._lib = lib  # keeps the worker loop's code alive as long as the pool
         self._empty = aligned_zeros(len(JOB_FIELDS), np.int64)   # N0 = N1 = N2 = 0: no tasks

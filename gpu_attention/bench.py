@@ -23,7 +23,7 @@ KERNEL_NAMES = (
     "_absorbed_split_kernel", "_absorbed_tma_kernel", "_absorbed_tma_keys_kernel", "_combine_kernel")
 
 
-def _capture(fn):
+def capture(fn):
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # compile and warm cuBLAS outside the capture
@@ -36,13 +36,28 @@ def _capture(fn):
     return g
 
 
+def replay_us(fn, replays: int = 50) -> float:
+    """Mean µs of one replay of a CUDA graph of fn, replays back to back (no cache flush between):
+    what a chain of dependent kernels costs inside a captured decode step."""
+    g = capture(fn)
+    g.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        g.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / replays
+
+
 def _bench(fn, rep: int = 100, graph: bool = True) -> float:
     """Median µs of fn on the GPU, L2 cleared before each call. With graph, fn is captured once in a
     CUDA graph and its replays are timed: the GPU time of its kernels without Python's launch
     overhead (which would otherwise dominate a decode call of a few µs)."""
     from triton.testing import do_bench
     if graph:
-        g = _capture(fn)
+        g = capture(fn)
         us = do_bench(g.replay, warmup=10, rep=rep, return_mode="median") * 1e3
         del g
         return us
@@ -59,7 +74,7 @@ def _flush(kind: str):
 
 def _bench_clean_l2(fn, reps: int = 100) -> float:
     """Median µs of fn's CUDA-graph replay after a read flush of the L2."""
-    g, flush = _capture(fn), _flush("read")
+    g, flush = capture(fn), _flush("read")
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
     for start, end in events:
         flush()

@@ -69,7 +69,6 @@ def handover_mode(value: str | None = None) -> str:
         raise HmoeError(f"HMOE_HANDOVER must be one of {', '.join(HANDOVERS)}, got {mode!r}")
     return mode
 
-_NATIVE = ctypes.CFUNCTYPE(None, ctypes.c_void_p)  # void f(void *job); ctypes drops the GIL around the call
 
 # job slots (cpu_experts.codegen.fields) that change from launch to launch: bind() writes the first
 # ones, the native code the last ones; every other slot must stay put once jobs exist
@@ -227,7 +226,9 @@ class _Host:
         dst.copy_(src)
 
     def call(self, fn: int, job: np.ndarray) -> None:
-        _NATIVE(fn)(job.ctypes.data)
+        from cpu_experts.pool import NATIVE_FN
+
+        NATIVE_FN(fn)(job.ctypes.data)
 
     def ring(self, staging: HostStaging, bell: int) -> None:
         slots = staging.mailbox.slots

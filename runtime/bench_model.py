@@ -120,13 +120,13 @@ def run_tests(runner: Runner, tests: list[BenchTest], *, reps: int, warmup: bool
             runner.run(BenchTest(test.n_prompt, min(test.n_gen, 2), test.n_depth))  # 2 steps: a graph's warm-up and capture
         n = test.n_prompt or test.n_gen
         pools = expert_pools(runner.model) if test.n_gen and not test.n_prompt else []
-        samples, readings, job_cycles = [], [], 0
+        samples, readings, cycles = [], [], 0
         for r in range(reps):
             if pools and read is not None:
                 readings.append(read())
-            before = _job_cycles(pools)
+            before = job_cycles(pools)
             seconds = runner.run(test)
-            job_cycles += _job_cycles(pools) - before
+            cycles += job_cycles(pools) - before
             samples.append(seconds)
             log(f"{test.name}: repetition {r + 1}/{reps}: {n / seconds:.2f} t/s")
         ts = [n / s for s in samples]
@@ -138,14 +138,14 @@ def run_tests(runner: Runner, tests: list[BenchTest], *, reps: int, warmup: bool
                "cpu_jobs_ms_per_token": None, "outside_jobs_fraction": None, "read_gbs_before_reps": readings or None}
         if pools:
             from cpu_experts.pool import tsc_hz
-            jobs_ms = job_cycles / tsc_hz() / (reps * n) * 1e3
+            jobs_ms = cycles / tsc_hz() / (reps * n) * 1e3
             row["cpu_jobs_ms_per_token"] = jobs_ms
             row["outside_jobs_fraction"] = 1 - jobs_ms / (sum(samples) / (reps * n) * 1e3)
         results.append(row)
     return results
 
 
-def _job_cycles(pools) -> int:
+def job_cycles(pools) -> int:
     """Cycles from submit to last worker out, summed over every job the pools ran so far."""
     return sum(pool.profile(reset=False)["last_out"] for pool in pools)
 
@@ -243,7 +243,7 @@ def cpu_experts_step_ms(model, steps: int = 50, seed: int = 0) -> float | None:
 def _time_steps(model, engines, steps: int, seed: int, spin: bool) -> float:
     import numpy as np
 
-    from orchestrator.hybrid import _NATIVE
+    from cpu_experts.pool import NATIVE_FN
 
     cfg, rng = model.cfg, np.random.default_rng(seed)
     H, k = cfg.hidden_size, cfg.num_experts_per_tok
@@ -257,7 +257,7 @@ def _time_steps(model, engines, steps: int, seed: int, spin: bool) -> float:
             wait = engine.pool.wait_job_spin_address
         chosen = [rng.permutation(engine.E)[None, :k] if engine.E >= k else rng.integers(0, engine.E, (1, k))
                   for _ in range(steps + 1)]
-        calls.append((_NATIVE(submit), _NATIVE(wait), job, ids, chosen))
+        calls.append((NATIVE_FN(submit), NATIVE_FN(wait), job, ids, chosen))
     xs = [rng.standard_normal((1, H), dtype=np.float32) for _ in range(steps + 1)]
 
     def step(i):

@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from .bench_model import cpu_engines, cpu_part
+from .bench_model import cpu_engines, cpu_part, expert_pools, job_cycles
 from .moe import MoE
 
 
@@ -114,16 +114,15 @@ def breakdown(runner, alone_ms: float | None, *, steps: int = 16, depth: int = 0
     for i in range(2):  # eager step and capture for this bucket
         token = runner.decode.step(token, depth + i)[:, -1].argmax(-1, keepdim=True)
     torch.cuda.synchronize()
-    pools = {id(e.engine.pool): e.engine.pool for e in layers}.values()
-    for pool in pools:
-        pool.profile(reset=True)
+    pools = expert_pools(runner.model)
+    before = job_cycles(pools)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         t0 = time.perf_counter()
         for i in range(steps):
             token = runner.decode.step(token, depth + 2 + i)[:, -1].argmax(-1, keepdim=True)
         torch.cuda.synchronize()
         wall = time.perf_counter() - t0
-    job_cycles = sum(pool.profile(reset=True)["last_out"] for pool in pools)
+    cycles = job_cycles(pools) - before
     events = _device_events(prof)
     parts = split_timeline(events)
     if not layers or len(layers) != len(cpu_engines(runner.model)):
@@ -133,7 +132,7 @@ def breakdown(runner, alone_ms: float | None, *, steps: int = 16, depth: int = 0
     jobs_ms = None
     if layers:
         from cpu_experts.pool import tsc_hz
-        jobs_ms = job_cycles / tsc_hz() / steps * 1e3
+        jobs_ms = cycles / tsc_hz() / steps * 1e3
     return {"steps": steps, "wall_step_ms": wall / steps * 1e3, **per_step,
             "cpu_jobs_in_step_ms": jobs_ms,
             "window_minus_jobs_per_layer_us": (window_ms - jobs_ms) / len(layers) * 1e3 if jobs_ms else None,
