@@ -22,6 +22,8 @@ plus one fp32 scale per output row (0.1-0.2% of the payload).
 `--accuracy FMTS` instead measures what each format costs in accuracy: one layer of E experts at the
 shape's H and I from the same random bf16 weights, through kt-kernel's METHOD and through CPUExperts
 in each of our formats, error against the float64 MoE of the bf16 weights (relative Frobenius norm).
+A format written FMT:row or FMT:bf16amx runs every expert on that AMX prefill path (the i8row kernel
+for gate/up, or the bf16 one) instead of the path 16 tokens would take.
 
 Getting the extension (11 MB of the 100 MB wheel; the GPU machine's Python is 3.12):
 
@@ -196,12 +198,17 @@ def accuracy(a, argv) -> int:
         results.append(dict(engine=f"kt-kernel {method}", rel_err=err))
         print(f"kt-kernel {method:8s} rel err {err:.4f}", flush=True)
         del layer
-    for fmt in a.accuracy.split(","):
-        ex = CPUExperts.from_tensors(*weights, fmt=fmt, threads=a.threads + 1)
+    for spec in a.accuracy.split(","):
+        fmt, _, path = spec.partition(":")   # FMT:row / FMT:bf16amx: every expert on that AMX prefill path
+        tiles = None
+        if path:
+            from cpu_experts.codegen.moe import Tiles
+            tiles = Tiles(tokens=8, amx=True, amx_min_slots=1, amx_bf16_min_slots=1, amx_row=path == "row")
+        ex = CPUExperts.from_tensors(*weights, fmt=fmt, threads=a.threads + 1, tiles=tiles)
         err = float(np.linalg.norm(ex.forward(x, ids, w) - ref) / np.linalg.norm(ref))
         ex.close()
-        results.append(dict(engine=f"hmoe {fmt}", rel_err=err))
-        print(f"hmoe {fmt:14s} rel err {err:.4f}", flush=True)
+        results.append(dict(engine=f"hmoe {spec}", rel_err=err))
+        print(f"hmoe {spec:14s} rel err {err:.4f}", flush=True)
     res = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), device=cpu_model(),
                shape=a.shape, experts=E, top_k=k, tokens=T, weights="N(0, 0.02) bf16, tiled 16M-value pool",
                reference="float64 MoE of the bf16 weights, bf16-rounded x", commit=_commit(),

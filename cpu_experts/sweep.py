@@ -75,6 +75,11 @@ VARIANTS = {   # changes to the default tiling (codegen/moe.py Tiles; AMX fields
     "w15": {},       # base tiling, a pool of threads-1 workers: one CPU left to the caller
     "w15spin": {},   # w15, and the caller spins in wait() for the whole job (no futex wake)
     "yield64": {},   # base, idle spinners (workers, caller) sched_yield every 64 pauses
+    # session 8: gate/up of experts with >= amx_bf16_min_slots slots on the i8row kernel (int8 tiles, one
+    # scale per weight row and per token) instead of bf16
+    "row": {"amx_mode": "mixed", "amx_min_slots": 8, "amx_bf16_min_slots": 24, "amx_row": True},
+    "row16": {"amx_mode": "mixed", "amx_min_slots": 8, "amx_bf16_min_slots": 16, "amx_row": True},
+    "row8": {"amx_mode": "mixed", "amx_min_slots": 8, "amx_bf16_min_slots": 8, "amx_row": True},
 }
 COLD = {"cold"}
 PHASES = ("task0", "task1", "task2", "bar0", "bar1")   # the profile's shares of run_job

@@ -16,14 +16,15 @@ from cpu_experts.jit import cache_key
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def assembly(fmt: str, isa: str, cpu: str, tokens: int = 2, amx: bool = False, amx_mode: str = "int8") -> str:
+def assembly(fmt: str, isa: str, cpu: str, tokens: int = 2, amx: bool = False, amx_mode: str = "int8",
+             amx_row: bool = False) -> str:
     code = textwrap.dedent(f"""
         from cpu_experts.codegen.moe import Tiles, build_ir
         from cpu_experts.isa import cross_isa
         from cpu_experts.jit import emit_assembly
         from cpu_experts.layout import geometry
         isa = cross_isa({isa!r}, {cpu!r}, amx={amx!r})
-        tiles = Tiles(tokens={tokens}, amx={amx!r}, amx_mode={amx_mode!r})
+        tiles = Tiles(tokens={tokens}, amx={amx!r}, amx_mode={amx_mode!r}, amx_row={amx_row!r})
         print(emit_assembly(build_ir(geometry({fmt!r}, isa.vector_bytes, isa.vnni), isa, tiles), isa))
     """)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
@@ -53,6 +54,15 @@ def test_sapphirerapids_amx_bf16_tiles(fmt):
     for op in ("ldtilecfg", "tileloadd", "tdpbf16ps", "tilestored", "tilerelease", "vpdpbusd"):
         assert op in asm, op
     assert "tdpbsud" not in asm
+
+
+@pytest.mark.parametrize("fmt", ["q4_0", "q4_k"])
+def test_sapphirerapids_amx_i8row_tiles(fmt):
+    """i8row (Tiles.amx_row, "mixed"): tdpbssd for gate/up of large experts, tdpbsud below them, tdpbf16ps
+    for down; the 16-bit requantization stays in zmm registers."""
+    asm = assembly(fmt, "avx512vnni", "sapphirerapids", tokens=8, amx=True, amx_mode="mixed", amx_row=True)
+    for op in ("tdpbssd", "tdpbsud", "tdpbf16ps", "vpmullw"):
+        assert op in asm, op
 
 
 def test_sapphirerapids_avx_vnni_256():

@@ -24,7 +24,7 @@ from llvmlite import ir
 
 from ..isa import Isa
 from ..layout import BLOCK, Geometry
-from . import amx, amx_bf16, dot, sched, vmath
+from . import amx, amx_bf16, amx_i8row, dot, sched, vmath
 from .fields import J, POOL_FIELDS
 from .irutil import F32, I1, I8, I16, I32, I64, PTR, VOID, c, define, field, fma, for_range, gep, i64, intrinsic, load, \
     local, prefetch, shuffle, splat, store, vec
@@ -50,6 +50,8 @@ class Tiles:
     #                          dequantized to bf16 once per call, tdpbf16ps accumulates over all K;
     #                          "mixed": bf16 for experts with >= amx_bf16_min_slots slots, int8 below
     amx_bf16_min_slots: int = 24
+    amx_row: bool = False   # gate/up of experts with >= amx_bf16_min_slots slots on the int8 kernel with one
+    #                         scale per weight row and per token (amx_i8row.py) instead of bf16 ("bf16"/"mixed")
     profile: bool = False   # per-worker rdtsc counters of task and barrier time (sched.py, WorkerPool.profile)
     expert_ready: bool = False  # no barrier 1: a down task waits only for the gate/up tasks of the expert it reads
     tail_rows: int = 0      # the last tail_rows rows of H in down tasks of tail_task_rows rows (a finer end)
@@ -77,6 +79,7 @@ class _Side:
     qblock: object = None  # quantizer of this phase's activations (its term follows geo.offset)
     amx_bf: object = None  # AMX kernels by activation type (Tiles.amx_mode says which exist)
     amx_i8: object = None
+    amx_row: object = None  # the i8row kernel (gate/up with Tiles.amx_row)
 
     @property
     def R(self) -> int:
@@ -105,8 +108,14 @@ class _Builder:
         if self.dn.amx:
             assert tiles.rows_down % 32 == 0
         self.bf16_acts = self.amx_on and tiles.amx_mode != "int8"   # bf16 or mixed
+        # x as int8 rows with one scale per token (the i8row kernel) instead of bf16 rows
+        self.x_row = self.bf16_acts and self.gu.amx and tiles.amx_row
+        self.x_bf16 = self.bf16_acts and self.gu.amx and not self.x_row
         if self.bf16_acts:
             self.to_bf16 = self._emit_to_bf16()
+        if self.x_row:
+            self.gu.amx_row = amx_i8row.emit_amx_i8row_mm(self.m, geo, tiles.prefetch, emulate=tiles.amx_emulate)
+            self.quant_row = amx_i8row.emit_quant_row(self.m)
         if self.gu.quant or self.dn.quant:
             self.memcpy = intrinsic(self.m, "llvm.memcpy.p0.p0.i64", VOID, [PTR, PTR, I64, I1])
         # x's term follows the gate/up offset, h's the down offset: one quantizer per distinct term
@@ -231,6 +240,7 @@ class _Builder:
         job, idx, pool = fn.args
         T, K, H, xstride = (field(b, job, J[n]) for n in ("T", "TOPK", "H", "XSTRIDE"))
         x, xq, xd, xs, xt, xb, spos = (field(b, job, J[n], True) for n in ("X", "XQ", "XD", "XS", "XT", "XB", "SPOS"))
+        xr, xrs = field(b, job, J["XR"], True), field(b, job, J["XRS"], True)
         sched.spin_until_equal(b, pool, POOL_FIELDS["ROUTED"], i64(1), "routed")
         r0 = b.mul(idx, i64(self.tiles.quant_rows))
         r1 = b.add(r0, i64(self.tiles.quant_rows))
@@ -243,13 +253,18 @@ class _Builder:
                 row_blk = b.add(b.mul(p0, nblk), k)
                 b.call(self.gu.qblock, [src, gep(b, xq, b.mul(row_blk, i64(32))), gep(b, xd, row_blk, F32),
                                         gep(b, xs, b.mul(row_blk, i64(2)), I32), gep(b, xt, row_blk, F32)])
-                if self.bf16_acts and self.gu.amx:
+                if self.x_bf16:
                     b.call(self.to_bf16, [src, gep(b, xb, b.mul(row_blk, i64(32)), I16)])
+            if self.x_row:
+                b.call(self.quant_row, [gep(b, x, b.mul(t, xstride), F32), H, gep(b, xr, b.mul(p0, H)),
+                                        gep(b, xrs, p0, F32)])
             with for_range(b, 1, K, name="j") as j:   # the other k-1 slots of token t: copies
                 p = b.sext(load(b, spos, I32, b.add(b.mul(t, K), j), align=4), I64)
                 rows = [(xq, H), (xd, b.mul(nblk, i64(4))), (xs, b.mul(nblk, i64(8))), (xt, b.mul(nblk, i64(4)))]
-                if self.bf16_acts and self.gu.amx:
+                if self.x_bf16:
                     rows.append((xb, b.mul(H, i64(2))))
+                if self.x_row:
+                    rows += [(xr, H), (xrs, i64(4))]
                 for base, per_row in rows:
                     b.call(self.memcpy, [gep(b, base, b.mul(p, per_row)), gep(b, base, b.mul(p0, per_row)),
                                          per_row, c(I1, 0)])
@@ -550,22 +565,27 @@ class _Builder:
 
             def call(weights):
                 acc = [b.bitcast(accbuf, PTR), i64(MS * R * 4)]
+                row_args = None
+                if side.amx_row is not None:
+                    xr, xrs = field(b, job, J["XR"], True), field(b, job, J["XRS"], True)
+                    row_args = lambda: [nb, m, gep(b, xr, b.mul(s0, k)), k, gep(b, xrs, s0, F32), *weights, *acc, bbuf]
                 self._amx_call(b, side, b.sub(s_end, s_beg),
                                lambda: [nb, m, gep(b, bf, b.mul(s0, k), I16), b.mul(k, i64(2)), *weights, *acc, bbuf],
                                lambda: [nb, m, gep(b, q, b.mul(s0, k)), k, gep(b, d, b.mul(s0, nb), F32),
-                                        gep(b, t, b.mul(s0, nb), F32), nb, *weights, *acc])
+                                        gep(b, t, b.mul(s0, nb), F32), nb, *weights, *acc], row_args)
             yield s0, m, accbuf, call
 
-    def _amx_call(self, b, side, nslots, bf16_args, int8_args):
-        """The AMX kernel of the mode; "mixed": bf16 for experts with >= amx_bf16_min_slots slots
-        (dequantization amortized over enough slots), int8 below."""
+    def _amx_call(self, b, side, nslots, bf16_args, int8_args, row_args=None):
+        """The AMX kernel of the mode; "mixed": bf16 (or i8row, row_args given) for experts with >=
+        amx_bf16_min_slots slots (dequantization amortized over enough slots), int8 below."""
         mode = self.tiles.amx_mode
+        big_fn, big_args = (side.amx_row, row_args) if row_args else (side.amx_bf, bf16_args)
         if mode != "mixed":
-            b.call(side.amx_bf if mode == "bf16" else side.amx_i8, bf16_args() if mode == "bf16" else int8_args())
+            b.call(big_fn if mode == "bf16" else side.amx_i8, big_args() if mode == "bf16" else int8_args())
             return
         with b.if_else(b.icmp_signed(">=", nslots, i64(self.tiles.amx_bf16_min_slots))) as (big, small):
             with big:
-                b.call(side.amx_bf, bf16_args())
+                b.call(big_fn, big_args())
             with small:
                 b.call(side.amx_i8, int8_args())
 

@@ -1,4 +1,4 @@
-"""AMX tile registers for the kernels in amx.py / amx_bf16.py: the real instructions, or the same
+"""AMX tile registers for the kernels in amx.py / amx_bf16.py / amx_i8row.py: the real instructions, or the same
 operations emulated in plain IR over 8 KiB of stack "tile registers" (tests on hosts without AMX).
 
 Tile roles (8 tiles, no renaming in hardware): C00 C01 C10 C11 = weight group {0,1} x slot half
@@ -14,13 +14,15 @@ C_TILE = {(m, h): 2 * m + h for m in range(2) for h in range(2)}
 A_TILE = (4, 5)
 B_TILE = (6, 7)
 # tile -> (rows, bytes per row): int8 = tdpbsud over one 32-weight block; bf16 = tdpbf16ps over
-# 32 bf16 (A: 16 slots x 32, B: 16 pair rows x 16 columns x 2)
+# 32 bf16 (A: 16 slots x 32, B: 16 pair rows x 16 columns x 2); i8row = tdpbssd over 64 int8
+# (A: 16 slots x 64, B: 16 quad rows x 16 columns x 4)
 SHAPES = {
     "int8": {**{t: (16, 64) for t in C_TILE.values()}, **{t: (16, BLOCK) for t in A_TILE},
              **{t: (BLOCK // 4, 64) for t in B_TILE}},
     "bf16": {t: (16, 64) for t in range(8)},
+    "i8row": {t: (16, 64) for t in range(8)},
 }
-_DP = {"int8": "llvm.x86.tdpbsud", "bf16": "llvm.x86.tdpbf16ps"}
+_DP = {"int8": "llvm.x86.tdpbsud", "bf16": "llvm.x86.tdpbf16ps", "i8row": "llvm.x86.tdpbssd"}
 
 
 def make_tiles(b, mode: str, emulate: bool):
@@ -75,7 +77,7 @@ class _EmuTiles:
         self.regs.align = 64
         self.memcpy = intrinsic(b.module, "llvm.memcpy.p0.p0.i64", VOID, [PTR, PTR, I64, I1])
         self.memset = intrinsic(b.module, "llvm.memset.p0.i64", VOID, [PTR, I8, I64, I1])
-        self._dp_fn = (_emit_emu_dp if mode == "int8" else _emit_emu_bf16_dp)(b.module)
+        self._dp_fn = _emit_emu_bf16_dp(b.module) if mode == "bf16" else _emit_emu_dp(b.module, mode == "i8row")
 
     def _reg(self, t):
         return gep(self.b, self.regs, 1024 * t)
@@ -108,9 +110,10 @@ class _EmuTiles:
         self.b.call(self._dp_fn, [self._reg(dst), self._reg(a), self._reg(bt)])
 
 
-def _emit_emu_dp(module):
-    """C[m][n] += sum_{k<8, i<4} s8(A[m][4k+i]) * u8(B[k][4n+i])  (tdpbsud, 16 x 16 x 32)."""
-    name = "emu_tdpbsud"
+def _emit_emu_dp(module, signed_b: bool = False):
+    """C[m][n] += sum_{k<8, i<4} s8(A[m][4k+i]) * u8(B[k][4n+i])  (tdpbsud, 16 x 16 x 32), or with
+    signed_b sum_{k<16, i<4} s8(A[m][4k+i]) * s8(B[k][4n+i])  (tdpbssd, 16 x 16 x 64)."""
+    name = "emu_tdpbssd" if signed_b else "emu_tdpbsud"
     if name in module.globals:
         return module.globals[name]
     fn, b = define(module, name, VOID, [PTR, PTR, PTR], internal=True)
@@ -120,10 +123,11 @@ def _emit_emu_dp(module):
         with for_range(b, 0, 16, name="n") as n:
             cp = gep(b, C, b.add(b.mul(m, i64(64)), b.mul(n, i64(4))))
             acc = b.load(cp, typ=I32, align=4)
-            for k in range(BLOCK // 4):
+            for k in range(16 if signed_b else BLOCK // 4):
                 a4 = b.load(gep(b, A, b.add(b.mul(m, i64(64)), i64(4 * k))), typ=vec(I8, 4), align=1)
                 b4 = b.load(gep(b, B, b.add(i64(64 * k), b.mul(n, i64(4)))), typ=vec(I8, 4), align=1)
-                prod = b.mul(b.sext(a4, vec(I32, 4)), b.zext(b4, vec(I32, 4)))
+                wide = b.sext(b4, vec(I32, 4)) if signed_b else b.zext(b4, vec(I32, 4))
+                prod = b.mul(b.sext(a4, vec(I32, 4)), wide)
                 acc = b.add(acc, b.call(radd, [prod]))
             b.store(acc, cp, align=4)
     b.ret_void()

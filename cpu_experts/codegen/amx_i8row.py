@@ -1,0 +1,227 @@
+"""AMX int8 kernel with one scale per weight row and per activation row ("i8row"): all M slots of
+one expert x 2 weight row groups, the whole K, per call.
+
+GGUF blocks carry a scale per 32 weights, so exact int8 tiles need a float epilogue per block (amx.py)
+and the bf16 kernel (amx_bf16.py) pays two tile loads per 16 x 16 x 32 product. This kernel instead
+requantizes each weight row on the fly to one int8 scale for the whole K, s_r = max |w_r| / 127
+(from the block scales: no extra memory), and takes activations quantized to int8 per slot row
+(one scale per token over K). Then tdpbssd accumulates 64 weights per tile product over all K
+(half the tile loads and tile instructions of bf16 per weight), and the only float work is one
+scale per output at the end.
+
+Requantization, per 32-weight block of row r with code c: w/s_r = c * r_b + t_b, computed in 16-bit
+fixed point with 7 fraction bits, (c * R + T) >> 7 with R = round(128 * scale_b / s_r) and
+T = round(128 * shift_b / s_r) + 64, so the int8 weight is w/s_r rounded (error <= 0.56 of an int8
+step: the rounding plus R's). Everything fits int16: R <= 2167 (q4_k: 15 * scale <= 2 max |w|), so
+c * R <= 32512, and the sum is 128 w/s_r + 64, within [-16200, 16328]. Next to the format's own
+error this adds little: a block whose scale is a fraction f of the row's largest keeps 127 f / 8
+int8 steps per 4-bit step (q4_0), i.e. an extra error of about 1/(2 r_b^2) of the 4-bit one.
+Activations per token over K cost more where a row holds outliers (a per-32 scale adapts to them);
+that is the price of the whole-K accumulation, and why this kernel only takes experts with many
+slots (prefill), where kt-kernel's formats make the same choice (NOTES.md, session 8).
+
+Tiles: C00 C01 C10 C11 = mat {0,1} x slot half {0,1}; A0 A1 = two 16-slot x 64 tiles of activations;
+B0 B1 = 64 weights x 16 rows of mat 0 and 1 (two 32-weight blocks: the row-interleaved quads of
+layout.py are AMX's VNNI B layout). The first 32-slot chunk requantizes K-tile t+1 while the tile
+unit works on K-tile t; later chunks read the per-worker buffer (nblocks/2 x 2 KiB).
+"""
+from llvmlite import ir
+
+from ..layout import Geometry
+from .amx import CHUNK
+from .irutil import F16, F32, I8, I16, I32, I64, PTR, VOID, c, define, for_range, gep, i64, intrinsic, load, local, \
+    prefetch, shuffle, specialize, splat, store, vec
+from .tiles import A_TILE, B_TILE, C_TILE, make_tiles
+from .vmath import splat_scalar
+
+R = 16                 # weight rows per group (AVX-512 lanes)
+TILE_K = 64            # int8 weights per tile row
+BLOCKS_PER_TILE = 2    # 32-weight blocks per K-tile
+TILE_BYTES = 1024      # one requantized 64 x 16 tile of one mat
+FRAC = 7               # fraction bits of the 16-bit requantization
+
+
+def amx_i8row_name():
+    return "amx_i8row_mm2"
+
+
+def _block_scales(b, geo, sc, bias, blk):
+    """(scale, shift) <16 x float> of block blk: w = scale * code + shift for every row."""
+    vf = vec(F32, R)
+    idx = b.mul(blk, i64(R))
+    dw = b.fpext(load(b, sc, vec(F16, R), idx, align=2), vf)
+    if geo.bias:
+        return dw, b.fpext(load(b, bias, vec(F16, R), idx, align=2), vf)
+    return dw, b.fmul(dw, splat(F32, R, -float(geo.offset)))
+
+
+def _code_max(geo) -> int:
+    return 15 if geo.nibbles else 255
+
+
+def _row_bound(b, geo, sc, bias, nblocks):
+    """<16 x float>: the largest |w| any code of each row can take over the whole K."""
+    vf = vec(F32, R)
+    fabs = intrinsic(b.module, "llvm.fabs.v16f32", vf, [vf])
+    fmax = intrinsic(b.module, "llvm.maxnum.v16f32", vf, [vf, vf])
+    acc = local(b, vf, splat(F32, R, 0.0))
+    with for_range(b, 0, nblocks, name="rbound") as blk:
+        scale, shift = _block_scales(b, geo, sc, bias, blk)
+        top = b.fadd(b.fmul(scale, splat(F32, R, float(_code_max(geo)))), shift)   # code = max
+        m = b.call(fmax, [b.call(fabs, [shift]), b.call(fabs, [top])])           # code = 0
+        b.store(b.call(fmax, [b.load(acc, typ=vf), m]), acc)
+    return b.load(acc, typ=vf)
+
+
+def _fixed16(b, x):
+    """<16 x float> -> <16 x i16>, rounded to nearest (ties to even)."""
+    vf = x.type
+    rnd = intrinsic(b.module, "llvm.roundeven.v16f32", vf, [vf])
+    return b.trunc(b.fptosi(b.call(rnd, [x]), vec(I32, R)), vec(I16, R))
+
+
+def _requant_block(b, geo, pay, sc, bias, blk, inv, dst):
+    """Block blk (16 rows x 32 codes) -> 8 tile rows of int8 quads at dst (512 bytes): row q holds,
+    for each weight row r, w[r][4q .. 4q+3] / s_r rounded. inv = 128 / s_r per row."""
+    scale, shift = _block_scales(b, geo, sc, bias, blk)
+    Rw = _fixed16(b, b.fmul(scale, inv))
+    Tw = b.add(_fixed16(b, b.fmul(shift, inv)), splat(I16, R, 1 << (FRAC - 1)))
+    # per half h (rows 8h .. 8h+7), each row's factor repeated for its 4 bytes
+    rep = [[8 * h + i // 4 for i in range(32)] for h in range(2)]
+    Rh = [shuffle(b, Rw, m) for m in rep]
+    Th = [shuffle(b, Tw, m) for m in rep]
+    bpb = geo.block_payload_bytes
+    pb = gep(b, pay, b.mul(blk, i64(bpb)))
+    v16 = vec(I16, 32)
+    for v in range(bpb // 64):
+        raw = load(b, pb, vec(I8, 64), v * 64, align=64)
+        for h in range(2):
+            words = b.zext(shuffle(b, raw, list(range(32 * h, 32 * h + 32))), v16)
+            if geo.nibbles:   # low nibbles: quad v; high nibbles: quad v + 4 (layout.py)
+                quads = [(v, b.and_(words, splat(I16, 32, 0x0F))), (v + 4, b.lshr(words, splat(I16, 32, 4)))]
+            else:
+                quads = [(v, words)]
+            for q, codes in quads:
+                w = b.ashr(b.add(b.mul(codes, Rh[h]), Th[h]), splat(I16, 32, FRAC))
+                store(b, b.trunc(w, vec(I8, 32)), dst, q * 64 + h * 32, align=32)
+
+
+def emit_amx_i8row_mm(module, geo: Geometry, prefetch_bytes: int, emulate: bool = False):
+    """void amx_i8row_mm2(nblocks, M, A i8[M][lda], lda (bytes), AS f32[M] (activation row scales),
+    pay0, sc0, bias0, pay1, sc1, bias1, acc f32[2][.][16], acc_mat_stride (bytes), bbuf (nblocks/2 x 2 KiB)).
+
+    acc[mat][s][r] = AS[s] * s_r * sum over K of A[s] . requantized weight_mat[r], for s < M
+    (overwritten). nblocks must be even (K a multiple of 64). Rows of A up to the next multiple of 32
+    past M must be readable (their results are never stored)."""
+    assert geo.group_rows == R and geo.scale_group == 32 and not geo.signed
+    args = [I64, I64, PTR, I64, PTR] + [PTR] * 6 + [PTR, I64, PTR]
+    fn, b = define(module, amx_i8row_name(), VOID, args, internal=True)
+    nblocks, M, A, lda, AS = fn.args[:5]
+    mats = [fn.args[5:8], fn.args[8:11]]
+    acc, acc_stride, bbuf = fn.args[11:14]
+    vf = vec(F32, R)
+    bounds = [_row_bound(b, geo, sc, bias, nblocks) for _, sc, bias in mats]
+    # an all-zero row keeps bound 0: scale it as 1 (its codes requantize to 0)
+    safe = [b.select(b.fcmp_ordered(">", bd, splat(F32, R, 0.0)), bd, splat(F32, R, 1.0)) for bd in bounds]
+    inv = [b.fdiv(splat(F32, R, 127.0 * (1 << FRAC)), s) for s in safe]
+    row_scale = [b.fmul(s, splat(F32, R, 1.0 / 127.0)) for s in safe]
+    ntiles = b.udiv(nblocks, i64(BLOCKS_PER_TILE))
+    tiles = make_tiles(b, "i8row", emulate)
+    tiles.configure()
+    bpb = geo.block_payload_bytes
+
+    def requant(t):
+        for mat, (pay, sc, bias) in enumerate(mats):
+            for half in range(BLOCKS_PER_TILE):
+                blk = b.add(b.mul(t, i64(BLOCKS_PER_TILE)), i64(half))
+                pb = gep(b, pay, b.mul(blk, i64(bpb)))
+                for line in range(0, bpb, 64):
+                    prefetch(b, gep(b, pb, i64(prefetch_bytes + line)))
+                ahead = b.add(b.mul(blk, i64(2 * R)), i64(max(prefetch_bytes // bpb, 2) * 2 * R))
+                prefetch(b, gep(b, sc, ahead))
+                if geo.bias:
+                    prefetch(b, gep(b, bias, ahead))
+                dst = gep(b, bbuf, b.add(b.mul(t, i64(2 * TILE_BYTES)), i64(mat * TILE_BYTES + half * 512)))
+                _requant_block(b, geo, pay, sc, bias, blk, inv[mat], dst)
+
+    def tile_step(s0, t, two):
+        bt = gep(b, bbuf, b.mul(t, i64(2 * TILE_BYTES)))
+        for mat in range(2):
+            tiles.load(B_TILE[mat], gep(b, bt, mat * TILE_BYTES), i64(64))
+        a0 = gep(b, A, b.add(b.mul(s0, lda), b.mul(t, i64(TILE_K))))
+        p = gep(b, a0, 8 * TILE_K)   # activation rows, 8 tiles ahead
+        for _ in range(CHUNK if two else 16):
+            prefetch(b, p)
+            p = gep(b, p, lda)
+        tiles.load(A_TILE[0], a0, lda)
+        for mat in range(2):
+            tiles.dp(C_TILE[mat, 0], A_TILE[0], B_TILE[mat])
+        if two:
+            tiles.load(A_TILE[1], gep(b, a0, b.mul(lda, i64(16))), lda)
+            for mat in range(2):
+                tiles.dp(C_TILE[mat, 1], A_TILE[1], B_TILE[mat])
+
+    def tile_loop(s0, first, two):
+        if first:
+            requant(i64(0))
+        with for_range(b, 0, ntiles, name="ktile") as t:
+            tile_step(s0, t, two)
+            if first:   # the next K-tile, while the tile unit works on this one
+                nxt = b.add(t, i64(1))
+                with b.if_then(b.icmp_signed("<", nxt, ntiles)):
+                    requant(nxt)
+
+    nch = b.udiv(b.add(M, i64(CHUNK - 1)), i64(CHUNK))
+    with for_range(b, 0, nch, name="chunk") as ch:
+        s0 = b.mul(ch, i64(CHUNK))
+        live = b.sub(M, s0)
+        two = b.icmp_signed(">", live, i64(16))
+        first = b.icmp_signed("==", ch, i64(0))
+        for mat in range(2):
+            for half in range(2):
+                tiles.zero(C_TILE[mat, half])
+        specialize(b, (first, two), lambda f, t: tile_loop(s0, f, t))
+        dsts = [gep(b, acc, b.add(b.mul(i64(mat), acc_stride), b.mul(s0, i64(64)))) for mat in range(2)]
+        for mat in range(2):
+            tiles.store(C_TILE[mat, 0], dsts[mat], i64(64))
+        with b.if_then(two):
+            for mat in range(2):
+                tiles.store(C_TILE[mat, 1], gep(b, dsts[mat], 16 * 64), i64(64))
+        n_live = b.select(b.icmp_signed("<", live, i64(CHUNK)), live, i64(CHUNK))
+        with for_range(b, 0, n_live, name="scale") as n:   # int32 sums -> floats, in place
+            a_s = splat_scalar(b, load(b, AS, F32, b.add(s0, n), align=4), R)
+            for mat in range(2):
+                p = gep(b, dsts[mat], b.mul(n, i64(64)))
+                s = b.sitofp(b.load(p, typ=vec(I32, R), align=64), vf)
+                b.store(b.fmul(s, b.fmul(row_scale[mat], a_s)), p, align=64)
+    tiles.release()
+    b.ret_void()
+    return fn
+
+
+def quant_row_name():
+    return "quant_row_i8"
+
+
+def emit_quant_row(module):
+    """void quant_row_i8(src f32[n], n (multiple of 32), dst i8[n], scale f32*): int8 codes with one
+    scale max|x| / 127 for the whole row (the i8row kernel's activations)."""
+    fn, b = define(module, quant_row_name(), VOID, [PTR, I64, PTR, PTR], internal=True)
+    src, n, dst, sptr = fn.args
+    v32 = vec(F32, 32)
+    fabs = intrinsic(module, "llvm.fabs.v32f32", v32, [v32])
+    fmax = intrinsic(module, "llvm.maxnum.v32f32", v32, [v32, v32])
+    rmax = intrinsic(module, "llvm.vector.reduce.fmax.v32f32", F32, [v32])
+    rnd = intrinsic(module, "llvm.roundeven.v32f32", v32, [v32])
+    acc = local(b, v32, splat(F32, 32, 0.0))
+    with for_range(b, 0, n, step=32, name="amax") as i:
+        b.store(b.call(fmax, [b.load(acc, typ=v32), b.call(fabs, [load(b, src, v32, i, align=4)])]), acc)
+    amax = b.call(rmax, [b.load(acc, typ=v32)])
+    pos = b.fcmp_ordered(">", amax, c(F32, 0.0))
+    inv = splat_scalar(b, b.select(pos, b.fdiv(c(F32, 127.0), b.select(pos, amax, c(F32, 1.0))), c(F32, 0.0)), 32)
+    with for_range(b, 0, n, step=32, name="q") as i:
+        q = b.fptosi(b.call(rnd, [b.fmul(load(b, src, v32, i, align=4), inv)]), vec(I32, 32))
+        store(b, b.trunc(q, vec(I8, 32)), dst, i)
+    store(b, b.fdiv(amax, c(F32, 127.0)), sptr, align=4)
+    b.ret_void()
+    return fn
