@@ -52,14 +52,16 @@ def _fmt_name(geo: Geometry, down_geo: Geometry | None) -> str:
     return geo.fmt if down_geo is None or down_geo.fmt == geo.fmt else f"{geo.fmt} gate/up, {down_geo.fmt} down"
 
 
-def _check_amx(tiles: Tiles, isa: Isa, geo: Geometry, down_geo: Geometry, hidden: int):
+def _check_amx(tiles: Tiles, isa: Isa, geo: Geometry, down_geo: Geometry, hidden: int, inter: int):
     """Real tile instructions need an AMX host, a supported layout (in at least one phase) and the
     kernel's permission."""
     if not tiles.amx:
         return
-    if tiles.amx_row and (tiles.amx_mode == "int8" or hidden % 64):
-        raise ValueError(f"amx_row (the i8row kernel) needs amx_mode bf16 or mixed and hidden divisible by 64, "
-                         f"got {tiles.amx_mode} and {hidden}")
+    for on, name, k, what in ((tiles.amx_row, "amx_row", hidden, "hidden"),
+                              (tiles.amx_row_down, "amx_row_down", inter, "inter")):
+        if on and (tiles.amx_mode == "int8" or k % 64):
+            raise ValueError(f"{name} (the i8row kernel) needs amx_mode bf16 or mixed and {what} divisible by 64, "
+                             f"got {tiles.amx_mode} and {k}")
     if not (supports_amx(geo) or supports_amx(down_geo)):
         raise ValueError(f"AMX needs q8_0, q4_0 or q4_k weights with 16-row groups, got "
                          f"{_fmt_name(geo, down_geo)} on {isa.name}")
@@ -190,7 +192,7 @@ class CPUExperts:
         tail = hidden // 4 // 32 * 32
         if tiles is None and few_tasks and tail and self.tiles.rows_down == 32:
             self.tiles = replace(self.tiles, expert_ready=True, tail_rows=tail, tail_task_rows=16)
-        _check_amx(self.tiles, self.isa, self.geo, self.down_geo, hidden)
+        _check_amx(self.tiles, self.isa, self.geo, self.down_geo, hidden, inter)
         if inter % self.tiles.rows_up or hidden % self.tiles.rows_down:
             raise ValueError(f"inter {inter} must divide by {self.tiles.rows_up} and hidden {hidden} by "
                              f"{self.tiles.rows_down}")
@@ -213,7 +215,7 @@ class CPUExperts:
         kernel variants on one copy of a layer. Close only the original."""
         if (_geometry(self.fmt, self.isa, tiles), _geometry(self.down_fmt, self.isa, tiles)) != (self.geo, self.down_geo):
             raise ValueError("retiled: that tiling needs another weight layout")
-        _check_amx(tiles, self.isa, self.geo, self.down_geo, self.H)
+        _check_amx(tiles, self.isa, self.geo, self.down_geo, self.H, self.I)
         _check_tail(tiles, self.H)
         other = object.__new__(CPUExperts)
         other.__dict__.update(self.__dict__)
@@ -330,9 +332,10 @@ class CPUExperts:
                       pre + "S": aligned_zeros(rows * k // 16, np.int32),
                       pre + "T": aligned_zeros(rows * k // 32, np.float32),
                       pre + "B": aligned_zeros(rows * k if amx_bf16 else 32, np.uint16)})
-        x_row = bf16_acts and self.tiles.amx_row and supports_amx(self.geo)   # the i8row kernel's x rows
-        s.update({"XR": aligned_zeros((S + P) * H if x_row else 64, np.int8),
-                  "XRS": aligned_zeros(S + P if x_row else 16, np.float32)})
+        for pre, k, on, geo in (("X", H, self.tiles.amx_row, self.geo), ("H", I, self.tiles.amx_row_down, self.down_geo)):
+            row = bf16_acts and on and supports_amx(geo)   # the i8row kernel's activations
+            s.update({pre + "R": aligned_zeros((S + P) * k if row else 64, np.int8),
+                      pre + "RS": aligned_zeros(S + P if row else 16, np.float32)})
         stride = max(H, I) // 32 * 2048 if bf16_acts else 0   # AMX-BF16: a row group's dequantized blocks
         s["AMXB"] = aligned_zeros(max(stride * self.threads, 64), np.uint8)
         self.job[J["AMXB_STRIDE"]] = stride

@@ -26,22 +26,25 @@ def _run(fmt, isa, tiles, T, seed):
     return ex.forward(x, ids, w), moe_reference(x, ids, w, *dq)
 
 
-@pytest.mark.parametrize("fmt", ["q4_0", "q4_k", "q8_0"])
-def test_i8row_every_expert_emulated_matches_reference(fmt):
-    """Every expert's gate/up on i8row (mode bf16, min_slots 1: down on bf16 tiles), one- and two-tile
-    chunks and calls split at 64 slots."""
+@pytest.mark.parametrize("fmt,row,row_down", [("q4_0", True, False), ("q4_k", True, True), ("q8_0", False, True)])
+def test_i8row_every_expert_emulated_matches_reference(fmt, row, row_down):
+    """Every expert on i8row in gate/up, down or both (mode bf16, min_slots 1: the other phase on bf16
+    tiles), one- and two-tile chunks and calls split at 64 slots."""
     tiles = Tiles(tokens=8, amx=True, amx_emulate=True, amx_min_slots=1, amx_max_slots=64, amx_mode="bf16",
-                  amx_row=True)
+                  amx_row=row, amx_row_down=row_down)
     for T in (3, 17, 300):
         check(*_run(fmt, AVX512[0], tiles, T, 13), fmt)
 
 
-@pytest.mark.parametrize("fmt,hardware", [("q4_k", False), ("q4_0", False)]
-                         + [(f, True) for f in ("q8_0", "q4_0", "q4_k") if HOST_AMX])
-def test_i8row_in_the_mixed_bands_matches_reference(fmt, hardware):
-    """The default bands with i8row above amx_bf16_min_slots: experts with 40, 35, 28 slots (i8row), 12
-    (int8 tiles), 5 (vector), none; emulated, and with real tiles on an AMX host."""
-    tiles = Tiles(tokens=8, amx=True, amx_emulate=not hardware, amx_row=True)
+@pytest.mark.parametrize("fmt,hardware,ready", [("q4_k", False, False), ("q4_0", False, True)]
+                         + [(f, True, r) for f in ("q8_0", "q4_0", "q4_k") for r in (False, True) if HOST_AMX])
+def test_i8row_in_the_mixed_bands_matches_reference(fmt, hardware, ready):
+    """The default bands with i8row in both phases above amx_bf16_min_slots: experts with 40, 35, 28 slots
+    (i8row; the last gate/up task of each quantizes its h rows), 12 (int8 tiles), 5 (vector), none;
+    down tasks after barrier 1 or waiting per expert (expert_ready, a tail of 16-row tasks); emulated,
+    and with real tiles on an AMX host."""
+    extra = dict(expert_ready=True, tail_rows=64, tail_max_tokens=64) if ready else {}
+    tiles = Tiles(tokens=8, amx=True, amx_emulate=not hardware, amx_row=True, amx_row_down=True, **extra)
     ex, dq = experts(fmt, "avx512vnni" if hardware else AVX512[0], 2, tiles=tiles)
     T = 40
     ids = np.array([[0, 1 if t < 12 else 3, (2 if t < 5 else 3) if t < 12 else 4] for t in range(T)])
@@ -55,7 +58,7 @@ def test_i8row_in_the_mixed_bands_matches_reference(fmt, hardware):
 @pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q4_k"])
 def test_i8row_hardware_matches_emulation(fmt):
     """Real tdpbssd tiles give the emulated kernel's integer sums: outputs equal to float rounding."""
-    kw = dict(tokens=8, amx=True, amx_min_slots=1, amx_mode="bf16", amx_row=True)
+    kw = dict(tokens=8, amx=True, amx_min_slots=1, amx_mode="bf16", amx_row=True, amx_row_down=True)
     hw, ref = _run(fmt, "avx512vnni", Tiles(**kw), 300, 5)
     emu, _ = _run(fmt, "avx512vnni", Tiles(amx_emulate=True, **kw), 300, 5)
     check(hw, ref, fmt)
@@ -63,9 +66,13 @@ def test_i8row_hardware_matches_emulation(fmt):
 
 
 def test_i8row_refused_where_it_cannot_run():
+    """The i8row kernel takes K in tiles of 64 and sits beside the bf16 kernel (modes bf16, mixed)."""
     from cpu_experts.experts import CPUExperts
-    from tests.test_cpu_experts_moe import blocks
-    q, _ = blocks("q4_0")
-    with pytest.raises(ValueError, match="amx_row"):
-        CPUExperts.from_blocks(*q, fmt="q4_0", hidden=H, inter=H, threads=1, isa=AVX512[0], numa="none", amx=True,
-                               tiles=Tiles(amx=True, amx_emulate=True, amx_mode="int8", amx_row=True))
+    rng = np.random.default_rng(3)
+    inter = 96   # h rows of 96: not whole 64-wide tiles
+    gate, up = (rng.standard_normal((2, inter, H)).astype(np.float32) for _ in range(2))
+    down = rng.standard_normal((2, H, inter)).astype(np.float32)
+    for bad, what in ((dict(amx_mode="int8", amx_row=True), "amx_row "), (dict(amx_row_down=True), "inter")):
+        with pytest.raises(ValueError, match=what):
+            CPUExperts.from_tensors(gate, up, down, fmt="q4_0", threads=1, isa=AVX512[0], numa="none", amx=True,
+                                    tiles=Tiles(amx=True, amx_emulate=True, **bad))

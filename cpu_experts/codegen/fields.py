@@ -9,11 +9,12 @@
 # Slots are only ever appended, so every other slot keeps the index the kernels were built with.
 # READY (Tiles.expert_ready): per active expert a counter of finished gate/up tasks, one cache line
 # (8 slots) each, zeroed by the route task; a down task waits on the counter of each expert it reads.
-# XR/XRS (Tiles.amx_row): x rows as int8 with one f32 scale per slot (the i8row kernel's activations).
+# XR/XRS (Tiles.amx_row), HR/HRS (amx_row_down): x / h rows as int8 with one f32 scale per slot (the i8row
+# kernel's activations).
 JOB_FIELDS = """T TOPK H I E X XSTRIDE IDS W OUT OSTRIDE
 GP GS GB UP US UB DP DS DB GU_PAY_E GU_SC_E D_PAY_E D_SC_E
 XQ XD XS XT XB HF HQ HD HS HT HB CNT OFF STOK SW SPOS ACT NACT N0 N1 N2 POOL AMXB AMXB_STRIDE RUN
-READY XR XRS""".split()
+READY XR XRS HR HRS""".split()
 J = {name: i for i, name in enumerate(JOB_FIELDS)}
 
 # pool control block: i64 slots, hot words on separate cache lines (8 slots = 64 bytes)

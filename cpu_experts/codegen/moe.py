@@ -52,6 +52,7 @@ class Tiles:
     amx_bf16_min_slots: int = 24
     amx_row: bool = False   # gate/up of experts with >= amx_bf16_min_slots slots on the int8 kernel with one
     #                         scale per weight row and per token (amx_i8row.py) instead of bf16 ("bf16"/"mixed")
+    amx_row_down: bool = False  # the same for down: the last gate/up task of such an expert quantizes its h rows
     profile: bool = False   # per-worker rdtsc counters of task and barrier time (sched.py, WorkerPool.profile)
     expert_ready: bool = False  # no barrier 1: a down task waits only for the gate/up tasks of the expert it reads
     tail_rows: int = 0      # the last tail_rows rows of H in down tasks of tail_task_rows rows (a finer end)
@@ -111,11 +112,19 @@ class _Builder:
         # x as int8 rows with one scale per token (the i8row kernel) instead of bf16 rows
         self.x_row = self.bf16_acts and self.gu.amx and tiles.amx_row
         self.x_bf16 = self.bf16_acts and self.gu.amx and not self.x_row
+        self.h_row = self.bf16_acts and self.dn.amx and tiles.amx_row_down   # likewise h
+        self.h_bf16 = self.bf16_acts and self.dn.amx and not self.h_row
+        # gate/up tasks count up per expert: for expert_ready's down tasks, and for h_row's last one
+        self.count_ready = tiles.expert_ready or self.h_row
         if self.bf16_acts:
             self.to_bf16 = self._emit_to_bf16()
-        if self.x_row:
-            self.gu.amx_row = amx_i8row.emit_amx_i8row_mm(self.m, geo, tiles.prefetch, emulate=tiles.amx_emulate)
+        if self.x_row or self.h_row:
             self.quant_row = amx_i8row.emit_quant_row(self.m)
+        for side, on in ((self.gu, self.x_row), (self.dn, self.h_row)):
+            if on:
+                shared = side is self.dn and self.gu.amx_row is not None and self.gu.geo == side.geo
+                side.amx_row = self.gu.amx_row if shared else amx_i8row.emit_amx_i8row_mm(
+                    self.m, side.geo, tiles.prefetch, emulate=tiles.amx_emulate)
         if self.gu.quant or self.dn.quant:
             self.memcpy = intrinsic(self.m, "llvm.memcpy.p0.p0.i64", VOID, [PTR, PTR, I64, I1])
         # x's term follows the gate/up offset, h's the down offset: one quantizer per distinct term
@@ -216,7 +225,7 @@ class _Builder:
             with b.if_then(b.icmp_signed(">", n, c(I32, 0))):
                 a = b.load(nact, typ=I64)
                 store(b, b.trunc(e, I32), act, a, align=4)
-                if self.tiles.expert_ready:   # its gate/up tasks count up here (published by ROUTED below)
+                if self.count_ready:   # its gate/up tasks count up here (published by ROUTED below)
                     store(b, i64(0), field(b, job, J["READY"], True), b.mul(a, i64(8)), align=8)
                 b.store(b.add(a, i64(1)), nact)
         with for_range(b, 0, nslots, name="f") as s:
@@ -401,10 +410,31 @@ class _Builder:
         else:
             self._gateup_vec(b, job, e, rb, s_beg, s_end)
         self._quantize_h(b, job, rb, s_beg, s_end)
-        if self.tiles.expert_ready:   # release: this task's h rows before the count a down task acquires
-            b.atomic_rmw("add", gep(b, field(b, job, J["READY"], True), b.mul(a, i64(8)), I64), i64(1), "release")
+        if self.count_ready:   # release: this task's h rows before the count a down task acquires
+            ctr = gep(b, field(b, job, J["READY"], True), b.mul(a, i64(8)), I64)
+            old = b.atomic_rmw("add", ctr, i64(1), "acq_rel" if self.h_row else "release")
+            if self.h_row:   # the expert's last gate/up task: every h column is there (acquired)
+                last = b.icmp_signed("==", b.add(old, i64(1)), nrb)
+                with b.if_then(b.and_(last, self._row_down_expert(b, b.sub(s_end, s_beg)))):
+                    self._quantize_h_rows(b, job, s_beg, s_end)
+                    b.atomic_rmw("add", ctr, i64(1), "release")
         b.ret_void()
         return fn
+
+    def _row_down_expert(self, b, nslots):
+        """i1: down runs this expert's slots on the i8row kernel (the choice _down and _amx_call make)."""
+        t = self.tiles
+        big = b.icmp_signed(">=", nslots, i64(t.amx_min_slots))
+        if t.amx_mode == "mixed":
+            big = b.and_(big, b.icmp_signed(">=", nslots, i64(t.amx_bf16_min_slots)))
+        return big
+
+    def _quantize_h_rows(self, b, job, s_beg, s_end):
+        """h rows of slots [s_beg, s_end) as int8 with one scale each (HR, HRS: the i8row kernel's)."""
+        I, hf = field(b, job, J["I"]), field(b, job, J["HF"], True)
+        hr, hrs = field(b, job, J["HR"], True), field(b, job, J["HRS"], True)
+        with for_range(b, s_beg, s_end, name="hrow") as s:
+            b.call(self.quant_row, [gep(b, hf, b.mul(s, I), F32), I, gep(b, hr, b.mul(s, I)), gep(b, hrs, s, F32)])
 
     def _store_h(self, b, job, g, u, slot, row0):
         """h[slot, row0 : row0 + n] = silu(g) * u  (g, u: <n x float>)."""
@@ -465,7 +495,7 @@ class _Builder:
                     src = gep(b, hf, b.add(b.mul(s, I), col), F32)
                     b.call(self.dn.qblock, [src, gep(b, hq, b.mul(blk, i64(32))), gep(b, hd, blk, F32),
                                             gep(b, hs, b.mul(blk, i64(2)), I32), gep(b, ht, blk, F32)])
-                    if self.bf16_acts and self.dn.amx:
+                    if self.h_bf16:
                         b.call(self.to_bf16, [src, gep(b, hb, b.mul(blk, i64(32)), I16)])
 
     # ------------------------------------------------------------ phase 2
@@ -496,6 +526,7 @@ class _Builder:
         groups = b.udiv(nrows, i64(R))
         if ready:
             prof = sched._Profile(b, fn.args[3], tid, self.tiles.profile)
+        if self.count_ready:
             ready_ctr = field(b, job, J["READY"], True)
             n_gateup = b.udiv(I, i64(self.tiles.rows_up))   # gate/up tasks per expert
         with for_range(b, 0, T, name="zt") as t:
@@ -513,14 +544,21 @@ class _Builder:
             b.store(fma(b, w, v, b.load(dst, typ=vf, align=4)), dst, align=4)
 
         with for_range(b, 0, nact, name="a") as a:
-            if ready:   # the expert's h rows: all its gate/up tasks counted (acquire); timed only if not yet
-                idx = b.mul(a, i64(8))
-                with b.if_then(b.icmp_signed("!=", sched.aload(b, ready_ctr, idx), n_gateup)):
-                    with prof(b, "bar1"):
-                        sched.spin_until_equal(b, ready_ctr, idx, n_gateup, "ready")
             e = b.sext(load(b, act, I32, a, align=4), I64)
             s_beg = b.sext(load(b, off, I32, e, align=4), I64)
             s_end = b.sext(load(b, off, I32, b.add(e, i64(1)), align=4), I64)
+            if self.count_ready:   # the expert's h rows: all its gate/up tasks counted (acquire), and its int8
+                #                    h rows when down takes the i8row kernel; timed only if not yet
+                idx = b.mul(a, i64(8))
+                want = n_gateup
+                if self.h_row:
+                    want = b.add(want, b.zext(self._row_down_expert(b, b.sub(s_end, s_beg)), I64))
+                if ready:
+                    with b.if_then(b.icmp_signed("!=", sched.aload(b, ready_ctr, idx), want)):
+                        with prof(b, "bar1"):
+                            sched.spin_until_equal(b, ready_ctr, idx, want, "ready")
+                else:   # after barrier 1 only the quantizing task can still be at work
+                    sched.spin_until_equal(b, ready_ctr, idx, want, "ready")
 
             def vec_path(b):
                 with for_range(b, 0, groups, name="gi") as gi:
@@ -567,7 +605,7 @@ class _Builder:
                 acc = [b.bitcast(accbuf, PTR), i64(MS * R * 4)]
                 row_args = None
                 if side.amx_row is not None:
-                    xr, xrs = field(b, job, J["XR"], True), field(b, job, J["XRS"], True)
+                    xr, xrs = field(b, job, J[pre + "R"], True), field(b, job, J[pre + "RS"], True)
                     row_args = lambda: [nb, m, gep(b, xr, b.mul(s0, k)), k, gep(b, xrs, s0, F32), *weights, *acc, bbuf]
                 self._amx_call(b, side, b.sub(s_end, s_beg),
                                lambda: [nb, m, gep(b, bf, b.mul(s0, k), I16), b.mul(k, i64(2)), *weights, *acc, bbuf],
