@@ -38,7 +38,19 @@ def default_tiles(isa: Isa, geo: Geometry, amx: bool | None = None, down_geo: Ge
     if use_amx and not enable_amx():
         use_amx = False
     # accumulators: one vector of R rows per token; AVX2 has 16 vector registers, AVX-512 32
-    return Tiles(tokens=8 if isa.vector_bytes == 64 else 4, amx=use_amx)
+    tokens = 8 if isa.vector_bytes == 64 else 4
+    return Tiles(tokens=tokens, amx=True, **amx_defaults(geo, down_geo or geo)) if use_amx else \
+        Tiles(tokens=tokens, amx=False)
+
+
+def amx_defaults(geo: Geometry, down_geo: Geometry) -> dict:
+    """The AMX kernels by format. 4-bit phases take the i8row kernel from 8 slots per expert (V3 layer,
+    nvidia-h200 host, 2048 tokens: 1.5-1.7x the bf16 kernel's GFLOP/s; output error 12.5 -> 12.8%
+    for q4_k, against float64); q8_0 keeps exact per-32 scales (int8 tiles with a float epilogue per
+    block below 24 slots, bf16 tiles above), because with i8row its error would grow from 1.5 to 3.6%
+    (cpu_experts/NOTES.md, session 8)."""
+    row, row_down = (g.nibbles and supports_amx(g) for g in (geo, down_geo))
+    return dict(amx_row=row, amx_row_down=row_down, amx_bf16_min_slots=8 if row and row_down else 24)
 
 
 def _geometry(fmt: str, isa: Isa, tiles: Tiles | None) -> Geometry:
@@ -180,6 +192,8 @@ class CPUExperts:
         self.down_geo = _geometry(down_fmt, self.isa, tiles)
         self.threads = threads or default_threads()
         self.tiles = tiles or default_tiles(self.isa, self.geo, amx, self.down_geo)
+        if tiles is None and (hidden % 64 or inter % 64):   # the i8row kernel takes K in 64-wide tiles
+            self.tiles = replace(self.tiles, amx_row=False, amx_row_down=False, amx_bf16_min_slots=24)
         # 32 rows per down task where 64 need H % 64 != 0, or give under 3 tasks per worker and 32 give
         # at least 3: one V2-Lite layer (H 2048) is 32 tasks of 64 rows for 15-16 workers, 2.1 rounds
         # where 3 run; 32 rows were 3-5% faster there at 1 token (`...-h200-v2lite-cpu-experts-rd32-*.json`)

@@ -27,7 +27,7 @@ name() { local n=1; while [ -e "$R/$1-$n.json" ]; do n=$((n + 1)); done; echo "$
               --repeats "$REPEATS" --out "$(name kt-${step#kt:})" 2>&1 | quiet ;;
       sweep:*) timeout 200 python3 -m cpu_experts.sweep --shape v3 --fmt "${step#sweep:}" --threads 16 --tokens "$TOK" \
                  --variants "$VARIANTS" --repeats "$REPEATS" --out "$(name sweep-${step#sweep:})" | grep -v "^  " ;;
-      tests) timeout 200 python3 -m pytest -q -p no:cacheprovider $TESTS > "$R/tests.txt" 2>&1; echo "tests EXIT=$?"
+      tests) eval "timeout 200 python3 -m pytest -q -p no:cacheprovider $TESTS" > "$R/tests.txt" 2>&1; echo "tests EXIT=$?"
              tail -3 "$R/tests.txt" ;;
       q1) timeout 60 python3 -m cpu_experts.sweep --shape v3 --fmt q4_k --threads 16 --tokens 8 --variants base,q1 \
             --repeats 20 --out "$R/sweep-q1-v3-q4_k.json" | grep -v "^  " ;;

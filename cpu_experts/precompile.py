@@ -12,7 +12,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 
 from .codegen.moe import Tiles, build_ir, supports_amx
-from .experts import _geometry, default_tiles
+from .experts import _geometry, amx_defaults, default_tiles
 from .formats import FORMATS
 from .isa import host_cpu, host_isa, supported
 from .jit import object_code
@@ -80,7 +80,7 @@ def jobs(sweep: list[str], sweep_fmts=FORMATS) -> list:
     for fmt in sweep_fmts:
         geo = _geometry(fmt, best, None)
         base = default_tiles(best, geo, None) if not (best.amx and supports_amx(geo)) else \
-            Tiles(tokens=8 if best.vector_bytes == 64 else 4, amx=True)
+            Tiles(tokens=8 if best.vector_bytes == 64 else 4, amx=True, **amx_defaults(geo, geo))
         for name in sweep:
             fields = VARIANTS[name]
             if any(f.startswith("amx") for f in fields) and not base.amx:

@@ -23,8 +23,11 @@ from .numa import anon_huge_gb
 from .pool import WorkerPool, tsc_hz
 
 VARIANTS = {   # changes to the default tiling (codegen/moe.py Tiles; AMX fields spelled out, so a name keeps
-    #            its meaning when the defaults move: base = mixed_v8_24 since session 3)
+    #            its meaning when the defaults move: base = mixed_v8_24 in sessions 3-7, row8_dn for 4-bit
+    #            formats since session 8)
     "base": {},
+    "bf16amx": {"amx_mode": "mixed", "amx_min_slots": 8, "amx_bf16_min_slots": 24, "amx_row": False,
+                "amx_row_down": False},   # the AMX default of sessions 3-7 (base for q8_0 and bf16 weights)
     "cold": {},   # base, but the workers are asleep (futex) when the job arrives
     "old_pf": {"prefetch_all": False, "prefetch_next": False, "rows_down": 32},   # session 1's vector tiling
     "pf1k": {"prefetch": 1024},
