@@ -82,28 +82,35 @@ def _fixed16(b, x):
 
 def _requant_block(b, geo, pay, sc, bias, blk, inv, dst):
     """Block blk (16 rows x 32 codes) -> 8 tile rows of int8 quads at dst (512 bytes): row q holds,
-    for each weight row r, w[r][4q .. 4q+3] / s_r rounded. inv = 128 / s_r per row."""
+    for each weight row r, w[r][4q .. 4q+3] / s_r rounded. inv = 128 / s_r per row.
+
+    Bytes widen to words by interleaving with zero within each 128-bit lane (vpunpck[lh]bw) and narrow
+    back with vpacksswb, its inverse lane for lane: the tile row comes out in the payload's order, and
+    each word vector holds 8 weight rows (4 of every lane: 'lo' rows 4L, 4L+1, 'hi' rows 4L+2, 4L+3)."""
     scale, shift = _block_scales(b, geo, sc, bias, blk)
     Rw = _fixed16(b, b.fmul(scale, inv))
     Tw = b.add(_fixed16(b, b.fmul(shift, inv)), splat(I16, R, 1 << (FRAC - 1)))
-    # per half h (rows 8h .. 8h+7), each row's factor repeated for its 4 bytes
-    rep = [[8 * h + i // 4 for i in range(32)] for h in range(2)]
-    Rh = [shuffle(b, Rw, m) for m in rep]
-    Th = [shuffle(b, Tw, m) for m in rep]
+    rows = [[4 * (w // 8) + 2 * h + (w % 8) // 4 for w in range(32)] for h in range(2)]   # word -> weight row
+    Rh = [shuffle(b, Rw, m) for m in rows]
+    Th = [shuffle(b, Tw, m) for m in rows]
     bpb = geo.block_payload_bytes
     pb = gep(b, pay, b.mul(blk, i64(bpb)))
-    v16 = vec(I16, 32)
+    v16, v8 = vec(I16, 32), vec(I8, 64)
+    zero = ir.Constant(v8, None)
+    pack = intrinsic(b.module, "llvm.x86.avx512.packsswb.512", v8, [v16, v16])
     for v in range(bpb // 64):
-        raw = load(b, pb, vec(I8, 64), v * 64, align=64)
-        for h in range(2):
-            words = b.zext(shuffle(b, raw, list(range(32 * h, 32 * h + 32))), v16)
-            if geo.nibbles:   # low nibbles: quad v; high nibbles: quad v + 4 (layout.py)
-                quads = [(v, b.and_(words, splat(I16, 32, 0x0F))), (v + 4, b.lshr(words, splat(I16, 32, 4)))]
-            else:
-                quads = [(v, words)]
-            for q, codes in quads:
-                w = b.ashr(b.add(b.mul(codes, Rh[h]), Th[h]), splat(I16, 32, FRAC))
-                store(b, b.trunc(w, vec(I8, 32)), dst, q * 64 + h * 32, align=32)
+        raw = load(b, pb, v8, v * 64, align=64)
+        words = [b.bitcast(b.shuffle_vector(raw, zero, ir.Constant(vec(I32, 64), [
+            x for lane in range(4) for i in range(8) for x in (16 * lane + 8 * h + i, 64 + 16 * lane + 8 * h + i)])), v16)
+            for h in range(2)]
+        if geo.nibbles:   # low nibbles: quad v; high nibbles: quad v + 4 (layout.py)
+            quads = [(v, [b.and_(w, splat(I16, 32, 0x0F)) for w in words]),
+                     (v + 4, [b.lshr(w, splat(I16, 32, 4)) for w in words])]
+        else:
+            quads = [(v, words)]
+        for q, codes in quads:
+            w = [b.ashr(b.add(b.mul(cd, Rh[h]), Th[h]), splat(I16, 32, FRAC)) for h, cd in enumerate(codes)]
+            store(b, b.call(pack, w), dst, q * 64, align=64)
 
 
 def emit_amx_i8row_mm(module, geo: Geometry, prefetch_bytes: int, emulate: bool = False):
