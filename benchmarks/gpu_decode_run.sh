@@ -7,7 +7,8 @@
 #   OUT=$OUT bash benchmarks/gpu_decode_run.sh
 # TESTS= the GPU test files (default: the decode path's; "none" skips), CPU_TESTS=1 adds the AMX/VNNI
 # CPU-expert tests, VARIANTS= the bench variants in order (default, memops, wN = N workers, depth, q4_k =
-# the experts in q4_k, gpuN = N experts per layer kept on the GPU, base = the tree in _dev/base, e.g.
+# the experts in q4_k, gpuN = N experts per layer kept on the GPU, base = the tree in _dev/base (base_q4_k:
+# with q4_k experts), e.g.
 # `git archive REV | tar -x -C _dev/base`, carried along: A/B in one call). Output: bench-v2l-VARIANT.json.
 export HMOE_CACHE_DIR=/tmp/hc PYTHONPATH=. PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT; BUDGET=${BUDGET:-540}
@@ -29,8 +30,10 @@ rules q8_0 > /tmp/q8_0.yaml; rules q4_k > /tmp/q4_k.yaml
 bench() {  # $1 = variant: default, memops, wN (N workers); repeated names get -2, -3
   local variant=$1 name=$1 n=2 env=() opts=() dir=. rules=/tmp/q8_0.yaml
   while [ -e $OUT/bench-v2l-$name.json ]; do name=$variant-$n; n=$((n + 1)); done
+  case $variant in base*) dir=_dev/base ;; esac   # base_q4_k: the tree in _dev/base with q4_k experts
+  case $variant in *q4_k) rules=/tmp/q4_k.yaml ;; esac
   case $variant in  # depth: tg at 0 and 32768 cached tokens (the MLA promise: a flat curve)
-    memops) env=(HMOE_HANDOVER=memops) ;; base) dir=_dev/base ;; q4_k) rules=/tmp/q4_k.yaml ;;
+    memops) env=(HMOE_HANDOVER=memops) ;;
     gpu*) rules=/tmp/$variant.yaml; rules q8_0 "    gpu_experts: {count: ${variant#gpu}, device: cuda:0, quant: bf16}\n" > $rules ;; w*) opts=(--experts-threads ${variant#w}) ;; depth) opts=(-p 0 -d 0,32768) ;;
   esac
   L=$(left); [ $L -gt 60 ] || { stamp "skipped $name: budget"; return; }
