@@ -13,9 +13,13 @@ A job runs in three phases of tasks, claimed in order from one atomic counter:
 A task of phase p waits (spinning) until every task of phase p-1 is done; tasks are claimed in order,
 so the earlier tasks are already running and this cannot deadlock.
 
-Experts with at least `amx_min_slots` slots use the AMX kernel (amx.py: every slot of the expert
-against two 16-row weight groups per call); the others the vector kernels (dot.py, `tokens` slots
-per call).
+Experts with at least `amx_min_slots` slots use an AMX kernel (every slot of the expert against two
+16-row weight groups per call): int8 tiles with a float epilogue per 32-weight block (amx.py), bf16
+tiles (amx_bf16.py) or int8 tiles with one scale per weight row and per activation row (amx_i8row.py)
+as `amx_mode`, `amx_bf16_min_slots` and `amx_row`/`amx_row_down` choose; the others the vector
+kernels (dot.py, `tokens` slots per call). With `amx_row_down`, the gate/up task that finishes an
+i8row expert's h quantizes its rows (one scale each) and counts once more on the expert's READY
+counter, which the down tasks wait for.
 """
 from contextlib import contextmanager
 from dataclasses import dataclass
