@@ -23,7 +23,8 @@ plus one fp32 scale per output row (0.1-0.2% of the payload).
 shape's H and I from the same random bf16 weights, through kt-kernel's METHOD and through CPUExperts
 in each of our formats, error against the float64 MoE of the bf16 weights (relative Frobenius norm).
 A format written FMT:row or FMT:bf16amx runs every expert on that AMX prefill path (the i8row kernel
-for gate/up and down, or the bf16 one) instead of the path 16 tokens would take.
+for gate/up and down, or the bf16 one), FMT:vec on the vector kernels (exact per-block scales, as at
+decode), instead of the path 16 tokens would take.
 
 Getting the extension (11 MB of the 100 MB wheel; the GPU machine's Python is 3.12):
 
@@ -199,13 +200,14 @@ def accuracy(a, argv) -> int:
         print(f"kt-kernel {method:8s} rel err {err:.4f}", flush=True)
         del layer
     for spec in a.accuracy.split(","):
-        fmt, _, path = spec.partition(":")   # FMT:row / FMT:bf16amx: every expert on that AMX prefill path
+        fmt, _, path = spec.partition(":")   # FMT:row / FMT:bf16amx / FMT:vec: every expert on that path
         tiles = None
-        if path:
+        if path in ("row", "bf16amx"):
             from cpu_experts.codegen.moe import Tiles
             row = path == "row"
             tiles = Tiles(tokens=8, amx=True, amx_min_slots=1, amx_bf16_min_slots=1, amx_row=row, amx_row_down=row)
-        ex = CPUExperts.from_tensors(*weights, fmt=fmt, threads=a.threads + 1, tiles=tiles)
+        ex = CPUExperts.from_tensors(*weights, fmt=fmt, threads=a.threads + 1, tiles=tiles,
+                                     amx=False if path == "vec" else None)
         err = float(np.linalg.norm(ex.forward(x, ids, w) - ref) / np.linalg.norm(ref))
         ex.close()
         results.append(dict(engine=f"hmoe {spec}", rel_err=err))

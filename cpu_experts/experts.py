@@ -19,7 +19,7 @@ import numpy as np
 
 from . import numa as numa_mod
 from .codegen.fields import J, JOB_FIELDS
-from .codegen.moe import SLOT_PAD, Tiles, build_ir, down_tasks, supports_amx
+from .codegen.moe import SLOT_PAD, Tiles, build_ir, down_tasks, phase_amx, supports_amx, supports_i8row
 from .formats import get_format, quantize
 from .isa import Isa, host_isa
 from .jit import Library
@@ -30,10 +30,10 @@ from .pool import WorkerPool, aligned_zeros
 def default_tiles(isa: Isa, geo: Geometry, amx: bool | None = None, down_geo: Geometry | None = None) -> Tiles:
     """amx: None = use AMX where the host and a format allow it (a phase whose format AMX cannot run
     takes the vector kernels)."""
-    fmt_ok = supports_amx(geo) or supports_amx(down_geo or geo)
+    fmt_ok = any(phase_amx(g, True) for g in (geo, down_geo or geo))
     use_amx = isa.amx and fmt_ok if amx is None else amx
     if use_amx and not (isa.amx and fmt_ok):
-        raise ValueError(f"AMX needs an AMX host and q8_0, q4_0 or q4_k weights (host {isa.cpu}, format "
+        raise ValueError(f"AMX needs an AMX host and q8_0, q4_0, q4_k or q6_k weights (host {isa.cpu}, format "
                          f"{_fmt_name(geo, down_geo)})")
     if use_amx and not enable_amx():
         use_amx = False
@@ -46,10 +46,10 @@ def default_tiles(isa: Isa, geo: Geometry, amx: bool | None = None, down_geo: Ge
 def amx_defaults(geo: Geometry, down_geo: Geometry) -> dict:
     """The AMX kernels by format. 4-bit phases take the i8row kernel from 8 slots per expert (V3 layer,
     nvidia-h200 host, 2048 tokens: 1.5-1.7x the bf16 kernel's GFLOP/s; output error 12.5 -> 12.8%
-    for q4_k, against float64); q8_0 keeps exact per-32 scales (int8 tiles with a float epilogue per
-    block below 24 slots, bf16 tiles above), because with i8row its error would grow from 1.5 to 3.6%
-    (cpu_experts/NOTES.md, session 8)."""
-    row, row_down = (g.nibbles and supports_amx(g) for g in (geo, down_geo))
+    for q4_k, against float64), and so does q6_k, which no exact AMX kernel runs; q8_0 keeps exact
+    per-32 scales (int8 tiles with a float epilogue per block below 24 slots, bf16 tiles above),
+    because with i8row its error would grow from 1.5 to 3.6% (cpu_experts/NOTES.md, session 8)."""
+    row, row_down = ((g.nibbles or g.fmt == "q6_k") and supports_i8row(g) for g in (geo, down_geo))
     return dict(amx_row=row, amx_row_down=row_down, amx_bf16_min_slots=8 if row and row_down else 24)
 
 
@@ -74,10 +74,10 @@ def _check_amx(tiles: Tiles, isa: Isa, geo: Geometry, down_geo: Geometry, hidden
         if on and (tiles.amx_mode == "int8" or k % 64):
             raise ValueError(f"{name} (the i8row kernel) needs amx_mode bf16 or mixed and {what} divisible by 64, "
                              f"got {tiles.amx_mode} and {k}")
-    if not (supports_amx(geo) or supports_amx(down_geo)):
-        raise ValueError(f"AMX needs q8_0, q4_0 or q4_k weights with 16-row groups, got "
-                         f"{_fmt_name(geo, down_geo)} on {isa.name}")
-    if supports_amx(down_geo) and tiles.rows_down % 32:
+    if not (phase_amx(geo, tiles.amx_row) or phase_amx(down_geo, tiles.amx_row_down)):
+        raise ValueError(f"AMX needs q8_0, q4_0 or q4_k weights (or q6_k with the i8row kernel) with 16-row groups, "
+                         f"got {_fmt_name(geo, down_geo)} on {isa.name}")
+    if phase_amx(down_geo, tiles.amx_row_down) and tiles.rows_down % 32:
         raise ValueError(f"AMX down tasks need rows_down divisible by 32, got {tiles.rows_down}")
     if not tiles.amx_emulate and not (isa.amx and enable_amx()):
         raise ValueError(f"AMX needs an AMX host that grants the tile state (host {isa.cpu})")
@@ -347,7 +347,7 @@ class CPUExperts:
                       pre + "T": aligned_zeros(rows * k // 32, np.float32),
                       pre + "B": aligned_zeros(rows * k if amx_bf16 else 32, np.uint16)})
         for pre, k, on, geo in (("X", H, self.tiles.amx_row, self.geo), ("H", I, self.tiles.amx_row_down, self.down_geo)):
-            row = bf16_acts and on and supports_amx(geo)   # the i8row kernel's activations
+            row = bf16_acts and on and supports_i8row(geo)   # the i8row kernel's activations
             s.update({pre + "R": aligned_zeros((S + P) * k if row else 64, np.int8),
                       pre + "RS": aligned_zeros(S + P if row else 16, np.float32)})
         stride = max(H, I) // 32 * 2048 if bf16_acts else 0   # AMX-BF16: a row group's dequantized blocks

@@ -4,7 +4,7 @@
 # Default STEPS: hmoe bench-moe (V3 layer; q4_k, q8_0, q4_0, bf16; 16 threads) alternating with kt-kernel
 # AMXINT4 / AMXINT8 (15 threads, as it asks) on the same host, q4_k and AMXINT4 once more (drift), the
 # quant_rows=1 A/B at 8 tokens, then the formats' accuracy. A step is ours:FMT, kt:METHOD, q1, accuracy,
-# sweep:FMT (cpu_experts.sweep of $VARIANTS) or tests (pytest $TESTS); TOK (default 1,8,512,2048) and
+# sweep:FMT[/DOWN] (cpu_experts.sweep of $VARIANTS, down_proj in DOWN) or tests (pytest $TESTS); TOK (default 1,8,512,2048) and
 # REPEATS (default 10) apply to all. Each engine in its own process (a V3
 # bf16 layer is 22.5 GB). JSON under $OUT/res, packed into $OUT/results-TIME.tgz. HMOE_COMMIT names the tree.
 set -u
@@ -25,8 +25,9 @@ name() { local n=1; while [ -e "$R/$1-$n.json" ]; do n=$((n + 1)); done; echo "$
                 --repeats "$REPEATS" --out "$(name ours-${step#ours:})" ;;
       kt:*) timeout 150 python3 benchmarks/kt_peer.py --ext "$EXT" --method "${step#kt:}" --threads 15 --tokens "$TOK" \
               --repeats "$REPEATS" --out "$(name kt-${step#kt:})" 2>&1 | quiet ;;
-      sweep:*) timeout 200 python3 -m cpu_experts.sweep --shape v3 --fmt "${step#sweep:}" --threads 16 --tokens "$TOK" \
-                 --variants "$VARIANTS" --repeats "$REPEATS" --out "$(name sweep-${step#sweep:})" | grep -v "^  " ;;
+      sweep:*) f=${step#sweep:}; down=(); [ "${f#*/}" != "$f" ] && down=(--down-fmt "${f#*/}")   # sweep:FMT[/DOWN]
+               timeout 200 python3 -m cpu_experts.sweep --shape v3 --fmt "${f%/*}" "${down[@]}" --threads 16 --tokens "$TOK" \
+                 --variants "$VARIANTS" --repeats "$REPEATS" --out "$(name sweep-${f/\//-})" | grep -v "^  " ;;
       tests) eval "timeout 200 python3 -m pytest -q -p no:cacheprovider $TESTS" > "$R/tests.txt" 2>&1; echo "tests EXIT=$?"
              tail -3 "$R/tests.txt" ;;
       q1) timeout 60 python3 -m cpu_experts.sweep --shape v3 --fmt q4_k --threads 16 --tokens 8 --variants base,q1 \

@@ -26,7 +26,8 @@ def _run(fmt, isa, tiles, T, seed):
     return ex.forward(x, ids, w), moe_reference(x, ids, w, *dq)
 
 
-@pytest.mark.parametrize("fmt,row,row_down", [("q4_0", True, False), ("q4_k", True, True), ("q8_0", False, True)])
+@pytest.mark.parametrize("fmt,row,row_down", [("q4_0", True, False), ("q4_k", True, True), ("q8_0", False, True),
+                                              ("q6_k", True, True)])
 def test_i8row_every_expert_emulated_matches_reference(fmt, row, row_down):
     """Every expert on i8row in gate/up, down or both (mode bf16, min_slots 1: the other phase on bf16
     tiles), one- and two-tile chunks and calls split at 64 slots."""
@@ -63,6 +64,16 @@ def test_i8row_hardware_matches_emulation(fmt):
     emu, _ = _run(fmt, "avx512vnni", Tiles(amx_emulate=True, **kw), 300, 5)
     check(hw, ref, fmt)
     np.testing.assert_allclose(hw, emu, rtol=0, atol=1e-5 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("hardware", [False] + ([True] if HOST_AMX else []))
+def test_i8row_q4_k_with_q6_k_down_matches_reference(hardware):
+    """llama.cpp's Q4_K_M layout (q4_k gate/up, q6_k down) with the defaults' AMX choice: i8row in both
+    phases from 8 slots (q6_k, a scale per 16 weights, has no other AMX kernel)."""
+    from tests.test_cpu_experts_mixed import mixed, run_and_check
+    tiles = Tiles(tokens=8, amx=True, amx_emulate=not hardware, amx_row=True, amx_row_down=True, amx_bf16_min_slots=8)
+    ex, dq = mixed("q4_k", "q6_k", "avx512vnni" if hardware else AVX512[0], 2, tiles=tiles)
+    run_and_check(ex, dq, 19, sizes=(3, 17, 300))
 
 
 def test_i8row_refused_where_it_cannot_run():

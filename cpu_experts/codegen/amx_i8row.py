@@ -13,7 +13,8 @@ Requantization, per 32-weight block of row r with code c: w/s_r = c * r_b + t_b,
 fixed point with 7 fraction bits, (c * R + T) >> 7 with R = round(128 * scale_b / s_r) and
 T = round(128 * shift_b / s_r) + 64, so the int8 weight is w/s_r rounded (error <= 0.56 of an int8
 step: the rounding plus R's). Everything fits int16: R <= 2167 (q4_k: 15 * scale <= 2 max |w|), so
-c * R <= 32512, and the sum is 128 w/s_r + 64, within [-16200, 16328]. Next to the format's own
+c * R <= 32512 (q6_k: R <= 508, c <= 63; q8_0: R <= 127, c <= 255), and the sum is 128 w/s_r + 64,
+within [-16200, 16328]. q6_k's scale per 16 weights gives each half block its own R and T. Next to the format's own
 error this adds little: a block whose scale is a fraction f of the row's largest keeps 127 f / 8
 int8 steps per 4-bit step (q4_0), i.e. an extra error of about 1/(2 r_b^2) of the 4-bit one.
 Activations per token over K cost more where a row holds outliers (a per-32 scale adapts to them);
@@ -45,10 +46,11 @@ def amx_i8row_name():
     return "amx_i8row_mm2"
 
 
-def _block_scales(b, geo, sc, bias, blk):
-    """(scale, shift) <16 x float> of block blk: w = scale * code + shift for every row."""
+def _block_scales(b, geo, sc, bias, blk, half=0):
+    """(scale, shift) <16 x float> of block blk (its half-th scale group: q6_k has two of 16 weights):
+    w = scale * code + shift for every row."""
     vf = vec(F32, R)
-    idx = b.mul(blk, i64(R))
+    idx = b.add(b.mul(blk, i64(R * geo.scales_per_block)), i64(R * half))
     dw = b.fpext(load(b, sc, vec(F16, R), idx, align=2), vf)
     if geo.bias:
         return dw, b.fpext(load(b, bias, vec(F16, R), idx, align=2), vf)
@@ -56,7 +58,7 @@ def _block_scales(b, geo, sc, bias, blk):
 
 
 def _code_max(geo) -> int:
-    return 15 if geo.nibbles else 255
+    return 15 if geo.nibbles else 63 if geo.fmt == "q6_k" else 255
 
 
 def _row_bound(b, geo, sc, bias, nblocks):
@@ -66,10 +68,11 @@ def _row_bound(b, geo, sc, bias, nblocks):
     fmax = intrinsic(b.module, "llvm.maxnum.v16f32", vf, [vf, vf])
     acc = local(b, vf, splat(F32, R, 0.0))
     with for_range(b, 0, nblocks, name="rbound") as blk:
-        scale, shift = _block_scales(b, geo, sc, bias, blk)
-        top = b.fadd(b.fmul(scale, splat(F32, R, float(_code_max(geo)))), shift)   # code = max
-        m = b.call(fmax, [b.call(fabs, [shift]), b.call(fabs, [top])])           # code = 0
-        b.store(b.call(fmax, [b.load(acc, typ=vf), m]), acc)
+        for half in range(geo.scales_per_block):
+            scale, shift = _block_scales(b, geo, sc, bias, blk, half)
+            top = b.fadd(b.fmul(scale, splat(F32, R, float(_code_max(geo)))), shift)   # code = max
+            m = b.call(fmax, [b.call(fabs, [shift]), b.call(fabs, [top])])           # code = 0
+            b.store(b.call(fmax, [b.load(acc, typ=vf), m]), acc)
     return b.load(acc, typ=vf)
 
 
@@ -87,12 +90,15 @@ def _requant_block(b, geo, pay, sc, bias, blk, inv, dst):
     Bytes widen to words by interleaving with zero within each 128-bit lane (vpunpck[lh]bw) and narrow
     back with vpacksswb, its inverse lane for lane: the tile row comes out in the payload's order, and
     each word vector holds 8 weight rows (4 of every lane: 'lo' rows 4L, 4L+1, 'hi' rows 4L+2, 4L+3)."""
-    scale, shift = _block_scales(b, geo, sc, bias, blk)
-    Rw = _fixed16(b, b.fmul(scale, inv))
-    Tw = b.add(_fixed16(b, b.fmul(shift, inv)), splat(I16, R, 1 << (FRAC - 1)))
     rows = [[4 * (w // 8) + 2 * h + (w % 8) // 4 for w in range(32)] for h in range(2)]   # word -> weight row
-    Rh = [shuffle(b, Rw, m) for m in rows]
-    Th = [shuffle(b, Tw, m) for m in rows]
+    Rh, Th = [], []   # per scale group: the factors of the lo / hi word rows
+    for half in range(geo.scales_per_block):
+        scale, shift = _block_scales(b, geo, sc, bias, blk, half)
+        Rw = _fixed16(b, b.fmul(scale, inv))
+        Tw = b.add(_fixed16(b, b.fmul(shift, inv)), splat(I16, R, 1 << (FRAC - 1)))
+        Rh.append([shuffle(b, Rw, m) for m in rows])
+        Th.append([shuffle(b, Tw, m) for m in rows])
+    quads_per_group = 8 // geo.scales_per_block
     bpb = geo.block_payload_bytes
     pb = gep(b, pay, b.mul(blk, i64(bpb)))
     v16, v8 = vec(I16, 32), vec(I8, 64)
@@ -109,7 +115,8 @@ def _requant_block(b, geo, pay, sc, bias, blk, inv, dst):
         else:
             quads = [(v, words)]
         for q, codes in quads:
-            w = [b.ashr(b.add(b.mul(cd, Rh[h]), Th[h]), splat(I16, 32, FRAC)) for h, cd in enumerate(codes)]
+            g = q // quads_per_group
+            w = [b.ashr(b.add(b.mul(cd, Rh[g][h]), Th[g][h]), splat(I16, 32, FRAC)) for h, cd in enumerate(codes)]
             store(b, b.call(pack, w), dst, q * 64, align=64)
 
 
@@ -120,7 +127,7 @@ def emit_amx_i8row_mm(module, geo: Geometry, prefetch_bytes: int, emulate: bool 
     acc[mat][s][r] = AS[s] * s_r * sum over K of A[s] . requantized weight_mat[r], for s < M
     (overwritten). nblocks must be even (K a multiple of 64). Rows of A up to the next multiple of 32
     past M must be readable (their results are never stored)."""
-    assert geo.group_rows == R and geo.scale_group == 32 and not geo.signed
+    assert geo.group_rows == R and geo.scale_group in (16, 32) and not geo.signed
     args = [I64, I64, PTR, I64, PTR] + [PTR] * 6 + [PTR, I64, PTR]
     fn, b = define(module, amx_i8row_name(), VOID, args, internal=True)
     nblocks, M, A, lda, AS = fn.args[:5]
@@ -144,7 +151,8 @@ def emit_amx_i8row_mm(module, geo: Geometry, prefetch_bytes: int, emulate: bool 
                 pb = gep(b, pay, b.mul(blk, i64(bpb)))
                 for line in range(0, bpb, 64):
                     prefetch(b, gep(b, pb, i64(prefetch_bytes + line)))
-                ahead = b.add(b.mul(blk, i64(2 * R)), i64(max(prefetch_bytes // bpb, 2) * 2 * R))
+                sc_bytes = 2 * R * geo.scales_per_block   # per block
+                ahead = b.add(b.mul(blk, i64(sc_bytes)), i64(max(prefetch_bytes // bpb, 2) * sc_bytes))
                 prefetch(b, gep(b, sc, ahead))
                 if geo.bias:
                     prefetch(b, gep(b, bias, ahead))

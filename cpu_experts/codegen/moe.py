@@ -103,8 +103,8 @@ class _Builder:
         self.geo, self.isa, self.tiles = geo, isa, tiles
         name = geo.fmt if down_geo.fmt == geo.fmt else f"{geo.fmt}_{down_geo.fmt}"
         self.m = ir.Module(name=f"hmoe_{name}_{isa.name}")
-        self.gu = self._side(geo)
-        self.dn = self._side(down_geo)
+        self.gu = self._side(geo, tiles.amx_row)
+        self.dn = self._side(down_geo, tiles.amx_row_down)
         self.amx_on = self.gu.amx or self.dn.amx
         if tiles.amx:
             assert self.amx_on, "AMX tiles need q8_0, q4_0 or q4_k weights in at least one phase"
@@ -140,10 +140,10 @@ class _Builder:
                     qblocks[off] = self._emit_quant_block(off, f"quant_block_{len(qblocks)}")
                 side.qblock = qblocks[off]
 
-    def _side(self, geo: Geometry) -> _Side:
+    def _side(self, geo: Geometry, row: bool) -> _Side:
         tiles, isa = self.tiles, self.isa
         quant = geo.fmt != "bf16"
-        side = _Side(geo, quant, tiles.amx and supports_amx(geo))
+        side = _Side(geo, quant, tiles.amx and phase_amx(geo, row))
         pf, pfa, loc = tiles.prefetch, tiles.prefetch_all, tiles.prefetch_locality
         emit = dot.emit_quant_dot if quant else dot.emit_bf16_dot
         existing = getattr(self, "gu", None)
@@ -152,7 +152,7 @@ class _Builder:
             side.amx_bf, side.amx_i8 = existing.amx_bf, existing.amx_i8
             return side
         side.dots = [emit(self.m, geo, isa, nt, pf, pfa, loc) for nt in range(1, tiles.tokens + 1)]
-        if side.amx:
+        if side.amx and supports_amx(geo):   # else i8row only (q6_k), emitted in __init__
             assert isa.vnni or geo.fmt != "q8_0" or tiles.amx_min_slots <= 1, \
                 "unsigned q8_0 codes need VNNI dots for experts below amx_min_slots"
             if tiles.amx_mode != "int8":
@@ -429,7 +429,7 @@ class _Builder:
         """i1: down runs this expert's slots on the i8row kernel (the choice _down and _amx_call make)."""
         t = self.tiles
         big = b.icmp_signed(">=", nslots, i64(t.amx_min_slots))
-        if t.amx_mode == "mixed":
+        if t.amx_mode == "mixed" and supports_amx(self.dn.geo):
             big = b.and_(big, b.icmp_signed(">=", nslots, i64(t.amx_bf16_min_slots)))
         return big
 
@@ -622,6 +622,9 @@ class _Builder:
         amx_bf16_min_slots slots (dequantization amortized over enough slots), int8 below."""
         mode = self.tiles.amx_mode
         big_fn, big_args = (side.amx_row, row_args) if row_args else (side.amx_bf, bf16_args)
+        if not supports_amx(side.geo):   # only i8row runs this format: every AMX expert
+            b.call(big_fn, big_args())
+            return
         if mode != "mixed":
             b.call(big_fn if mode == "bf16" else side.amx_i8, big_args() if mode == "bf16" else int8_args())
             return
@@ -677,8 +680,19 @@ class _Builder:
 
 
 def supports_amx(geo: Geometry) -> bool:
-    """AMX path: 16-row groups, one scale per 32 weights, unsigned payload (VNNI q8_0, q4_0, q4_k)."""
+    """The exact AMX kernels (amx.py, amx_bf16.py): 16-row groups, one scale per 32 weights, unsigned
+    payload (VNNI q8_0, q4_0, q4_k)."""
     return geo.fmt != "bf16" and geo.group_rows == 16 and geo.scale_group == 32 and not geo.signed
+
+
+def supports_i8row(geo: Geometry) -> bool:
+    """The i8row kernel: those formats and q6_k (a scale per 16 weights)."""
+    return geo.fmt != "bf16" and geo.group_rows == 16 and geo.scale_group in (16, 32) and not geo.signed
+
+
+def phase_amx(geo: Geometry, row: bool) -> bool:
+    """A phase in this format runs AMX tiles (given Tiles.amx): an exact kernel, or i8row if asked for."""
+    return supports_amx(geo) or (row and supports_i8row(geo))
 
 
 def build_ir(geo: Geometry, isa: Isa, tiles: Tiles, down_geo: Geometry | None = None) -> str:
