@@ -30,7 +30,7 @@ from llvmlite import ir
 
 from ..layout import Geometry
 from .amx import CHUNK
-from .irutil import F16, F32, I8, I16, I32, I64, PTR, VOID, c, define, for_range, gep, i64, intrinsic, load, local, \
+from .irutil import F16, F32, I1, I8, I16, I32, I64, PTR, VOID, c, define, for_range, gep, i64, intrinsic, load, local, \
     prefetch, shuffle, specialize, splat, store, vec
 from .tiles import A_TILE, B_TILE, C_TILE, make_tiles
 from .vmath import splat_scalar
@@ -61,13 +61,21 @@ def _code_max(geo) -> int:
     return 15 if geo.nibbles else 63 if geo.fmt == "q6_k" else 255
 
 
-def _row_bound(b, geo, sc, bias, nblocks):
-    """<16 x float>: the largest |w| any code of each row can take over the whole K."""
+def _row_bound(b, geo, sc, bias, nblocks, ahead: int):
+    """<16 x float>: the largest |w| any code of each row can take over the whole K (scale streams
+    prefetched `ahead` bytes ahead, when not 0)."""
     vf = vec(F32, R)
     fabs = intrinsic(b.module, "llvm.fabs.v16f32", vf, [vf])
     fmax = intrinsic(b.module, "llvm.maxnum.v16f32", vf, [vf, vf])
     acc = local(b, vf, splat(F32, R, 0.0))
+    sc_bytes = 2 * R * geo.scales_per_block   # per block and stream
     with for_range(b, 0, nblocks, name="rbound") as blk:
+        if ahead:
+            off = b.add(b.mul(blk, i64(sc_bytes)), i64(ahead))
+            with b.if_then(b.icmp_unsigned("==", b.urem(off, i64(64)), i64(0)) if sc_bytes < 64 else c(I1, 1)):
+                for st in ([sc, bias] if geo.bias else [sc]):
+                    for line in range(0, max(sc_bytes, 64), 64):
+                        prefetch(b, gep(b, st, b.add(off, i64(line))))
         for half in range(geo.scales_per_block):
             scale, shift = _block_scales(b, geo, sc, bias, blk, half)
             top = b.fadd(b.fmul(scale, splat(F32, R, float(_code_max(geo)))), shift)   # code = max
@@ -120,13 +128,15 @@ def _requant_block(b, geo, pay, sc, bias, blk, inv, dst):
             store(b, b.call(pack, w), dst, q * 64, align=64)
 
 
-def emit_amx_i8row_mm(module, geo: Geometry, prefetch_bytes: int, emulate: bool = False):
+def emit_amx_i8row_mm(module, geo: Geometry, prefetch_bytes: int, emulate: bool = False, warm: bool = True):
     """void amx_i8row_mm2(nblocks, M, A i8[M][lda], lda (bytes), AS f32[M] (activation row scales),
     pay0, sc0, bias0, pay1, sc1, bias1, acc f32[2][.][16], acc_mat_stride (bytes), bbuf (nblocks/2 x 2 KiB)).
 
     acc[mat][s][r] = AS[s] * s_r * sum over K of A[s] . requantized weight_mat[r], for s < M
     (overwritten). nblocks must be even (K a multiple of 64). Rows of A up to the next multiple of 32
-    past M must be readable (their results are never stored)."""
+    past M must be readable (their results are never stored). warm: while the row bounds read the
+    scale streams (prefetched ahead), the payload's first prefetch_bytes are already on their way, so
+    the requantization does not start on a cold stream."""
     assert geo.group_rows == R and geo.scale_group in (16, 32) and not geo.signed
     args = [I64, I64, PTR, I64, PTR] + [PTR] * 6 + [PTR, I64, PTR]
     fn, b = define(module, amx_i8row_name(), VOID, args, internal=True)
@@ -134,7 +144,11 @@ def emit_amx_i8row_mm(module, geo: Geometry, prefetch_bytes: int, emulate: bool 
     mats = [fn.args[5:8], fn.args[8:11]]
     acc, acc_stride, bbuf = fn.args[11:14]
     vf = vec(F32, R)
-    bounds = [_row_bound(b, geo, sc, bias, nblocks) for _, sc, bias in mats]
+    if warm:
+        for pay, _, _ in mats:
+            for line in range(0, prefetch_bytes, 64):
+                prefetch(b, gep(b, pay, line))
+    bounds = [_row_bound(b, geo, sc, bias, nblocks, 512 if warm else 0) for _, sc, bias in mats]
     # an all-zero row keeps bound 0: scale it as 1 (its codes requantize to 0)
     safe = [b.select(b.fcmp_ordered(">", bd, splat(F32, R, 0.0)), bd, splat(F32, R, 1.0)) for bd in bounds]
     inv = [b.fdiv(splat(F32, R, 127.0 * (1 << FRAC)), s) for s in safe]

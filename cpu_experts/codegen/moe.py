@@ -57,6 +57,7 @@ class Tiles:
     amx_row: bool = False   # gate/up of experts with >= amx_bf16_min_slots slots on the int8 kernel with one
     #                         scale per weight row and per token (amx_i8row.py) instead of bf16 ("bf16"/"mixed")
     amx_row_down: bool = False  # the same for down: the last gate/up task of such an expert quantizes its h rows
+    amx_row_warm: bool = True   # i8row calls prefetch their payload's head and scale streams (session 8 A/B)
     profile: bool = False   # per-worker rdtsc counters of task and barrier time (sched.py, WorkerPool.profile)
     expert_ready: bool = False  # no barrier 1: a down task waits only for the gate/up tasks of the expert it reads
     tail_rows: int = 0      # the last tail_rows rows of H in down tasks of tail_task_rows rows (a finer end)
@@ -128,7 +129,7 @@ class _Builder:
             if on:
                 shared = side is self.dn and self.gu.amx_row is not None and self.gu.geo == side.geo
                 side.amx_row = self.gu.amx_row if shared else amx_i8row.emit_amx_i8row_mm(
-                    self.m, side.geo, tiles.prefetch, emulate=tiles.amx_emulate)
+                    self.m, side.geo, tiles.prefetch, emulate=tiles.amx_emulate, warm=tiles.amx_row_warm)
         if self.gu.quant or self.dn.quant:
             self.memcpy = intrinsic(self.m, "llvm.memcpy.p0.p0.i64", VOID, [PTR, PTR, I64, I1])
         # x's term follows the gate/up offset, h's the down offset: one quantizer per distinct term
