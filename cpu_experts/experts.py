@@ -346,7 +346,8 @@ class CPUExperts:
                       pre + "S": aligned_zeros(rows * k // 16, np.int32),
                       pre + "T": aligned_zeros(rows * k // 32, np.float32),
                       pre + "B": aligned_zeros(rows * k if amx_bf16 else 32, np.uint16)})
-        for pre, k, on, geo in (("X", H, self.tiles.amx_row, self.geo), ("H", I, self.tiles.amx_row_down, self.down_geo)):
+        t = self.tiles
+        for pre, k, on, geo in (("X", H, t.amx_row, self.geo), ("H", I, t.amx_row_down, self.down_geo)):
             row = bf16_acts and on and supports_i8row(geo)   # the i8row kernel's activations
             s.update({pre + "R": aligned_zeros((S + P) * k if row else 64, np.int8),
                       pre + "RS": aligned_zeros(S + P if row else 16, np.float32)})

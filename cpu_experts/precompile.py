@@ -11,7 +11,7 @@ import os
 import time
 from concurrent.futures import ProcessPoolExecutor
 
-from .codegen.moe import Tiles, build_ir, phase_amx, supports_amx
+from .codegen.moe import Tiles, build_ir, phase_amx
 from .experts import _geometry, amx_defaults, default_tiles
 from .formats import FORMATS
 from .isa import host_cpu, host_isa, supported

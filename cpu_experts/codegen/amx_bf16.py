@@ -10,7 +10,7 @@ from ..layout import Geometry
 from .amx import CHUNK
 from .irutil import F16, F32, I8, I32, I64, PTR, VOID, define, fma, for_range, gep, i64, load, prefetch, splat, \
     specialize, store, vec
-from .tiles import A_TILE, B_TILE, C_TILE, make_tiles
+from .tiles import C_TILE, chunk_step, make_tiles
 
 BF16_BLOCK_BYTES = 1024   # one dequantized 32 x 16 block: 16 tile rows of 64 bytes
 
@@ -115,20 +115,8 @@ def emit_amx_bf16_mm(module, geo: Geometry, prefetch_bytes: int, emulate: bool =
                     dequant(nxt)
 
     def tile_step(s0, blk, bb, two):
-        for mat in range(2):
-            tiles.load(B_TILE[mat], gep(b, bb, mat * BF16_BLOCK_BYTES), i64(64))
-        a0 = gep(b, A, b.add(b.mul(s0, lda), b.mul(blk, i64(64))))
-        p = gep(b, a0, 8 * 64)   # activation rows, 8 blocks ahead (a 64-byte line per row and block)
-        for _ in range(CHUNK if two else 16):
-            prefetch(b, p)
-            p = gep(b, p, lda)
-        tiles.load(A_TILE[0], a0, lda)
-        for mat in range(2):
-            tiles.dp(C_TILE[mat, 0], A_TILE[0], B_TILE[mat])
-        if two:
-            tiles.load(A_TILE[1], gep(b, a0, b.mul(lda, i64(16))), lda)
-            for mat in range(2):
-                tiles.dp(C_TILE[mat, 1], A_TILE[1], B_TILE[mat])
+        a0 = gep(b, A, b.add(b.mul(s0, lda), b.mul(blk, i64(64))))   # a 64-byte line per row and block
+        chunk_step(b, tiles, bb, a0, lda, two, CHUNK)
 
     nch = b.udiv(b.add(M, i64(CHUNK - 1)), i64(CHUNK))
     with for_range(b, 0, nch, name="chunk") as ch:

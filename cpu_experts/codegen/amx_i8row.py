@@ -30,9 +30,9 @@ from llvmlite import ir
 
 from ..layout import Geometry
 from .amx import CHUNK
-from .irutil import F16, F32, I1, I8, I16, I32, I64, PTR, VOID, c, define, for_range, gep, i64, intrinsic, load, local, \
-    prefetch, shuffle, specialize, splat, store, vec
-from .tiles import A_TILE, B_TILE, C_TILE, make_tiles
+from .irutil import F16, F32, I1, I8, I16, I32, I64, PTR, VOID, c, define, for_range, gep, i64, intrinsic, load, \
+    local, prefetch, shuffle, specialize, splat, store, vec
+from .tiles import C_TILE, chunk_step, make_tiles
 from .vmath import splat_scalar
 
 R = 16                 # weight rows per group (AVX-512 lanes)
@@ -112,11 +112,12 @@ def _requant_block(b, geo, pay, sc, bias, blk, inv, dst):
     v16, v8 = vec(I16, 32), vec(I8, 64)
     zero = ir.Constant(v8, None)
     pack = intrinsic(b.module, "llvm.x86.avx512.packsswb.512", v8, [v16, v16])
+    # vpunpck[lh]bw with zero: bytes 8h .. 8h+7 of each 128-bit lane, each followed by a zero byte
+    unpack = [[x for lane in range(4) for i in range(8) for x in (16 * lane + 8 * h + i, 64 + 16 * lane + 8 * h + i)]
+              for h in range(2)]
     for v in range(bpb // 64):
         raw = load(b, pb, v8, v * 64, align=64)
-        words = [b.bitcast(b.shuffle_vector(raw, zero, ir.Constant(vec(I32, 64), [
-            x for lane in range(4) for i in range(8) for x in (16 * lane + 8 * h + i, 64 + 16 * lane + 8 * h + i)])), v16)
-            for h in range(2)]
+        words = [b.bitcast(b.shuffle_vector(raw, zero, ir.Constant(vec(I32, 64), unpack[h])), v16) for h in range(2)]
         if geo.nibbles:   # low nibbles: quad v; high nibbles: quad v + 4 (layout.py)
             quads = [(v, [b.and_(w, splat(I16, 32, 0x0F)) for w in words]),
                      (v + 4, [b.lshr(w, splat(I16, 32, 4)) for w in words])]
@@ -174,21 +175,8 @@ def emit_amx_i8row_mm(module, geo: Geometry, prefetch_bytes: int, emulate: bool 
                 _requant_block(b, geo, pay, sc, bias, blk, inv[mat], dst)
 
     def tile_step(s0, t, two):
-        bt = gep(b, bbuf, b.mul(t, i64(2 * TILE_BYTES)))
-        for mat in range(2):
-            tiles.load(B_TILE[mat], gep(b, bt, mat * TILE_BYTES), i64(64))
         a0 = gep(b, A, b.add(b.mul(s0, lda), b.mul(t, i64(TILE_K))))
-        p = gep(b, a0, 8 * TILE_K)   # activation rows, 8 tiles ahead
-        for _ in range(CHUNK if two else 16):
-            prefetch(b, p)
-            p = gep(b, p, lda)
-        tiles.load(A_TILE[0], a0, lda)
-        for mat in range(2):
-            tiles.dp(C_TILE[mat, 0], A_TILE[0], B_TILE[mat])
-        if two:
-            tiles.load(A_TILE[1], gep(b, a0, b.mul(lda, i64(16))), lda)
-            for mat in range(2):
-                tiles.dp(C_TILE[mat, 1], A_TILE[1], B_TILE[mat])
+        chunk_step(b, tiles, gep(b, bbuf, b.mul(t, i64(2 * TILE_BYTES))), a0, lda, two, CHUNK)
 
     def tile_loop(s0, first, two):
         if first:

@@ -7,7 +7,7 @@ Tile roles (8 tiles, no renaming in hardware): C00 C01 C10 C11 = weight group {0
 from llvmlite import ir
 
 from ..layout import BLOCK
-from .irutil import F32, I1, I8, I16, I32, I64, PTR, VOID, c, define, for_range, gep, i64, intrinsic, local, \
+from .irutil import F32, I1, I8, I16, I32, I64, PTR, VOID, c, define, for_range, gep, i64, intrinsic, local, prefetch, \
     splat, store, vec
 
 C_TILE = {(m, h): 2 * m + h for m in range(2) for h in range(2)}
@@ -27,6 +27,25 @@ _DP = {"int8": "llvm.x86.tdpbsud", "bf16": "llvm.x86.tdpbf16ps", "i8row": "llvm.
 
 def make_tiles(b, mode: str, emulate: bool):
     return (_EmuTiles if emulate else _HwTiles)(b, mode)
+
+
+def chunk_step(b, tiles, bstep, a0, lda, two, chunk):
+    """One K step of a 32-slot chunk (amx_bf16.py, amx_i8row.py): B0, B1 from the 2 KiB at bstep
+    (mat 0, mat 1), A0 (and A1 when `two`: slots 16-31) from a0 with row stride lda, 4 (or 2)
+    products into C; the activation rows' line 8 steps ahead prefetched."""
+    for mat in range(2):
+        tiles.load(B_TILE[mat], gep(b, bstep, mat * 1024), i64(64))
+    p = gep(b, a0, 8 * 64)
+    for _ in range(chunk if two else 16):
+        prefetch(b, p)
+        p = gep(b, p, lda)
+    tiles.load(A_TILE[0], a0, lda)
+    for mat in range(2):
+        tiles.dp(C_TILE[mat, 0], A_TILE[0], B_TILE[mat])
+    if two:
+        tiles.load(A_TILE[1], gep(b, a0, b.mul(lda, i64(16))), lda)
+        for mat in range(2):
+            tiles.dp(C_TILE[mat, 1], A_TILE[1], B_TILE[mat])
 
 
 class _HwTiles:
