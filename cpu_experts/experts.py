@@ -39,8 +39,12 @@ def default_tiles(isa: Isa, geo: Geometry, amx: bool | None = None, down_geo: Ge
         use_amx = False
     # accumulators: one vector of R rows per token; AVX2 has 16 vector registers, AVX-512 32
     tokens = 8 if isa.vector_bytes == 64 else 4
-    return Tiles(tokens=tokens, amx=True, **amx_defaults(geo, down_geo or geo)) if use_amx else \
-        Tiles(tokens=tokens, amx=False)
+    # the decode kernels' prefetch distance: on the AMX (Sapphire/Emerald Rapids) host, V3 layer, 16 threads,
+    # 1 and 8 tokens, 4 KiB beat 2 KiB in 14 of 14 same-process pairs (0.1-3.8%); on the 2-core Skylake CI
+    # box (V2-Lite q8_0, 2 threads) 2 KiB beat 4 KiB in 4 of 4 (1.6-4%) (cpu_experts/NOTES.md, session 8)
+    pf = 4096 if isa.amx else 2048
+    return Tiles(tokens=tokens, amx=True, prefetch=pf, **amx_defaults(geo, down_geo or geo)) if use_amx else \
+        Tiles(tokens=tokens, amx=False, prefetch=pf)
 
 
 def amx_defaults(geo: Geometry, down_geo: Geometry) -> dict:

@@ -11,8 +11,8 @@ import os
 import time
 from concurrent.futures import ProcessPoolExecutor
 
-from .codegen.moe import Tiles, build_ir, phase_amx
-from .experts import _geometry, amx_defaults, default_tiles
+from .codegen.moe import Tiles, build_ir
+from .experts import _geometry, default_tiles
 from .formats import FORMATS
 from .isa import host_cpu, host_isa, supported
 from .jit import object_code
@@ -79,8 +79,7 @@ def jobs(sweep: list[str], sweep_fmts=FORMATS) -> list:
                     out.append((fmt, "avx512vnni", Tiles(tokens=8, amx=True, amx_min_slots=mn, amx_mode=mode)))
     for fmt in sweep_fmts:
         geo = _geometry(fmt, best, None)
-        base = default_tiles(best, geo, None) if not (best.amx and phase_amx(geo, True)) else \
-            Tiles(tokens=8 if best.vector_bytes == 64 else 4, amx=True, **amx_defaults(geo, geo))
+        base = default_tiles(best, geo, None)   # what CPUExperts picks on this host
         for name in sweep:
             fields = VARIANTS[name]
             if any(f.startswith("amx") for f in fields) and not base.amx:

@@ -31,6 +31,7 @@ VARIANTS = {   # changes to the default tiling (codegen/moe.py Tiles; AMX fields
     "cold": {},   # base, but the workers are asleep (futex) when the job arrives
     "old_pf": {"prefetch_all": False, "prefetch_next": False, "rows_down": 32},   # session 1's vector tiling
     "pf1k": {"prefetch": 1024},
+    "pf2k": {"prefetch": 2048},   # the vector kernels' default before session 8
     "pf4k": {"prefetch": 4096},
     "pf8k": {"prefetch": 8192},
     "t1": {"prefetch_locality": 2},

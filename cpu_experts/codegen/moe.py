@@ -42,7 +42,9 @@ class Tiles:
     rows_down: int = 64   # rows of H per phase-2 task (multiple of G; of 32 with AMX)
     tokens: int = 2       # activation rows per vector microkernel call (register blocking)
     quant_rows: int = 8   # x rows quantized per phase-0 task
-    prefetch: int = 2048  # software prefetch distance (bytes) along a row group's payload stream
+    prefetch: int = 2048  # vector kernels' software prefetch distance (bytes) along a row group's payload
+    #                       stream (experts.default_tiles: 4096 on AMX hosts)
+    amx_prefetch: int = 2048  # the AMX kernels' (4096 was 1-4% slower at prefill in 3 of 4 pairs, session 8)
     prefetch_all: bool = True  # prefetch every line of every weight stream (else one per block)
     prefetch_next: bool = True  # prefetch the head of the next vector call's weights before each call
     prefetch_locality: int = 3  # weight prefetches: 3 = prefetcht0, 2 = prefetcht1 (L2), 0 = prefetchnta
@@ -129,7 +131,7 @@ class _Builder:
             if on:
                 shared = side is self.dn and self.gu.amx_row is not None and self.gu.geo == side.geo
                 side.amx_row = self.gu.amx_row if shared else amx_i8row.emit_amx_i8row_mm(
-                    self.m, side.geo, tiles.prefetch, emulate=tiles.amx_emulate, warm=tiles.amx_row_warm)
+                    self.m, side.geo, tiles.amx_prefetch, emulate=tiles.amx_emulate, warm=tiles.amx_row_warm)
         if self.gu.quant or self.dn.quant:
             self.memcpy = intrinsic(self.m, "llvm.memcpy.p0.p0.i64", VOID, [PTR, PTR, I64, I1])
         # x's term follows the gate/up offset, h's the down offset: one quantizer per distinct term
@@ -157,9 +159,9 @@ class _Builder:
             assert isa.vnni or geo.fmt != "q8_0" or tiles.amx_min_slots <= 1, \
                 "unsigned q8_0 codes need VNNI dots for experts below amx_min_slots"
             if tiles.amx_mode != "int8":
-                side.amx_bf = amx_bf16.emit_amx_bf16_mm(self.m, geo, pf, emulate=tiles.amx_emulate)
+                side.amx_bf = amx_bf16.emit_amx_bf16_mm(self.m, geo, tiles.amx_prefetch, emulate=tiles.amx_emulate)
             if tiles.amx_mode != "bf16":
-                side.amx_i8 = amx.emit_amx_mm(self.m, geo, pf, emulate=tiles.amx_emulate)
+                side.amx_i8 = amx.emit_amx_mm(self.m, geo, tiles.amx_prefetch, emulate=tiles.amx_emulate)
         return side
 
     # ------------------------------------------------------------ activation quantization
