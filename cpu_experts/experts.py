@@ -30,7 +30,9 @@ from .pool import WorkerPool, aligned_zeros
 def default_tiles(isa: Isa, geo: Geometry, amx: bool | None = None, down_geo: Geometry | None = None) -> Tiles:
     """amx: None = use AMX where the host and a format allow it (a phase whose format AMX cannot run
     takes the vector kernels)."""
-    fmt_ok = any(phase_amx(g, True) for g in (geo, down_geo or geo))
+    down_geo = down_geo or geo
+    rows = amx_defaults(geo, down_geo, int8_rows_choice())
+    fmt_ok = phase_amx(geo, rows["amx_row"]) or phase_amx(down_geo, rows["amx_row_down"])
     use_amx = isa.amx and fmt_ok if amx is None else amx
     if use_amx and not (isa.amx and fmt_ok):
         raise ValueError(f"AMX needs an AMX host and q8_0, q4_0, q4_k or q6_k weights (host {isa.cpu}, format "
@@ -40,21 +42,40 @@ def default_tiles(isa: Isa, geo: Geometry, amx: bool | None = None, down_geo: Ge
     # accumulators: one vector of R rows per token; AVX2 has 16 vector registers, AVX-512 32
     tokens = 8 if isa.vector_bytes == 64 else 4
     # the decode kernels' prefetch distance: on the AMX (Sapphire/Emerald Rapids) host, V3 layer, 16 threads,
-    # 1 and 8 tokens, 4 KiB beat 2 KiB in 14 of 14 same-process pairs (0.1-3.8%); on the 2-core Skylake CI
+    # 1 and 8 tokens, 4 KiB beat 2 KiB in 19 of 20 same-process pairs (0.1-3.8%); on the 2-core Skylake CI
     # box (V2-Lite q8_0, 2 threads) 2 KiB beat 4 KiB in 4 of 4 (1.6-4%) (cpu_experts/NOTES.md, session 8)
     pf = 4096 if isa.amx else 2048
-    return Tiles(tokens=tokens, amx=True, prefetch=pf, **amx_defaults(geo, down_geo or geo)) if use_amx else \
-        Tiles(tokens=tokens, amx=False, prefetch=pf)
+    if not use_amx:
+        return Tiles(tokens=tokens, amx=False, prefetch=pf)
+    return Tiles(tokens=tokens, amx=True, prefetch=pf, **rows)
 
 
-def amx_defaults(geo: Geometry, down_geo: Geometry) -> dict:
-    """The AMX kernels by format. 4-bit phases take the i8row kernel from 8 slots per expert (V3 layer,
-    nvidia-h200 host, 2048 tokens: 1.5-1.7x the bf16 kernel's GFLOP/s; output error 12.5 -> 12.8%
-    for q4_k, against float64), and so does q6_k, which no exact AMX kernel runs; q8_0 keeps exact
-    per-32 scales (int8 tiles with a float epilogue per block below 24 slots, bf16 tiles above),
-    because with i8row its error would grow from 1.5 to 3.6% (cpu_experts/NOTES.md, session 8)."""
-    row, row_down = ((g.nibbles or g.fmt == "q6_k") and supports_i8row(g) for g in (geo, down_geo))
-    return dict(amx_row=row, amx_row_down=row_down, amx_bf16_min_slots=8 if row and row_down else 24)
+INT8_ROWS_ENV = "HMOE_INT8_ROWS"
+INT8_ROWS = ("auto", "on", "off")
+
+
+def int8_rows_choice() -> str:
+    """$HMOE_INT8_ROWS: which formats prefill on the i8row kernel (amx_defaults)."""
+    value = os.environ.get(INT8_ROWS_ENV, "auto").strip().lower() or "auto"
+    if value not in INT8_ROWS:
+        raise ValueError(f"{INT8_ROWS_ENV} must be one of {', '.join(INT8_ROWS)}, got '{value}'")
+    return value
+
+
+def amx_defaults(geo: Geometry, down_geo: Geometry, int8_rows: str = "auto") -> dict:
+    """The AMX kernels by format. int8_rows "auto": 4-bit phases take the i8row kernel from 8 slots
+    per expert (V3 layer, nvidia-h200 host, 2048 tokens: 1.5-1.7x the bf16 kernel's GFLOP/s; output
+    error 12.5 -> 12.8% for q4_k, against float64), and so does q6_k, which no exact AMX kernel runs
+    (3.3 -> 4.3%); q8_0 keeps exact per-32 scales (int8 tiles with a float epilogue per block below
+    24 slots, bf16 tiles above), because with i8row its error would grow from 1.5 to 3.6%
+    (cpu_experts/NOTES.md, session 8). "on": i8row wherever it runs (q8_0 too); "off": exact scales
+    everywhere (q6_k then prefills on the vector kernels)."""
+    def row(g):
+        if int8_rows == "off" or not supports_i8row(g):
+            return False
+        return int8_rows == "on" or g.nibbles or g.fmt == "q6_k"
+    up, down = row(geo), row(down_geo)
+    return dict(amx_row=up, amx_row_down=down, amx_bf16_min_slots=8 if up and down else 24)
 
 
 def _geometry(fmt: str, isa: Isa, tiles: Tiles | None) -> Geometry:

@@ -87,3 +87,27 @@ def test_i8row_refused_where_it_cannot_run():
         with pytest.raises(ValueError, match=what):
             CPUExperts.from_tensors(gate, up, down, fmt="q4_0", threads=1, isa=AVX512[0], numa="none", amx=True,
                                     tiles=Tiles(amx=True, amx_emulate=True, **bad))
+
+
+def test_int8_rows_choice_by_format(monkeypatch):
+    """$HMOE_INT8_ROWS: auto = 4-bit and q6_k on i8row, q8_0 exact; on = q8_0 too; off = none (and
+    q6_k, which has no exact AMX kernel, then takes no AMX at all); a bad value names the variable."""
+    from cpu_experts.experts import amx_defaults, default_tiles, int8_rows_choice
+    from cpu_experts.isa import cross_isa
+    from cpu_experts.layout import geometry
+    geo = {f: geometry(f, 64, True) for f in ("q4_0", "q4_k", "q6_k", "q8_0")}
+
+    def rows(choice, f, down=None):
+        d = amx_defaults(geo[f], geo[down or f], choice)
+        return d["amx_row"], d["amx_row_down"], d["amx_bf16_min_slots"]
+    assert rows("auto", "q4_k") == rows("auto", "q6_k") == (True, True, 8)
+    assert rows("auto", "q4_k", "q6_k") == (True, True, 8)
+    assert rows("auto", "q8_0") == (False, False, 24) and rows("on", "q8_0") == (True, True, 8)
+    assert rows("auto", "q4_0", "q8_0") == (True, False, 24)
+    assert rows("off", "q4_0") == (False, False, 24)
+    amx_host = cross_isa("avx512vnni", "sapphirerapids", amx=True)
+    monkeypatch.setenv("HMOE_INT8_ROWS", "off")
+    assert not default_tiles(amx_host, geo["q6_k"]).amx
+    monkeypatch.setenv("HMOE_INT8_ROWS", "fast")
+    with pytest.raises(ValueError, match="HMOE_INT8_ROWS must be one of auto, on, off"):
+        int8_rows_choice()
