@@ -3,10 +3,11 @@
 #   bash cpu_experts/peer_run.sh   (kt-kernel's extension carried in _dev/kt: see benchmarks/kt_peer.py)
 # Default STEPS: hmoe bench-moe (V3 layer; q4_k, q8_0, q4_0, bf16; 16 threads) alternating with kt-kernel
 # AMXINT4 / AMXINT8 (15 threads, as it asks) on the same host, q4_k and AMXINT4 once more (drift), the
-# quant_rows=1 A/B at 8 tokens, then the formats' accuracy. A step is ours:FMT, kt:METHOD, q1, accuracy,
-# sweep:FMT[/DOWN] (cpu_experts.sweep of $VARIANTS, down_proj in DOWN) or tests (pytest $TESTS); TOK (default 1,8,512,2048) and
-# REPEATS (default 10) apply to all. Each engine in its own process (a V3
-# bf16 layer is 22.5 GB). JSON under $OUT/res, packed into $OUT/results-TIME.tgz. HMOE_COMMIT names the tree.
+# quant_rows=1 A/B at 8 tokens, then the formats' accuracy (of the formats in $ACC). A step is ours:FMT,
+# kt:METHOD, q1, accuracy, sweep:FMT[/DOWN] (cpu_experts.sweep of $VARIANTS, down_proj in DOWN) or tests
+# (pytest $TESTS); TOK (default 1,8,512,2048) and REPEATS (default 10) apply to all. Each engine in its own
+# process (a V3 bf16 layer is 22.5 GB). JSON under $OUT/res, packed into $OUT/results-TIME.tgz.
+# HMOE_COMMIT names the tree.
 set -u
 export PYTHONPATH=. PYTHONUNBUFFERED=1 HMOE_CACHE_DIR=${HMOE_CACHE_DIR:-/tmp/hmoe-cache}
 OUT=${OUT:-/tmp/out}; R=$OUT/res; mkdir -p "$R"
