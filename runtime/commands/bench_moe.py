@@ -17,7 +17,8 @@ def register(subparsers):
     p.add_argument("--numa", default="interleave", help="NUMA policy: interleave, split, replicate, none")
     p.add_argument("--isa", default=None, help="force an ISA (avx2, avxvnni, avx512, avx512vnni; default: best)")
     p.add_argument("--amx", choices=["auto", "on", "off"], default="auto",
-                   help="AMX tiles for large batches: auto (where host and format allow), on, off")
+                   help="AMX tiles for large batches: auto (where host and format allow), on, off; which formats "
+                        "take int8 tiles with one scale per row: $HMOE_INT8_ROWS=auto|on|off (README)")
     p.add_argument("--repeats", type=int, default=10,
                    help="timed runs per token count up to 64 tokens (a third of them above); median reported")
     p.add_argument("--native", action=argparse.BooleanOptionalAction, default=True,
