@@ -36,9 +36,7 @@ Getting the extension (11 MB of the 100 MB wheel; the GPU machine's Python is 3.
     python benchmarks/kt_peer.py --ext ... --accuracy q4_k,q4_0,q8_0 --experts 8 --out acc.json
 """
 import argparse
-import datetime
 import importlib.util
-import json
 import sys
 import time
 from pathlib import Path
@@ -48,9 +46,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from cpu_experts.bandwidth import PoolFlusher, measure_read_bandwidth  # noqa: E402
-from cpu_experts.bench import SHAPES, _commit, cpu_model, pct_paired, repeats_for, routing  # noqa: E402
+from cpu_experts.bench import SHAPES, pct_paired, repeats_for, routing  # noqa: E402
 from cpu_experts.experts import CPUExperts  # noqa: E402
 from cpu_experts.pool import WorkerPool  # noqa: E402
+from runtime.bench_common import script_metadata, write_json  # noqa: E402
 
 METHODS = {"AMXINT4": ("AMXInt4_MOE", 0.5), "AMXINT8": ("AMXInt8_MOE", 1.0)}
 
@@ -162,14 +161,10 @@ def main(argv=None) -> int:
         print(f"tokens {T:5d}  {row['ms']:9.3f} ms  {row['gbs']:7.1f} GB/s  {row['pct_bandwidth']:5.1f}% (reads "
               f"{row['read_gbs']:.1f} GB/s)  {row['gflops']:8.1f} GFLOP/s", flush=True)
     readings.append(measure_read_bandwidth(a.threads + 1, cpus=cpus))
-    res = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), device=cpu_model(),
-               peer="kt-kernel", ext=Path(a.ext).name, method=a.method, shape=a.shape, threads=a.threads,
-               bytes_per_expert=bytes_per_expert, read_bandwidth_before_after_gbs=readings,
-               read_bandwidth_threads=a.threads + 1, quantize_s=layer.quantize_s, commit=_commit(),
-               command="python benchmarks/kt_peer.py " + " ".join(sys.argv[1:] if argv is None else argv), results=rows)
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump(res, f, indent=1)
+    write_json(a.out, dict(**script_metadata("benchmarks/kt_peer.py", argv), peer="kt-kernel", ext=Path(a.ext).name,
+                           method=a.method, shape=a.shape, threads=a.threads, bytes_per_expert=bytes_per_expert,
+                           read_bandwidth_before_after_gbs=readings, read_bandwidth_threads=a.threads + 1,
+                           quantize_s=layer.quantize_s, results=rows))
     return 0
 
 
@@ -212,14 +207,9 @@ def accuracy(a, argv) -> int:
         ex.close()
         results.append(dict(engine=f"hmoe {spec}", rel_err=err))
         print(f"hmoe {spec:14s} rel err {err:.4f}", flush=True)
-    res = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), device=cpu_model(),
-               shape=a.shape, experts=E, top_k=k, tokens=T, weights="N(0, 0.02) bf16, tiled 16M-value pool",
-               reference="float64 MoE of the bf16 weights, bf16-rounded x", commit=_commit(),
-               command="python benchmarks/kt_peer.py " + " ".join(sys.argv[1:] if argv is None else argv),
-               results=results)
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump(res, f, indent=1)
+    write_json(a.out, dict(**script_metadata("benchmarks/kt_peer.py", argv), shape=a.shape, experts=E, top_k=k, tokens=T,
+                           weights="N(0, 0.02) bf16, tiled 16M-value pool",
+                           reference="float64 MoE of the bf16 weights, bf16-rounded x", results=results))
     return 0
 
 

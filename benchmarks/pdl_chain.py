@@ -13,8 +13,6 @@ weights stream from HBM as a decode step's do), captured in one CUDA graph, repl
     PYTHONPATH=. python benchmarks/pdl_chain.py --nodes 100 --rows 2048 --cols 2048 --out pdl.json
 """
 import argparse
-import datetime
-import json
 import sys
 
 import torch
@@ -22,6 +20,7 @@ import triton
 import triton.language as tl
 
 from gpu_attention.bench import replay_us
+from runtime.bench_common import script_metadata, write_json
 
 
 @triton.jit
@@ -93,18 +92,14 @@ def main(argv=None) -> int:
         for v in variants:
             rows[v].append(per_node_us(v, ws, xs, a.replays))
     mb = a.rows * a.cols * 2 / 1e6
-    res = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               device=torch.cuda.get_device_name(), nodes=a.nodes, rows=a.rows, cols=a.cols,
+    res = dict(**script_metadata("benchmarks/pdl_chain.py", argv), nodes=a.nodes, rows=a.rows, cols=a.cols,
                weight_mb_per_node=mb, triton_vs_cublas_max_rel_err=err,
-               command="python benchmarks/pdl_chain.py " + " ".join(sys.argv[1:] if argv is None else argv),
                us_per_node={v: sorted(t) for v, t in rows.items()})
     for v, t in rows.items():
         m = sorted(t)[len(t) // 2]
         print(f"{v:8s} {m:6.2f} us per node ({mb / m:.2f} TB/s of weights)  rounds {', '.join(f'{x:.2f}' for x in t)}")
     print(f"triton vs cublas max rel err {err:.2e}")
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump(res, f, indent=1)
+    write_json(a.out, res)
     return 0
 
 

@@ -6,13 +6,12 @@ noaux_tc 256 experts top-8) and add + RMSNorm (2048 and 7168 wide, bf16).
     PYTHONPATH=. python benchmarks/small_kernels.py --out small.json
 """
 import argparse
-import datetime
-import json
 import sys
 
 import torch
 
 from gpu_attention.bench import replay_us
+from runtime.bench_common import script_metadata, write_json
 from runtime.fused import add_rms_norm, route
 
 
@@ -54,12 +53,7 @@ def main(argv=None) -> int:
         m = sorted(t)[len(t) // 2]
         rows.append(dict(kernel=name, num_warps=w, us_per_node=m, rounds=t))
         print(f"{name:18s} warps {w:2d}  {m:6.2f} us per node")
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump(dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                           device=torch.cuda.get_device_name(), nodes=a.nodes, rows=rows,
-                           command="python benchmarks/small_kernels.py " + " ".join(sys.argv[1:] if argv is None else argv)),
-                      f, indent=1)
+    write_json(a.out, dict(**script_metadata("benchmarks/small_kernels.py", argv), nodes=a.nodes, rows=rows))
     return 0
 
 

@@ -56,6 +56,19 @@ def metadata(command: str) -> dict:
             **machine(), "commit": commit(), "command": command, **({"env": env} if env else {})}
 
 
+def script_metadata(script: str, argv: list[str] | None) -> dict:
+    """metadata() of a benchmark script run as `python SCRIPT ARGS` (argv None: the process's own)."""
+    return metadata(f"python {script} " + " ".join(sys.argv[1:] if argv is None else argv))
+
+
+def write_json(path: str | None, result: dict) -> None:
+    """The result as indented JSON at path (nothing when path is None or empty)."""
+    if path:
+        import json
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
+
+
 def command_line(name: str, args, skip: tuple[str, ...] = ()) -> str:
     """The command that reproduces a run: every option with its value (defaults included)."""
     parts = ["hmoe", name]

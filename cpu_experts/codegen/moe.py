@@ -419,12 +419,19 @@ class _Builder:
         self._quantize_h(b, job, rb, s_beg, s_end)
         if self.count_ready:   # release: this task's h rows before the count a down task acquires
             ctr = gep(b, field(b, job, J["READY"], True), b.mul(a, i64(8)), I64)
-            old = b.atomic_rmw("add", ctr, i64(1), "acq_rel" if self.h_row else "release")
-            if self.h_row:   # the expert's last gate/up task: every h column is there (acquired)
-                last = b.icmp_signed("==", b.add(old, i64(1)), nrb)
-                with b.if_then(b.and_(last, self._row_down_expert(b, b.sub(s_end, s_beg)))):
-                    self._quantize_h_rows(b, job, s_beg, s_end)
-                    b.atomic_rmw("add", ctr, i64(1), "release")
+            if not self.h_row:
+                b.atomic_rmw("add", ctr, i64(1), "release")
+            else:
+                row = self._row_down_expert(b, b.sub(s_end, s_beg))
+                # after barrier 1 only i8row experts are waited for: the others (every expert of a decode
+                # step) skip the shared counter
+                counted = row if not self.tiles.expert_ready else c(I1, 1)
+                with b.if_then(counted):
+                    old = b.atomic_rmw("add", ctr, i64(1), "acq_rel")
+                    # the expert's last gate/up task: every h column is there (acquired)
+                    with b.if_then(b.and_(row, b.icmp_signed("==", b.add(old, i64(1)), nrb))):
+                        self._quantize_h_rows(b, job, s_beg, s_end)
+                        b.atomic_rmw("add", ctr, i64(1), "release")
         b.ret_void()
         return fn
 
@@ -564,8 +571,9 @@ class _Builder:
                     with b.if_then(b.icmp_signed("!=", sched.aload(b, ready_ctr, idx), want)):
                         with prof(b, "bar1"):
                             sched.spin_until_equal(b, ready_ctr, idx, want, "ready")
-                else:   # after barrier 1 only the quantizing task can still be at work
-                    sched.spin_until_equal(b, ready_ctr, idx, want, "ready")
+                else:   # after barrier 1 only an i8row expert's quantizing task can still be at work
+                    with b.if_then(self._row_down_expert(b, b.sub(s_end, s_beg))):
+                        sched.spin_until_equal(b, ready_ctr, idx, want, "ready")
 
             def vec_path(b):
                 with for_range(b, 0, groups, name="gi") as gi:
