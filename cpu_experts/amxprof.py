@@ -54,7 +54,7 @@ class _Operands:
 
     def __init__(self, geo, K, M, scenario, tid, pools):
         nb = K // 32
-        pay_b, sc_b = nb * geo.block_payload_bytes, nb * 16 * 2
+        pay_b, sc_b = nb * geo.block_payload_bytes, geo.scale_bytes(geo.group_rows, K)
         a_bytes = (M + 32) * K * 2
         wpool, spool, apool = pools
         n_w = len(wpool) // (2 * pay_b)

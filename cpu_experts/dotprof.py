@@ -9,9 +9,8 @@ task streams them; the head of the next call's streams is prefetched before each
     stream: consecutive row groups of a region of DRAM of its own per thread, never re-read
 on 1, 2, 4, 8, ... threads at once (pinned, one per CPU, started together behind a barrier).
 Reports rdtsc cycles per 32-weight block of one row group, bytes per cycle and GB/s per core (median
-thread), and the sum over threads (bytes / slowest thread's time). Layout variants: "split" (the
-three streams payload / scales / bias) and "fused" (scales and bias after each block's payload,
-q4_k and q6_k, whose fused blocks stay 64-byte aligned).
+thread), and the sum over threads (bytes / slowest thread's time). Layouts: "default" and, for q4_k,
+"f16" (its factors as f16 per 32 weights, the form before session 9; layout.py).
 """
 import argparse
 import ctypes
@@ -19,7 +18,6 @@ import dataclasses
 import os
 import threading
 import time
-from typing import ClassVar
 
 import numpy as np
 from llvmlite import ir
@@ -31,37 +29,18 @@ from .experts import _geometry
 from .formats import get_format
 from .isa import host_isa
 from .jit import Library
-from .layout import BLOCK, Geometry
+from .layout import BLOCK
 from .numa import Buffer
 
 SCENARIOS = ("hot", "l3", "stream")
 L3_PAIRS = 96          # row-group pairs per thread in the l3 scenario (q4_k K 7168: 14 MiB per thread)
-FUSABLE = ("q4_k", "q6_k")   # fused block = 320 / 576 bytes: payload vectors stay 64-byte aligned
-
-
-@dataclasses.dataclass(frozen=True)
-class FusedGeometry(Geometry):
-    """The probe layout: per block of a row group [payload][scales][bias], one stream (kernel only:
-    the repack, the AMX kernels and the MoE keep the three streams)."""
-    fused: ClassVar[bool] = True
-
-    @property
-    def block_stride(self) -> int:
-        return self.block_payload_bytes + self.group_rows * self.scales_per_block * 2 * (2 if self.bias else 1)
-
-    @property
-    def scale_stride(self) -> int:
-        return self.block_stride // 2
-
-
-def fused_geometry(geo: Geometry) -> FusedGeometry:
-    return FusedGeometry(**dataclasses.asdict(geo))
+LAYOUTS = ("default", "f16")   # f16: q4_k's factors as f16 per 32 weights (other formats have one form)
 
 
 def build_ir(geo, isa, nt: int, prefetch_bytes: int = 2048) -> str:
     """i64 prof_run(sets i64[n][3] (pay, sc, bias), n, nblocks, acts i64[4*nt], out): n kernel calls,
     each after prefetching the next set's first prefetch_bytes; returns the rdtsc cycles they took."""
-    m = ir.Module(name=f"hmoe_dotprof_{geo.fmt}_{'fused' if geo.fused else 'split'}_n{nt}")
+    m = ir.Module(name=f"hmoe_dotprof_{geo.fmt}_{'sb' if geo.superblock else 'f16'}_n{nt}")
     kern = emit_quant_dot(m, geo, isa, nt, prefetch_bytes, True, 3)
     assert kern.name == quant_dot_name(nt)
     fn, b = define(m, "prof_run", I64, [PTR, I64, I64, PTR, PTR])
@@ -75,33 +54,24 @@ def build_ir(geo, isa, nt: int, prefetch_bytes: int = 2048) -> str:
         npay, nsc, nbias = (b.inttoptr(load(b, sets, I64, b.add(nxt, i64(j)), align=8), PTR) for j in range(3))
         for off in range(0, prefetch_bytes, 64):
             prefetch(b, gep(b, npay, i64(off)))
-        if not geo.fused:
-            for off in range(0, max(prefetch_bytes // 8, 64), 64):
-                prefetch(b, gep(b, nsc, i64(off)))
-                if geo.bias:
-                    prefetch(b, gep(b, nbias, i64(off)))
+        for off in range(0, max(prefetch_bytes // 8, 64), 64):
+            prefetch(b, gep(b, nsc, i64(off)))
+            if geo.bias:
+                prefetch(b, gep(b, nbias, i64(off)))
         b.call(kern, [row[0], row[1], row[2], nblocks] + act + [out])
     b.ret(b.sub(b.call(tsc, []), t0))
     return str(m)
 
 
-def _scale_bytes(geo) -> int:
-    """Bytes of one block's f16 scales (as many again for the bias) of one row group."""
-    return geo.group_rows * geo.scales_per_block * 2
-
-
 def group_bytes(geo, K: int) -> tuple[int, int]:
-    """(payload-stream bytes, scale-stream bytes per stream) of one row group x K (fused: all in the first)."""
-    nb = K // BLOCK
-    if geo.fused:
-        return nb * geo.block_stride, 0
-    return nb * geo.block_payload_bytes, nb * _scale_bytes(geo)
+    """(payload-stream bytes, scale-stream bytes per stream) of one row group x K."""
+    return K // BLOCK * geo.block_payload_bytes, geo.scale_bytes(geo.group_rows, K)
 
 
 def _sets(geo, K, base, nbytes, scenario) -> tuple[np.ndarray, int]:
     """Row-group pointer triples (payload, scales, bias) in a region [base, base+nbytes), and the bytes
-    one call streams. Split layout: the three streams in three sub-regions (offset by odd multiples of
-    4 KiB: no aliasing of equal low address bits); fused: scales and bias inside the payload stream."""
+    one call streams: the three streams in three sub-regions (offset by odd multiples of 4 KiB: no
+    aliasing of equal low address bits)."""
     gp, gs = group_bytes(geo, K)
     nsc = 2 if geo.bias else 1
     per = gp + nsc * gs
@@ -114,13 +84,7 @@ def _sets(geo, K, base, nbytes, scenario) -> tuple[np.ndarray, int]:
     pay0 = base
     sc0 = pay0 + count * gp + 4096 * 3
     bi0 = sc0 + count * gs + 4096 * 5
-    rows = []
-    for i in range(count):
-        if geo.fused:
-            sc = pay0 + i * gp + geo.block_payload_bytes
-            rows.append([pay0 + i * gp, sc, sc + _scale_bytes(geo)])
-        else:
-            rows.append([pay0 + i * gp, sc0 + i * gs, (bi0 + i * gs) if geo.bias else sc0 + i * gs])
+    rows = [[pay0 + i * gp, sc0 + i * gs, (bi0 + i * gs) if geo.bias else sc0 + i * gs] for i in range(count)]
     return np.array(rows, np.int64), per
 
 
@@ -173,11 +137,11 @@ def check_args(fmts, Ks, nt, layouts):
         raise ValueError(f"K must be a positive multiple of {BLOCK}, got {bad}")
     if not 1 <= nt <= 8:
         raise ValueError(f"nt (activation rows per call) must be 1-8, got {nt}")
-    if set(layouts) - {"split", "fused"} or not layouts:
-        raise ValueError(f"layouts are split and/or fused, got {list(layouts)}")
+    if set(layouts) - set(LAYOUTS) or not layouts:
+        raise ValueError(f"layouts are {' and/or '.join(LAYOUTS)}, got {list(layouts)}")
 
 
-def run(fmts=("q4_k", "q8_0"), Ks=(7168, 2048), threads=None, nt=1, pool_bytes=2 << 30, layouts=("split", "fused"),
+def run(fmts=("q4_k", "q8_0"), Ks=(7168, 2048), threads=None, nt=1, pool_bytes=2 << 30, layouts=("default",),
         log=print) -> dict:
     check_args(fmts, Ks, nt, layouts)
     isa = host_isa()
@@ -196,9 +160,9 @@ def run(fmts=("q4_k", "q8_0"), Ks=(7168, 2048), threads=None, nt=1, pool_bytes=2
     for fmt in fmts:
         base_geo = _geometry(fmt, isa, None)
         for layout in layouts:
-            if layout == "fused" and fmt not in FUSABLE:
+            if layout == "f16" and not base_geo.superblock:
                 continue
-            geo = fused_geometry(base_geo) if layout == "fused" else base_geo
+            geo = dataclasses.replace(base_geo, superblock=False) if layout == "f16" else base_geo
             f = _SIG(Library(build_ir(geo, isa, nt), isa).address("prof_run"))
             for K in Ks:
                 nb = K // BLOCK
@@ -241,7 +205,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--nt", type=int, default=1)
     p.add_argument("--pool-mib", type=int, default=2048)
-    p.add_argument("--layouts", default="split,fused")
+    p.add_argument("--layouts", default="default", help="default and/or f16 (q4_k's factors as f16 per 32 weights)")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     try:

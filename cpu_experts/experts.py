@@ -82,7 +82,7 @@ def _geometry(fmt: str, isa: Isa, tiles: Tiles | None) -> Geometry:
     # AMX reads unsigned q8_0 codes (code+128), which the vector kernels read only with VNNI; an
     # emulated-AMX test on a host without VNNI sends every expert to AMX (amx_min_slots=1)
     unsigned = isa.vnni or bool(tiles and tiles.amx and tiles.amx_emulate)
-    return geometry(fmt, isa.vector_bytes, unsigned)
+    return geometry(fmt, isa.vector_bytes, unsigned, superblock=tiles is None or tiles.q4k_superblock)
 
 
 def _fmt_name(geo: Geometry, down_geo: Geometry | None) -> str:
@@ -157,7 +157,7 @@ class _Matrix:
         if k % blk:
             raise ValueError(f"{what}: {geo.fmt} needs a row length divisible by {blk}, got {k}")
         self.pay_e = geo.payload_bytes(n, k)
-        self.sc_e = geo.scale_count(n, k) * 2
+        self.sc_e = geo.scale_bytes(n, k)
         self.has_bias = geo.bias
         self.payload = numa_mod.Buffer(E * self.pay_e, policy)
         self.scale = numa_mod.Buffer(max(E * self.sc_e, 64), policy)
@@ -328,13 +328,16 @@ class CPUExperts:
                 return (((v & 0x8000) | ((119 + (v & 7)) << 7) | (v >> 9)).astype(np.uint16)).view(np.uint8)
             return raw
         scales = (rng.uniform(0.001, 0.01, 1 << 20)).astype(np.float16).view(np.uint8)
-        for mat, f in ((self.gate, fmt), (self.up, fmt), (self.down, self.down_fmt)):
+        for mat, f, geo in ((self.gate, fmt, self.geo), (self.up, fmt, self.geo), (self.down, self.down_fmt, self.down_geo)):
             pool = payload_pool(f)
             for buf, src in ((mat.payload, pool), (mat.scale, scales), (mat.bias, scales)):
                 dst = buf.array(np.uint8)
                 for s in range(0, dst.size, src.size):
                     n = min(src.size, dst.size - s)
                     dst[s:s + n] = src[:n]
+                if geo.superblock and buf is not mat.payload:   # q4_k's per-block factors are 6-bit
+                    units = dst[:mat.sc_e * self.E].reshape(-1, geo.scale_unit[1])
+                    units[:, 2 * geo.group_rows:] &= 0x3F
         return self
 
     # ------------------------------------------------------------ job plumbing

@@ -293,14 +293,22 @@ def _dequantize_q6_k(b):
     return (scale * (q.astype(np.int8) - np.int8(32)).reshape(B, 16, 16).astype(np.float32)).reshape(B, QK_K)
 
 
+def q4k_factors(b):
+    """q4_k blocks [B, 144] -> (d f16 [B], dmin f16 [B], 6-bit sc uint8 [B, 8], 6-bit m uint8 [B, 8]):
+    sub-block j's weights are d*sc[j] * code - dmin*m[j]."""
+    d = b[:, 0:2].copy().view(np.float16).reshape(-1)
+    dmin = b[:, 2:4].copy().view(np.float16).reshape(-1)
+    sc, m = _q4k_scale_min(b[:, 4:16])
+    return d, dmin, sc, m
+
+
 def q4k_codes(b):
     """q4_k blocks [B, 144] -> (4-bit codes uint8 [B, 256], scale f32 [B, 8], min f32 [B, 8])."""
     B = b.shape[0]
-    d = b[:, 0:2].copy().view(np.float16).astype(np.float32)
-    dmin = b[:, 2:4].copy().view(np.float16).astype(np.float32)
-    sc, m = _q4k_scale_min(b[:, 4:16])
+    d, dmin, sc, m = q4k_factors(b)
     qs = b[:, 16:].reshape(B, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)
-    return (qs & 0x0F).reshape(B, QK_K), d * sc.astype(np.float32), dmin * m.astype(np.float32)
+    return ((qs & 0x0F).reshape(B, QK_K), d.astype(np.float32)[:, None] * sc.astype(np.float32),
+            dmin.astype(np.float32)[:, None] * m.astype(np.float32))
 
 
 _QUANT = {"bf16": _quantize_bf16, "q8_0": _quantize_q8_0, "q4_0": _quantize_q4_0,

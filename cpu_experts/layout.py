@@ -7,8 +7,10 @@ AVX-512 and 8 on AVX2): for each group of R rows and each block of 32 weights al
                             4-byte activation quad advances all R rows at once
              4-bit formats: [4 quads][R][4 bytes], low nibble = weight 4q+j, high = 16+4q+j
     scale    [32/SG][R] f16     (SG = weights per scale: 32, or 16 for q6_k)
-    bias     [32/SG][R] f16     (q4_k only: -dmin*m)
-Payload, scales and bias are three streams per row group ([N/R][K/32][...] each).
+    q4_k keeps GGUF's own factors, per super-block of 8 blocks (256 weights), in two streams:
+    scale    [R] f16 d      then [8 blocks][R] u8 sc      (10 R bytes)
+    bias     [R] f16 -dmin  then [8 blocks][R] u8 m       so  w = d*sc * code + (-dmin)*m
+Payload, scales (and bias) are separate streams per row group ([N/R][K/32][...], q4_k [N/R][K/256][...]).
 Codes: q8_0 signed int8 (AVX2 / AVX-512 without VNNI apply sign(w) to the activation) or, with
 VNNI, code+128 as u8 (the kernel subtracts 128*sum(a)); q4_0 nibble 0..15 (offset 8); q4_k nibble
 (no offset, bias); q6_k code 0..63 in a byte (offset 32). Integer offsets are removed exactly in
@@ -16,18 +18,20 @@ int32 before the float scale: acc - offset * sum(a).
 
 bf16: rows in groups of 4, chunks of VB/2 weights: payload [N/4][K/CE][4][CE] bf16.
 
-Rounding: q4_k's d*sc and dmin*m and q6_k's d*sc are stored as f16 (relative error <= 2^-11,
-far below the int8 activation error; see NOTES.md); q8_0, q4_0 and bf16 keep GGUF values exactly.
+Rounding: q6_k's d*sc is stored as f16 (relative error <= 2^-11, far below the int8 activation
+error; see NOTES.md); q8_0, q4_0, q4_k and bf16 keep GGUF's values exactly (q4_k's products d*sc
+and dmin*m are exact in f32). q4_k's super-block form streams 0.578 bytes per weight; the f16 form
+(`superblock=False`: d*sc and -dmin*m as f16 per 32 weights, 0.625) stays for A/B runs.
 """
 from dataclasses import dataclass
-from typing import ClassVar
 
 import numpy as np
 
-from .formats import get_format, q4k_codes, q6k_codes
+from .formats import get_format, q4k_codes, q4k_factors, q6k_codes
 
 BF16_GROUP_ROWS = 4
 BLOCK = 32  # weights per activation block (int8 activations carry one scale per 32)
+SUPER = 8   # 32-weight blocks per q4_k super-block
 
 
 @dataclass(frozen=True)
@@ -39,20 +43,21 @@ class Geometry:
     nibbles: bool      # payload holds two 4-bit weights per byte
     signed: bool       # payload is signed int8 (q8_0 without VNNI)
     offset: int        # integer code offset removed with offset*sum(a)
-    bias: bool         # a stored f16 bias per scale group (q4_k)
-    # scales (and bias) after each block's payload, one stream per row group: only dotprof's probe
-    # (FusedGeometry) sets it; a class constant, so packed-cache headers (asdict) are unchanged
-    fused: ClassVar[bool] = False
+    bias: bool         # a stored bias per scale group (q4_k)
+    superblock: bool = False   # q4_k's factors per super-block: f16 per 256 weights, a byte per 32
 
     @property
-    def block_stride(self) -> int:
-        """Bytes from one 32-weight block of a row group's payload stream to the next."""
-        return self.block_payload_bytes
+    def scale_unit(self) -> tuple[int, int]:
+        """(blocks, bytes): a scale stream (and the bias stream) is made of units of `bytes` per row
+        group, each holding the factors of `blocks` consecutive 32-weight blocks."""
+        if self.superblock:
+            return SUPER, 10 * self.group_rows
+        return 1, 2 * self.group_rows * self.scales_per_block
 
     @property
-    def scale_stride(self) -> int:
-        """f16 elements from one block's scales to the next (the same for the bias)."""
-        return self.group_rows * self.scales_per_block
+    def scale_bytes_per_block(self) -> float:
+        blocks, nbytes = self.scale_unit
+        return nbytes / blocks
 
     @property
     def k_align(self) -> int:
@@ -73,16 +78,22 @@ class Geometry:
             return 2 * n * k
         return (n // self.group_rows) * (k // BLOCK) * self.block_payload_bytes
 
-    def scale_count(self, n: int, k: int) -> int:
-        return n * k // self.scale_group if self.scale_group else 0
+    def scale_bytes(self, n: int, k: int) -> int:
+        """Bytes of one matrix's scale stream (as many again for the bias stream, where there is one)."""
+        if not self.scale_group:
+            return 0
+        blocks, nbytes = self.scale_unit
+        return (n // self.group_rows) * (k // BLOCK // blocks) * nbytes
 
     def check(self, n: int, k: int, what: str):
-        if n % self.group_rows or k % self.k_align:
+        align = BLOCK * SUPER if self.superblock else self.k_align
+        if n % self.group_rows or k % align:
             raise ValueError(f"{what}: shape [{n}, {k}] needs rows divisible by {self.group_rows} and columns "
-                             f"by {self.k_align} for {self.fmt} with {self.vector_bytes}-byte vectors")
+                             f"by {align} for {self.fmt} with {self.vector_bytes}-byte vectors")
 
 
-def geometry(fmt: str, vector_bytes: int, vnni: bool = False) -> Geometry:
+def geometry(fmt: str, vector_bytes: int, vnni: bool = False, superblock: bool = True) -> Geometry:
+    """superblock: q4_k's factors per super-block (the default) or as f16 per 32 weights (A/B runs)."""
     lanes = vector_bytes // 4
     if fmt == "bf16":
         return Geometry(fmt, vector_bytes, BF16_GROUP_ROWS, 0, False, False, 0, False)
@@ -91,7 +102,7 @@ def geometry(fmt: str, vector_bytes: int, vnni: bool = False) -> Geometry:
     if fmt == "q4_0":
         return Geometry(fmt, vector_bytes, lanes, 32, True, False, 8, False)
     if fmt == "q4_k":
-        return Geometry(fmt, vector_bytes, lanes, 32, True, False, 0, True)
+        return Geometry(fmt, vector_bytes, lanes, 32, True, False, 0, True, superblock)
     if fmt == "q6_k":
         return Geometry(fmt, vector_bytes, lanes, 16, False, False, 32, False)
     get_format(fmt)  # raises the one-line error for unknown names
@@ -142,15 +153,32 @@ def repack(blocks: np.ndarray, fmt: str, n: int, k: int, geo: Geometry) -> dict[
     def per_row(a):  # [n, k/SG] -> [grp][blk][spb][row] f16
         return np.ascontiguousarray(a.astype(np.float16).reshape(n // R, R, nb, spb).transpose(0, 2, 3, 1)).reshape(-1)
 
-    out = {"payload": np.ascontiguousarray(pay).reshape(-1), "scale": per_row(scale)}
+    out = {"payload": np.ascontiguousarray(pay).reshape(-1)}
+    if geo.superblock:
+        out["scale"], out["bias"] = _q4k_superblock_streams(blocks, n, k, R)
+        return out
+    out["scale"] = per_row(scale)
     if geo.bias:
         out["bias"] = per_row(bias)
     return out
+
+
+def _q4k_superblock_streams(blocks: np.ndarray, n: int, k: int, R: int) -> tuple[np.ndarray, np.ndarray]:
+    """q4_k blocks -> the scale and bias streams of the super-block form, uint8 [n/R][k/256][10 R]."""
+    d, dmin, sc, m = q4k_factors(np.ascontiguousarray(blocks).view(np.uint8).reshape(-1, 144))
+    G, nsb = n // R, k // (BLOCK * SUPER)
+
+    def stream(f16, u8):   # f16 [n*nsb], u8 [n*nsb, 8] in row-major [row][super-block] order
+        head = np.ascontiguousarray(f16.reshape(G, R, nsb).transpose(0, 2, 1)).view(np.uint8)   # [G][nsb][2R]
+        tail = u8.reshape(G, R, nsb, SUPER).transpose(0, 2, 3, 1).reshape(G, nsb, SUPER * R)
+        return np.concatenate([head, tail], axis=2).reshape(-1)
+
+    return stream(d, sc), stream(-dmin, m)
 
 
 def repacked_bytes_per_weight(geo: Geometry) -> float:
     """Bytes the kernel streams per weight (payload + scales + bias)."""
     if geo.fmt == "bf16":
         return 2.0
-    per = geo.block_payload_bytes / geo.group_rows / BLOCK + 2.0 / geo.scale_group
-    return per + (2.0 / geo.scale_group if geo.bias else 0.0)
+    scales = geo.scale_bytes_per_block / geo.group_rows / BLOCK * (2 if geo.bias else 1)
+    return geo.block_payload_bytes / geo.group_rows / BLOCK + scales

@@ -91,7 +91,10 @@ VARIANTS = {   # changes to the default tiling (codegen/moe.py Tiles; AMX fields
     "row16_dn": {"amx_mode": "mixed", "amx_min_slots": 8, "amx_bf16_min_slots": 16, "amx_row": True,
                  "amx_row_down": True},
     "row8_dn": {"amx_mode": "mixed", "amx_min_slots": 8, "amx_bf16_min_slots": 8, "amx_row": True, "amx_row_down": True},
+    # session 9: q4_k's factors as f16 per 32 weights (0.625 bytes per weight; the layout before it)
+    "f16q4k": {"q4k_superblock": False},
 }
+LAYOUT_FIELDS = {"q4k_superblock"}   # variants changing these get random weights of their own (timing only)
 COLD = {"cold"}
 PHASES = ("task0", "task1", "task2", "bar0", "bar1")   # the profile's shares of run_job
 POOL_OPTS = {"w15": dict(spare=1), "w15spin": dict(spare=1, wait_spin=1 << 40),   # private pools
@@ -109,13 +112,19 @@ def run(shape: str, fmt: str, threads: int, tokens: list[int], variants: list[st
     base = CPUExperts.random(fmt=fmt, num_experts=E, hidden=H, inter=I, threads=threads, seed=seed,
                              down_fmt=down_fmt)
     build_s = time.perf_counter() - t0
-    engines = {}
+    engines, own = {}, []
     prefill_variants = variants if prefill_variants is None else prefill_variants
     for name in dict.fromkeys(variants + prefill_variants):
         fields = VARIANTS[name]
         if any(f.startswith("amx") for f in fields) and not base.tiles.amx:
             continue
-        engines[name] = base.retiled(dataclasses.replace(base.tiles, **fields))
+        tiles = dataclasses.replace(base.tiles, **fields)
+        if LAYOUT_FIELDS & set(fields):
+            engines[name] = CPUExperts.random(fmt=fmt, num_experts=E, hidden=H, inter=I, threads=threads, seed=seed,
+                                              down_fmt=down_fmt, tiles=tiles)
+            own.append(engines[name])
+        else:
+            engines[name] = base.retiled(tiles)
         if name in POOL_OPTS:
             opt, ex = POOL_OPTS[name], engines[name]
             cpus = base.pool.cpus or list(range(threads))
@@ -152,7 +161,7 @@ def run(shape: str, fmt: str, threads: int, tokens: list[int], variants: list[st
                 times[name].append(time.perf_counter() - t1)
         for name, ts in times.items():
             dt = float(np.median(ts))
-            nbytes = float(np.mean(touched[name])) * base.bytes_per_expert()
+            nbytes = float(np.mean(touched[name])) * engines[name].bytes_per_expert()
             r = dict(tokens=T, ms=dt * 1e3, ms_min=min(ts) * 1e3, experts_touched=float(np.mean(touched[name])),
                      weight_gb=nbytes / 1e9, gbs=nbytes / dt / 1e9, gflops=2.0 * 3 * T * k * H * I / dt / 1e9,
                      pct_bandwidth=100 * nbytes / dt / 1e9 / bw0)
@@ -181,13 +190,14 @@ def run(shape: str, fmt: str, threads: int, tokens: list[int], variants: list[st
     for name in POOL_OPTS:
         if name in engines:
             engines[name].pool.close()
-    base.close()
+    for ex in own + [base]:
+        ex.close()
     return res
 
 
 def _result(base, engines, rows, shape, fmt, threads, bws) -> dict:
-    out = {name: dict(tiles=dataclasses.asdict(engines[name].tiles), workers=engines[name].pool.threads, results=rs)
-           for name, rs in rows.items()}
+    out = {name: dict(tiles=dataclasses.asdict(engines[name].tiles), workers=engines[name].pool.threads,
+                      bytes_per_expert=engines[name].bytes_per_expert(), results=rs) for name, rs in rows.items()}
     return dict(date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), device=cpu_model(), isa=base.isa.name,
                 cpu=base.isa.cpu, threads=threads, cpus=base.pool.cpus, numa=base.numa, shape=shape, fmt=fmt,
                 down_fmt=base.down_fmt, read_bandwidth_gbs=max(bws), read_bandwidth_before_after_gbs=bws,

@@ -4,6 +4,7 @@ Streamed prefill copies a layer's experts exactly as the CPU kernels hold them (
 layout of cpu_experts/layout.py, no second copy in RAM) and unpacks them here:
 
     quantized: payload [E][N/R][K/32][quads][R][4] bytes, scale/bias [E][N/R][K/32][32/SG][R] f16
+               (q4_k: [E][N/R][K/256] of [R] f16 then [8][R] u8, factor = f16 * u8)
                8-bit codes: byte j of quad q is weight 4q+j; 4-bit: low nibble 4q+j, high 16+4q+j
                weight = scale * (code - offset) + bias
     bf16:      payload [E][N/4][K/CE][4][CE] bf16
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from cpu_experts.layout import BLOCK, Geometry
+from cpu_experts.layout import BLOCK, SUPER, Geometry
 
 
 def dequantize_packed(payload: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None, *,
@@ -39,9 +40,10 @@ def dequantize_packed(payload: torch.Tensor, scale: torch.Tensor | None, bias: t
         values = codes.view(torch.int8).float()
     else:  # unsigned codes; q8_0 with VNNI stores code + 128, q4_0 offset 8, q6_k 32
         values = codes.float() - geo.offset
-    w = values * _per_row(scale, E, G, R, nb, spb)
+    per_row = _per_row_superblock if geo.superblock else _per_row
+    w = values * per_row(scale, E, G, R, nb, spb)
     if geo.bias:
-        w = w + _per_row(bias, E, G, R, nb, spb)
+        w = w + per_row(bias, E, G, R, nb, spb)
     return w.reshape(E, n, k).to(dtype)
 
 
@@ -49,3 +51,11 @@ def _per_row(table: torch.Tensor, E: int, G: int, R: int, nb: int, spb: int) -> 
     """f16 bytes [E, G * nb * spb * R * 2] in [grp][blk][spb][row] order -> fp32 [E, n, nb, spb, 1]."""
     t = table.reshape(E, -1).view(torch.float16).reshape(E, G, nb, spb, R)
     return t.permute(0, 1, 4, 2, 3).reshape(E, G * R, nb, spb, 1).float()
+
+
+def _per_row_superblock(table: torch.Tensor, E: int, G: int, R: int, nb: int, spb: int) -> torch.Tensor:
+    """q4_k's super-block stream uint8 [E, G * nb/8 * 10 R] -> fp32 [E, n, nb, 1, 1] (f16 x u8, exact)."""
+    t = table.reshape(E, G, nb // SUPER, 10 * R)
+    f = t[..., :2 * R].contiguous().view(torch.float16).float()            # [E, G, nsb, R]
+    u = t[..., 2 * R:].reshape(E, G, nb // SUPER, SUPER, R).float()         # [E, G, nsb, 8, R]
+    return (f[:, :, :, None, :] * u).permute(0, 1, 4, 2, 3).reshape(E, G * R, nb, 1, 1)

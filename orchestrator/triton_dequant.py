@@ -2,7 +2,8 @@
 
 The torch version (gpu_dequant.py) makes ~8 passes over fp32 temporaries: 240 ms per V3 q4_k layer
 on an H100, twice the layer's PCIe copy. Here each output weight is computed once from its
-payload byte and its f16 scale (and bias): reads ~0.6 B and writes 2 B per weight. Same math
+payload byte and its f16 scale (and bias; q4_k: f16 per super-block times a byte per block): reads
+~0.6 B and writes 2 B per weight. Same math
 and layout as gpu_dequant.dequantize_packed (the reference in tests); one program per BLOCK
 output weights, in output order (coalesced writes; the reads gather within a 32-weight block).
 """
@@ -21,7 +22,7 @@ BLOCK_SIZE = 1024
 @triton.jit
 def _dequant_kernel(pay_ptr, sc_ptr, bias_ptr, out_ptr, total, n, k, pay_e, sc_e,
                     R: tl.constexpr, NIBBLES: tl.constexpr, SIGNED: tl.constexpr, OFFSET: tl.constexpr,
-                    SG: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+                    SG: tl.constexpr, HAS_BIAS: tl.constexpr, SUPERBLOCK: tl.constexpr, BLOCK_SIZE: tl.constexpr):
     idx = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     mask = idx < total
     col = idx % k  # out [E, n, k]
@@ -46,11 +47,27 @@ def _dequant_kernel(pay_ptr, sc_ptr, bias_ptr, out_ptr, total, n, k, pay_e, sc_e
             code = p.to(tl.int8, bitcast=True).to(tl.int32)
         else:
             code = p.to(tl.int32)
-    sidx = e * sc_e + (group * (32 // SG) + w // SG) * R + r  # [grp][blk][spb][R] f16
-    value = tl.load(sc_ptr + sidx, mask=mask, other=0.0).to(tl.float32) * (code - OFFSET).to(tl.float32)
-    if HAS_BIAS:
-        value += tl.load(bias_ptr + sidx, mask=mask, other=0.0).to(tl.float32)
+    if SUPERBLOCK:  # bytes: [grp][blk/8] of [R] f16, then [8][R] u8
+        unit = e * sc_e + (g * (nb // 8) + blk // 8) * (10 * R)
+        f16 = unit + 2 * r
+        u8 = unit + 2 * R + (blk % 8) * R + r
+        scale = _f16_at(sc_ptr, f16, mask) * tl.load(sc_ptr + u8, mask=mask, other=0).to(tl.float32)
+        value = scale * code.to(tl.float32)
+        if HAS_BIAS:
+            value += _f16_at(bias_ptr, f16, mask) * tl.load(bias_ptr + u8, mask=mask, other=0).to(tl.float32)
+    else:
+        sidx = e * sc_e + (group * (32 // SG) + w // SG) * R + r  # [grp][blk][spb][R] f16
+        sc16 = sc_ptr.to(tl.pointer_type(tl.float16))
+        value = tl.load(sc16 + sidx, mask=mask, other=0.0).to(tl.float32) * (code - OFFSET).to(tl.float32)
+        if HAS_BIAS:
+            value += tl.load(bias_ptr.to(tl.pointer_type(tl.float16)) + sidx, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + idx, value.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _f16_at(ptr, byte, mask):
+    """The f16 at byte offset `byte` (even) of a uint8 tensor, as fp32."""
+    return tl.load((ptr + byte).to(tl.pointer_type(tl.float16)), mask=mask, other=0.0).to(tl.float32)
 
 
 def dequantize_packed(payload: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, *, geo: Geometry,
@@ -59,11 +76,13 @@ def dequantize_packed(payload: torch.Tensor, scale: torch.Tensor, bias: torch.Te
     assert geo.fmt != "bf16" and k % BLOCK == 0
     E = payload.shape[0]
     out = torch.empty(E, n, k, dtype=dtype, device=payload.device)
-    scales = scale.reshape(E, -1).view(torch.float16)
-    biases = bias.reshape(E, -1).view(torch.float16) if bias is not None else scales
+    scales = scale.reshape(E, -1)   # bytes: the kernel reads f16 (and q4_k's u8) through typed pointers
+    biases = bias.reshape(E, -1) if bias is not None else scales
     total = E * n * k
+    # sc_e counts the unit the kernel indexes: bytes for q4_k's super-blocks, f16 elements otherwise
+    sc_e = scales.shape[1] if geo.superblock else scales.shape[1] // 2
     _dequant_kernel[(triton.cdiv(total, BLOCK_SIZE),)](
-        payload, scales, biases, out, total, n, k, payload.shape[1], scales.shape[1],
+        payload, scales, biases, out, total, n, k, payload.shape[1], sc_e,
         R=geo.group_rows, NIBBLES=geo.nibbles, SIGNED=geo.signed, OFFSET=geo.offset, SG=geo.scale_group,
-        HAS_BIAS=bias is not None, BLOCK_SIZE=BLOCK_SIZE)
+        HAS_BIAS=bias is not None, SUPERBLOCK=geo.superblock, BLOCK_SIZE=BLOCK_SIZE)
     return out

@@ -11,6 +11,8 @@ from cpu_experts.jit import Library
 from cpu_experts.layout import geometry
 from cpu_experts.pool import aligned_zeros
 
+from .streams import scale_streams
+
 AVX512 = [i for i in isa_mod.supported(isa_mod.host_cpu()[1]) if i.startswith("avx512")]
 pytestmark = pytest.mark.skipif(not AVX512, reason="the AMX kernels need 16-row groups (AVX-512)")
 
@@ -27,16 +29,15 @@ def _f32(bits):
 def _weights(geo, nb, rng):
     """One row group's (16 rows) payload, scales and bias in the repacked layout, and its values."""
     pay = rng.integers(0, 256, nb * geo.block_payload_bytes, dtype=np.uint8)
-    sc = rng.uniform(0.01, 0.02, (nb, 16)).astype(np.float16)
-    bias = rng.uniform(-0.1, 0.1, (nb, 16)).astype(np.float16)
+    sc, bias, scv, biasv = scale_streams(geo, nb, rng)
     blocks = pay.reshape(nb, -1, 16, 4)   # [block][vector or quad][row][byte]
     if geo.nibbles:                        # quads 0-3 low nibbles, 4-7 high
         blocks = np.concatenate([blocks & 0x0F, blocks >> 4], axis=1)
     codes = blocks.transpose(2, 0, 1, 3).reshape(16, nb * 32).astype(np.float32)   # [row][k]
-    d = np.repeat(sc.T.astype(np.float32), 32, axis=1)
-    shift = np.repeat(bias.T.astype(np.float32), 32, axis=1) if geo.bias else -geo.offset * d
+    d = np.repeat(scv[:, 0].T.astype(np.float32), 32, axis=1)
+    shift = np.repeat(biasv[:, 0].T.astype(np.float32), 32, axis=1) if geo.bias else -geo.offset * d
     w = _f32(_bf16(d * codes + shift))
-    return tuple(_aligned(x) for x in (pay, sc.view(np.uint16), bias.view(np.uint16))), w
+    return tuple(_aligned(x) for x in (pay, sc, bias)), w
 
 
 def _aligned(x):
@@ -46,11 +47,13 @@ def _aligned(x):
     return out
 
 
-@pytest.mark.parametrize("fmt", ["q4_k", "q8_0"])
+@pytest.mark.parametrize("fmt", ["q4_k", "q4_k-f16", "q8_0"])
 @pytest.mark.parametrize("M", [13, 40, 70])
 def test_kernels_alone_match_numpy(fmt, M):
-    geo = geometry(fmt, 64, True)
-    nb, K = 7, 7 * 32
+    """q4_k-f16: q4_k's factors as f16 per 32 weights; q4_k's super-blocks need whole 256-weight rows."""
+    geo = geometry(fmt.split("-")[0], 64, True, superblock=not fmt.endswith("-f16"))
+    nb = 8 if geo.superblock else 7
+    K = nb * 32
     rng = np.random.default_rng(M)
     mats = [_weights(geo, nb, rng) for _ in range(2)]
     a = _aligned(_bf16(rng.standard_normal((M + 32, K)).astype(np.float32)))

@@ -1,6 +1,7 @@
-"""dotprof's harness (the vector decode kernel alone): one call of its kernel against numpy, the
-probe's fused layout (scales and bias after each block's payload) giving the split layout's exact
-result, and a small run that reports every scenario and thread count."""
+"""dotprof's harness (the vector decode kernel alone): one call of its kernel against numpy in every
+layout (q4_k's super-block form and its f16 form), and a small run that reports every scenario and
+thread count."""
+import dataclasses
 import re
 
 import numpy as np
@@ -11,6 +12,8 @@ from cpu_experts.experts import _geometry
 from cpu_experts.isa import host_isa
 from cpu_experts.jit import Library
 from cpu_experts.pool import aligned_zeros
+
+from .streams import scale_streams
 
 K = 256
 NB = K // 32
@@ -23,12 +26,9 @@ def _aligned(a):
 
 
 def _one_group(geo, rng):
-    """Payload / scale / bias streams of one row group (random codes) and its [R, K] weight values."""
+    """Payload / scale / bias streams of one row group (random codes and factors) and its [R, K] weights."""
     R = geo.group_rows
     pay = rng.integers(0, 64 if geo.fmt == "q6_k" else 256, NB * geo.block_payload_bytes, dtype=np.uint8)
-    spb = geo.scales_per_block
-    sc = rng.uniform(0.01, 0.02, (NB, spb, R)).astype(np.float16)
-    bias = rng.uniform(-0.1, 0.1, (NB, spb, R)).astype(np.float16)
     if geo.nibbles:   # [block][quad 0-3][row][4]: low nibble = weight 4q+j, high = 16+4q+j
         q = pay.reshape(NB, 4, R, 4)
         codes = np.concatenate([q & 0x0F, q >> 4], axis=1)
@@ -37,19 +37,12 @@ def _one_group(geo, rng):
     codes = codes.transpose(2, 0, 1, 3).reshape(R, K).astype(np.float64)   # [row][k]
     if geo.fmt == "q8_0" and geo.signed:
         codes = codes.astype(np.uint8).view(np.int8).astype(np.float64)
-    d = np.repeat(sc.transpose(2, 0, 1).reshape(R, -1).astype(np.float64), geo.scale_group, axis=1)
-    w = d * (codes - geo.offset)
+    sc, bias, dv, bv = scale_streams(geo, NB, rng)
+    per_weight = lambda v: np.repeat(v.transpose(2, 0, 1).reshape(R, -1), geo.scale_group, axis=1)  # noqa: E731
+    w = per_weight(dv) * (codes - geo.offset)
     if geo.bias:
-        w += np.repeat(bias.transpose(2, 0, 1).reshape(R, -1).astype(np.float64), geo.scale_group, axis=1)
+        w += per_weight(bv)
     return pay, sc, bias, w
-
-
-def _fused(geo, pay, sc, bias):
-    """The same group in the fused layout: per block [payload][scales][bias]."""
-    parts = [pay.reshape(NB, -1), sc.view(np.uint8).reshape(NB, -1)]
-    if geo.bias:
-        parts.append(bias.view(np.uint8).reshape(NB, -1))
-    return np.concatenate(parts, axis=1).reshape(-1)
 
 
 def _acts(rng):
@@ -64,12 +57,7 @@ def _acts(rng):
 def _call(geo, isa, streams, aq, ad, sums, term):
     f = dotprof._SIG(Library(dotprof.build_ir(geo, isa, 1), isa).address("prof_run"))
     keep = [_aligned(x) for x in streams]
-    if geo.fused:
-        p = keep[0].ctypes.data
-        off = geo.block_payload_bytes
-        row = [p, p + off, p + off + geo.group_rows * geo.scales_per_block * 2]
-    else:
-        row = [x.ctypes.data for x in keep]
+    row = [x.ctypes.data for x in keep]
     sets = np.array([row, row], np.int64)   # the harness prefetches the next set: give it one
     acts = [aq, ad, sums, term]
     ptrs = np.array([x.ctypes.data for x in acts], np.int64)
@@ -78,12 +66,12 @@ def _call(geo, isa, streams, aq, ad, sums, term):
     return out
 
 
-@pytest.mark.parametrize("fmt", ["q4_k", "q8_0", "q6_k"])
-def test_kernel_call_matches_numpy_in_both_layouts(fmt):
+@pytest.mark.parametrize("fmt,layout", [("q4_k", "default"), ("q4_k", "f16"), ("q8_0", "default"),
+                                        ("q6_k", "default")])
+def test_kernel_call_matches_numpy(fmt, layout):
     isa = host_isa()
-    if isa.vector_bytes != 64 and fmt in dotprof.FUSABLE:
-        pytest.skip("fused blocks stay 64-byte aligned only with 16-row groups (AVX-512)")
     geo = _geometry(fmt, isa, None)
+    geo = dataclasses.replace(geo, superblock=False) if layout == "f16" else geo
     rng = np.random.default_rng(1)
     pay, sc, bias, w = _one_group(geo, rng)
     aq, ad, sums, a = _acts(rng)
@@ -91,20 +79,16 @@ def test_kernel_call_matches_numpy_in_both_layouts(fmt):
     blk_sum = aq.astype(np.float64).reshape(NB, 32).sum(1) * ad
     term = (blk_sum if geo.bias else -geo.offset * blk_sum).astype(np.float32)
     ref = w @ a
-    split = _call(geo, isa, (pay, sc.view(np.uint16).reshape(-1), bias.view(np.uint16).reshape(-1)),
-                  aq, ad, sums, term)
-    np.testing.assert_allclose(split, ref, rtol=2e-5, atol=2e-5 * np.abs(ref).max())
-    if fmt in dotprof.FUSABLE:
-        fgeo = dotprof.fused_geometry(geo)
-        assert fgeo.block_stride % 64 == 0
-        fused = _call(fgeo, isa, (_fused(geo, pay, sc, bias),), aq, ad, sums, term)
-        np.testing.assert_array_equal(fused, split)   # same operations in the same order
+    got = _call(geo, isa, (pay, sc, bias), aq, ad, sums, term)
+    np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-5 * np.abs(ref).max())
 
 
 def test_run_reports_every_scenario_and_thread_count():
-    res = dotprof.run(fmts=("q4_k",), Ks=(256,), threads=2, pool_bytes=32 << 20, layouts=("split",), log=lambda s: None)
+    res = dotprof.run(fmts=("q4_k",), Ks=(256,), threads=2, pool_bytes=32 << 20, layouts=("default", "f16"),
+                      log=lambda s: None)
     rows = res["results"]
-    assert {(r["scenario"], r["threads"]) for r in rows} == {(s, t) for s in dotprof.SCENARIOS for t in (1, 2)}
+    assert {(r["layout"], r["scenario"], r["threads"]) for r in rows} == {
+        (lay, s, t) for lay in dotprof.LAYOUTS for s in dotprof.SCENARIOS for t in (1, 2)}
     for r in rows:
         assert r["cycles_per_block"] > 0 and r["gbs_per_core"] > 0 and r["gbs_total"] > 0
 
@@ -114,9 +98,9 @@ def test_run_reports_every_scenario_and_thread_count():
     (dict(fmts=("bf16",)), "not bf16"),
     (dict(Ks=(100,)), "K must be a positive multiple of 32, got [100]"),
     (dict(nt=9), "must be 1-8, got 9"),
-    (dict(layouts=("packed",)), "layouts are split and/or fused"),
+    (dict(layouts=("packed",)), "layouts are default and/or f16, got ['packed']"),
 ])
 def test_bad_arguments_get_one_line_errors(kw, msg):
-    args = dict(fmts=("q4_k",), Ks=(256,), nt=1, layouts=("split",)) | kw
+    args = dict(fmts=("q4_k",), Ks=(256,), nt=1, layouts=("default",)) | kw
     with pytest.raises(ValueError, match=re.escape(msg)):
         dotprof.check_args(**args)

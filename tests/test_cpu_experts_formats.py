@@ -63,14 +63,17 @@ def test_unknown_format_and_bad_shape_errors():
         formats.quantize(np.zeros((1, 32), np.float32), "q4_k")
 
 
-@pytest.mark.parametrize("fmt", list(QTYPE))
+@pytest.mark.parametrize("fmt", list(QTYPE) + ["q4_k-f16"])
 @pytest.mark.parametrize("vb,vnni", [(32, False), (64, False), (64, True)])
 def test_repack_keeps_every_weight(fmt, vb, vnni):
-    """Undo the repack in numpy (independently of the kernels) and compare with GGUF dequantization."""
+    """Undo the repack in numpy (independently of the kernels) and compare with GGUF dequantization.
+    q4_k-f16: q4_k with its factors as f16 per 32 weights (the layout before session 9)."""
     n, k = 16, 512
     x = weights(4, n, k)
+    f16_form = fmt.endswith("-f16")
+    fmt = fmt.split("-")[0]
     blocks = formats.quantize(x, fmt)
-    geo = layout.geometry(fmt, vb, vnni)
+    geo = layout.geometry(fmt, vb, vnni, superblock=not f16_form)
     p = layout.repack(blocks, fmt, n, k, geo)
     R = geo.group_rows
     ref = formats.dequantize(blocks, fmt)
@@ -91,13 +94,22 @@ def test_repack_keeps_every_weight(fmt, vb, vnni):
         codes = pay.astype(np.float32)
     codes = codes.reshape(n, k) - geo.offset
     spb = geo.scales_per_block
-    unil = lambda a: a.reshape(n // R, nb, spb, R).transpose(0, 3, 1, 2).reshape(n, -1).astype(np.float32)
+
+    def unil(a):   # a scale stream -> [n, k / SG] f32
+        if geo.superblock:   # [grp][super-block] of [R] f16, then [8][R] u8
+            u = a.reshape(n // R, nb // 8, 10 * R)
+            f = np.ascontiguousarray(u[..., :2 * R]).view(np.float16).astype(np.float32)      # [grp][sb][R]
+            q = u[..., 2 * R:].reshape(n // R, nb // 8, 8, R).astype(np.float32)
+            return (f[:, :, None, :] * q).transpose(0, 3, 1, 2).reshape(n, nb)
+        return a.reshape(n // R, nb, spb, R).transpose(0, 3, 1, 2).reshape(n, -1).astype(np.float32)
     got = np.repeat(unil(p["scale"]), geo.scale_group, axis=1) * codes
     if geo.bias:
         got += np.repeat(unil(p["bias"]), geo.scale_group, axis=1)
-    # q4_k and q6_k keep d*sc (and dmin*m) as f16 (relative 2^-11); the others are exact
-    tol = 2.0 ** -10 * np.abs(ref).max() if fmt in ("q4_k", "q6_k") else 0.0
+    # q6_k and q4_k's f16 form keep d*sc (and dmin*m) as f16 (relative 2^-11); the others are exact
+    tol = 2.0 ** -10 * np.abs(ref).max() if f16_form or fmt == "q6_k" else 0.0
     np.testing.assert_allclose(got, ref, rtol=0, atol=tol)
+    if geo.superblock:
+        assert layout.repacked_bytes_per_weight(geo) == 148 / 256   # 0.578: GGUF's 0.5625 + 4 bytes per 256
 
 
 @pytest.mark.parametrize("fmt", ["q8_0", "q4_k", "q6_k"])

@@ -106,9 +106,9 @@ def test_bytes_per_format():
     big = config_from_dict(preset_config("v3", layers=4))
     p = placed(plan("name: t\nrules:\n  - {match: '.*mlp\\.experts', op: jit, quant: q4_k}\n"
                     "  - {match: '.*', device: cuda, quant: fp8}\n", cfg=big))
-    # the jit op stores its repacked layout: q4_k keeps an f16 scale and min per 32 weights (160 bytes
+    # the jit op stores its repacked layout: q4_k keeps GGUF's factors, sc and m as a byte each (148 bytes
     # per 256 weights where GGUF's block has 144); streamed experts keep GGUF's blocks
-    assert p["model.layers.3.mlp.experts"].bytes == 256 * 3 * 7168 * 2048 * 160 // 256
+    assert p["model.layers.3.mlp.experts"].bytes == 256 * 3 * 7168 * 2048 * 148 // 256
     streamed = placed(plan("name: t\nrules:\n  - {match: '.*mlp\\.experts', device: cuda, op: stream, quant: q4_k}\n"
                            "  - {match: '.*', device: cuda, quant: fp8}\n", cfg=big))
     assert streamed["model.layers.3.mlp.experts"].bytes == 256 * 3 * 7168 * 2048 * 144 // 256

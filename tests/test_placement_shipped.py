@@ -72,9 +72,9 @@ def test_explain_table_groups_layer_ranges(capsys):
     rows = {line.split()[1]: line.split() for line in out.splitlines() if line[:1].isdigit() or line.startswith("- ")}
     assert rows["self_attn"][:5] == ["0-60", "self_attn", "cuda:0", "mla", "fp8"]
     assert rows["mlp"][:5] == ["0-2", "mlp", "cuda:0", "torch", "fp8"]
-    assert rows["mlp.experts"][:6] == ["3-60", "mlp.experts", "cpu", "jit", "q4_k", "380.6"]
+    assert rows["mlp.experts"][:6] == ["3-60", "mlp.experts", "cpu", "jit", "q4_k", "352.1"]
     assert "cuda:0  16.0 GiB   2.14 GiB" in out and "fits" in out
-    assert "routed experts 380.6 GiB (95.5%)" in out
+    assert "routed experts 352.1 GiB (95.2%)" in out
 
 
 def test_a_plan_that_does_not_fit_is_refused_with_what_to_change(capsys):

@@ -21,8 +21,9 @@ tested on hosts without AMX. Linux must grant the tile state before the first ti
 from llvmlite import ir
 
 from ..layout import BLOCK, Geometry
-from .irutil import F16, F32, I8, I32, I64, PTR, VOID, define, fma, for_range, gep, i64, load, local, prefetch, splat, \
+from .irutil import F32, I8, I32, I64, PTR, VOID, define, fma, for_range, gep, i64, load, local, prefetch, splat, \
     store, vec
+from .scales import block_factors, scale_pos
 from .tiles import A_TILE, B_TILE, C_TILE, make_tiles
 from .vmath import splat_scalar
 
@@ -99,11 +100,11 @@ def _issue(b, tiles, geo, mats, bbuf, blk, ch, M, A, lda, D, Tm, ldd, cb, prefet
             pb = gep(b, pay, b.mul(blk, i64(bpb)))
             for line in range(0, bpb, 64):
                 prefetch(b, gep(b, pb, i64(prefetch_bytes + line)))
-            sidx = b.mul(blk, i64(32))  # 16 f16 scales per block = 32 bytes: as many blocks ahead as pay
-            sc_ahead = max(prefetch_bytes // bpb, 2) * 32
-            prefetch(b, gep(b, sc, b.add(sidx, i64(sc_ahead))))
+            # the scale streams as many blocks ahead as the payload
+            ahead = scale_pos(b, geo, b.add(blk, i64(max(prefetch_bytes // bpb, 2))))
+            prefetch(b, gep(b, sc, ahead))
             if geo.bias:
-                prefetch(b, gep(b, bias, b.add(sidx, i64(sc_ahead))))
+                prefetch(b, gep(b, bias, ahead))
             if geo.nibbles:   # quad q < 4: low nibbles of vector q; q >= 4: high nibbles of vector q-4
                 dst = gep(b, bbuf, b.add(b.mul(b.and_(blk, i64(1)), i64(1024)), i64(512 * mat)))
                 raw = [load(b, pb, vec(I8, 64), v * 64, align=64) for v in range(4)]
@@ -152,9 +153,7 @@ def _epilogue(b, geo, mats, blk, ch, M, D, Tm, ldd, cb, acc, acc_stride, vf, vi)
     s0 = b.mul(ch, i64(CHUNK))
     live = b.sub(M, s0)
     live = b.select(b.icmp_signed("<", live, i64(CHUNK)), live, i64(CHUNK))
-    sidx = b.mul(blk, i64(R))
-    dw = [b.fpext(load(b, sc, vec(F16, R), sidx, align=2), vf) for (_, sc, _) in mats]
-    bw = [b.fpext(load(b, bias, vec(F16, R), sidx, align=2), vf) for (_, _, bias) in mats] if geo.bias else None
+    dw, bw = zip(*(block_factors(b, geo, sc, bias, blk) for (_, sc, bias) in mats))
     with for_range(b, 0, live, name="ep") as r:
         s = b.add(s0, r)
         at = b.add(b.mul(s, ldd), blk)

@@ -30,8 +30,9 @@ from llvmlite import ir
 
 from ..layout import Geometry
 from .amx import CHUNK
-from .irutil import F16, F32, I1, I8, I16, I32, I64, PTR, VOID, c, define, for_range, gep, i64, intrinsic, load, \
+from .irutil import F32, I1, I8, I16, I32, I64, PTR, VOID, c, define, for_range, gep, i64, intrinsic, load, \
     local, prefetch, shuffle, specialize, splat, store, vec
+from .scales import block_factors, scale_pos
 from .tiles import C_TILE, chunk_step, make_tiles
 from .vmath import splat_scalar
 
@@ -49,12 +50,8 @@ def amx_i8row_name():
 def _block_scales(b, geo, sc, bias, blk, half=0):
     """(scale, shift) <16 x float> of block blk (its half-th scale group: q6_k has two of 16 weights):
     w = scale * code + shift for every row."""
-    vf = vec(F32, R)
-    idx = b.add(b.mul(blk, i64(R * geo.scales_per_block)), i64(R * half))
-    dw = b.fpext(load(b, sc, vec(F16, R), idx, align=2), vf)
-    if geo.bias:
-        return dw, b.fpext(load(b, bias, vec(F16, R), idx, align=2), vf)
-    return dw, b.fmul(dw, splat(F32, R, -float(geo.offset)))
+    scale, shift = block_factors(b, geo, sc, bias, blk, half)
+    return scale, shift if shift is not None else b.fmul(scale, splat(F32, R, -float(geo.offset)))
 
 
 def _code_max(geo) -> int:
@@ -68,13 +65,15 @@ def _row_bound(b, geo, sc, bias, nblocks, ahead: int):
     fabs = intrinsic(b.module, "llvm.fabs.v16f32", vf, [vf])
     fmax = intrinsic(b.module, "llvm.maxnum.v16f32", vf, [vf, vf])
     acc = local(b, vf, splat(F32, R, 0.0))
-    sc_bytes = 2 * R * geo.scales_per_block   # per block and stream
+    unit_blocks, unit_bytes = geo.scale_unit   # per stream
+    every = max(1, 64 // unit_bytes)   # f16 q4: a 64-byte line holds two blocks' scales
     with for_range(b, 0, nblocks, name="rbound") as blk:
-        if ahead:
-            off = b.add(b.mul(blk, i64(sc_bytes)), i64(ahead))
-            with b.if_then(b.icmp_unsigned("==", b.urem(off, i64(64)), i64(0)) if sc_bytes < 64 else c(I1, 1)):
+        if ahead:   # once per line of a unit, or per unit where a unit spans lines
+            off = b.add(scale_pos(b, geo, blk), i64(ahead))
+            step = unit_blocks * every
+            with b.if_then(b.icmp_unsigned("==", b.urem(blk, i64(step)), i64(0)) if step > 1 else c(I1, 1)):
                 for st in ([sc, bias] if geo.bias else [sc]):
-                    for line in range(0, max(sc_bytes, 64), 64):
+                    for line in range(0, max(unit_bytes, 64), 64):
                         prefetch(b, gep(b, st, b.add(off, i64(line))))
         for half in range(geo.scales_per_block):
             scale, shift = _block_scales(b, geo, sc, bias, blk, half)
@@ -166,8 +165,7 @@ def emit_amx_i8row_mm(module, geo: Geometry, prefetch_bytes: int, emulate: bool 
                 pb = gep(b, pay, b.mul(blk, i64(bpb)))
                 for line in range(0, bpb, 64):
                     prefetch(b, gep(b, pb, i64(prefetch_bytes + line)))
-                sc_bytes = 2 * R * geo.scales_per_block   # per block
-                ahead = b.add(b.mul(blk, i64(sc_bytes)), i64(max(prefetch_bytes // bpb, 2) * sc_bytes))
+                ahead = scale_pos(b, geo, b.add(blk, i64(max(prefetch_bytes // bpb, 2))))
                 prefetch(b, gep(b, sc, ahead))
                 if geo.bias:
                     prefetch(b, gep(b, bias, ahead))

@@ -18,12 +18,9 @@ from llvmlite import ir
 
 from ..isa import Isa
 from ..layout import BLOCK, Geometry
-from .irutil import (F16, F32, I8, I16, I32, I64, PTR, VOID, c, define, fma, for_range, gep, hsum, i64,
+from .irutil import (F32, I8, I16, I32, I64, PTR, VOID, c, define, fma, for_range, gep, hsum, i64,
                      intrinsic, load, local, prefetch, splat, store, vec)
-
-def _to_f32(b, halves):
-    return b.fpext(halves, vec(F32, halves.type.count))
-
+from .scales import block_factors, scale_pos
 
 def _splat_scalar(b, x, n):
     v = b.insert_element(ir.Constant(vec(x.type, 1), ir.Undefined), x, c(I32, 0))
@@ -76,10 +73,10 @@ def emit_quant_dot(module, geo: Geometry, isa: Isa, nt: int, prefetch_bytes: int
     spb = geo.scales_per_block
     quads_per_group = 8 // spb
     acc = [local(b, vf, splat(F32, R, 0.0)) for _ in range(nt)]
-    bpb, stride = geo.block_payload_bytes, geo.block_stride
+    bpb = geo.block_payload_bytes
     with for_range(b, 0, nblocks, name="blk") as blk:
-        pbase = b.mul(blk, i64(stride))
-        for line in range(0, stride if prefetch_all else 1, 64):
+        pbase = b.mul(blk, i64(bpb))
+        for line in range(0, bpb if prefetch_all else 1, 64):
             prefetch(b, gep(b, pay, b.add(pbase, i64(prefetch_bytes + line))), locality)
         nvec = bpb // vb
         raw = [load(b, pay, vec(I8, vb), b.add(pbase, i64(v * vb)), align=64) for v in range(nvec)]
@@ -89,22 +86,19 @@ def emit_quant_dot(module, geo: Geometry, isa: Isa, nt: int, prefetch_bytes: int
             wq = raw
         uq = [b.select(b.icmp_signed("<", w, splat(I8, vb, 0)), b.sub(splat(I8, vb, 0), w), w)
               for w in wq] if geo.signed else wq
-        sbase = b.mul(blk, i64(geo.scale_stride))
-        sc_ahead = prefetch_bytes // 8       # scales (and bias) advance 2*spb*R bytes per block
-        sc_every = 64 // (2 * spb * R) or 1   # blocks per line of scales
+        spos = scale_pos(b, geo, blk)
+        sc_ahead = prefetch_bytes // 8       # the scale streams advance ~1/8 (f16) to 1/13 (q4_k) of the payload
+        sc_every = int(64 // geo.scale_bytes_per_block) or 1   # blocks per line of scales
         pf_sc = b.icmp_signed("==", b.urem(blk, i64(sc_every)), i64(0)) if prefetch_all and sc_every > 1 else None
-        # fused: the scales (and bias) are lines of the payload stream, prefetched with it above
-        streams = [] if geo.fused else [sc] + ([bias] if geo.bias and prefetch_all else [])
+        streams = [sc] + ([bias] if geo.bias and prefetch_all else [])
         if pf_sc is None:
             for st in streams:
-                prefetch(b, gep(b, st, b.add(b.mul(sbase, i64(2)), i64(sc_ahead))), locality)
+                prefetch(b, gep(b, st, b.add(spos, i64(sc_ahead))), locality)
         else:
             with b.if_then(pf_sc):
                 for st in streams:
-                    prefetch(b, gep(b, st, b.add(b.mul(sbase, i64(2)), i64(sc_ahead))), locality)
-        dw = [_to_f32(b, load(b, sc, vec(F16, R), b.add(sbase, i64(s * R)), align=2)) for s in range(spb)]
-        bw = [_to_f32(b, load(b, bias, vec(F16, R), b.add(sbase, i64(s * R)), align=2))
-              for s in range(spb)] if geo.bias else None
+                    prefetch(b, gep(b, st, b.add(spos, i64(sc_ahead))), locality)
+        dw, bw = zip(*(block_factors(b, geo, sc, bias, blk, s) for s in range(spb)))
         for n in range(nt):
             da = _splat_scalar(b, load(b, ad[n], F32, blk, align=4), R)
             if use_term:

@@ -32,6 +32,7 @@ from . import amx, amx_bf16, amx_i8row, dot, sched, vmath
 from .fields import J, POOL_FIELDS
 from .irutil import F32, I1, I8, I16, I32, I64, PTR, VOID, c, define, field, fma, for_range, gep, i64, intrinsic, load, \
     local, prefetch, shuffle, splat, store, vec
+from .scales import stream_bytes
 
 SLOT_PAD = amx.CHUNK  # activation rows past the last slot that AMX may read (results discarded)
 
@@ -67,6 +68,8 @@ class Tiles:
     tail_max_tokens: int = 8  # the tail only in jobs of at most this many tokens (larger: AMX row pairs)
     prefetch_first: bool = False  # a worker that claims a phase-1 task before phase 0 is done prefetches
     #                               that task's weights into L2 while it waits (routing known, x not yet)
+    q4k_superblock: bool = True  # q4_k's weight layout (layout.py); False: its factors as f16 per 32 weights,
+    #                              the form before session 9, kept for A/B runs (another layout: own weights)
 
 
 def down_tasks(hidden: int, tiles: Tiles, tokens: int) -> int:
@@ -342,8 +345,7 @@ class _Builder:
         pay = gep(b, field(b, job, J[prefix + "P"], True), b.add(b.mul(e, pe), b.mul(grp, grp_pay)))
         if not side.quant:
             return pay, None, None, nchunks
-        grp_sc = b.mul(nchunks, i64(R * geo.scales_per_block * 2))
-        soff = b.add(b.mul(e, se), b.mul(grp, grp_sc))
+        soff = b.add(b.mul(e, se), b.mul(grp, stream_bytes(b, geo, nchunks)))
         sc = gep(b, field(b, job, J[prefix + "S"], True), soff)
         bias = gep(b, field(b, job, J[prefix + "B"], True), soff)
         return pay, sc, bias, nchunks
@@ -388,7 +390,7 @@ class _Builder:
                 per_chunk = geo.block_payload_bytes if side.quant else R * geo.vector_bytes
                 streams = [(pay, b.mul(nch, i64(per_chunk)))]
                 if side.quant:
-                    sc_bytes = b.mul(nch, i64(R * geo.scales_per_block * 2))
+                    sc_bytes = stream_bytes(b, geo, nch)
                     streams += [(sc, sc_bytes)] + ([(bias, sc_bytes)] if geo.bias else [])
                 for base, nbytes in streams:
                     with for_range(b, 0, nbytes, step=64, name="pf") as off:
