@@ -32,7 +32,7 @@ from ..layout import Geometry
 from .amx import CHUNK
 from .irutil import F32, I1, I8, I16, I32, I64, PTR, VOID, c, define, for_range, gep, i64, intrinsic, load, \
     local, prefetch, shuffle, specialize, splat, store, vec
-from .scales import block_factors, scale_pos
+from .scales import block_factors, scale_pos, superblock_heads
 from .tiles import C_TILE, chunk_step, make_tiles
 from .vmath import splat_scalar
 
@@ -90,9 +90,10 @@ def _fixed16(b, x):
     return b.trunc(b.fptosi(b.call(rnd, [x]), vec(I32, R)), vec(I16, R))
 
 
-def _requant_block(b, geo, pay, sc, bias, blk, inv, dst):
+def _requant_block(b, geo, pay, sc, bias, blk, inv, dst, heads=None):
     """Block blk (16 rows x 32 codes) -> 8 tile rows of int8 quads at dst (512 bytes): row q holds,
-    for each weight row r, w[r][4q .. 4q+3] / s_r rounded. inv = 128 / s_r per row.
+    for each weight row r, w[r][4q .. 4q+3] / s_r rounded. inv = 128 / s_r per row. heads: q4_k's
+    super-block factors already times inv (hoisted per K-tile: both its blocks share a super-block).
 
     Bytes widen to words by interleaving with zero within each 128-bit lane (vpunpck[lh]bw) and narrow
     back with vpacksswb, its inverse lane for lane: the tile row comes out in the payload's order, and
@@ -100,9 +101,12 @@ def _requant_block(b, geo, pay, sc, bias, blk, inv, dst):
     rows = [[4 * (w // 8) + 2 * h + (w % 8) // 4 for w in range(32)] for h in range(2)]   # word -> weight row
     Rh, Th = [], []   # per scale group: the factors of the lo / hi word rows
     for half in range(geo.scales_per_block):
-        scale, shift = _block_scales(b, geo, sc, bias, blk, half)
-        Rw = _fixed16(b, b.fmul(scale, inv))
-        Tw = b.add(_fixed16(b, b.fmul(shift, inv)), splat(I16, R, 1 << (FRAC - 1)))
+        if heads:
+            scale, shift = block_factors(b, geo, sc, bias, blk, half, heads)
+        else:
+            scale, shift = (b.fmul(x, inv) for x in _block_scales(b, geo, sc, bias, blk, half))
+        Rw = _fixed16(b, scale)
+        Tw = b.add(_fixed16(b, shift), splat(I16, R, 1 << (FRAC - 1)))
         Rh.append([shuffle(b, Rw, m) for m in rows])
         Th.append([shuffle(b, Tw, m) for m in rows])
     quads_per_group = 8 // geo.scales_per_block
@@ -160,6 +164,9 @@ def emit_amx_i8row_mm(module, geo: Geometry, prefetch_bytes: int, emulate: bool 
 
     def requant(t):
         for mat, (pay, sc, bias) in enumerate(mats):
+            heads = None
+            if geo.superblock:   # 8 blocks per super-block: a K-tile's two share its factors
+                heads = [b.fmul(h, inv[mat]) for h in superblock_heads(b, geo, sc, bias, b.mul(t, i64(BLOCKS_PER_TILE)))]
             for half in range(BLOCKS_PER_TILE):
                 blk = b.add(b.mul(t, i64(BLOCKS_PER_TILE)), i64(half))
                 pb = gep(b, pay, b.mul(blk, i64(bpb)))
@@ -170,7 +177,7 @@ def emit_amx_i8row_mm(module, geo: Geometry, prefetch_bytes: int, emulate: bool 
                 if geo.bias:
                     prefetch(b, gep(b, bias, ahead))
                 dst = gep(b, bbuf, b.add(b.mul(t, i64(2 * TILE_BYTES)), i64(mat * TILE_BYTES + half * 512)))
-                _requant_block(b, geo, pay, sc, bias, blk, inv[mat], dst)
+                _requant_block(b, geo, pay, sc, bias, blk, inv[mat], dst, heads)
 
     def tile_step(s0, t, two):
         a0 = gep(b, A, b.add(b.mul(s0, lda), b.mul(t, i64(TILE_K))))

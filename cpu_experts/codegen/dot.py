@@ -7,8 +7,10 @@ with the activation quad broadcast to every lane; then, per block, with the acti
 quantizer stored (term = -offset*scale_a*sum(a), or scale_a*sum(a) for q4_k's bias):
     offset formats: acc[r] += (float(acc_i[r]) * scale_a + term) * scale_w[r]
     q4_k:           acc[r] += float(acc_i[r]) * scale_a * scale_w[r] + bias_w[r] * term
-so the float work is one convert and two FMAs per 32 weights per token for R rows. q6_k (a scale per
-16 weights) removes its offset in int32 per half block instead: acc_i - 32 * sum16(a).
+so the float work is one convert and two FMAs per 32 weights per token for R rows. q4_k's super-block
+form (layout.py) keeps two sums per token over a super-block, S += float(acc_i) * scale_a * sc[r] and
+M += m[r] * term (sc, m its bytes), and adds d[r] * S + (-dmin[r]) * M once per 256 weights. q6_k (a
+scale per 16 weights) removes its offset in int32 per half block instead: acc_i - 32 * sum16(a).
 bf16: rows in groups of 4, weights widened to f32 (shift left 16) and FMA'd with f32 activations.
 
 Prefetch: `prefetch_all` touches every line of the streams (payload, scales, bias) `prefetch_bytes`
@@ -17,10 +19,10 @@ ahead; otherwise one line per block of payload and of scales (the hardware strea
 from llvmlite import ir
 
 from ..isa import Isa
-from ..layout import BLOCK, Geometry
+from ..layout import BLOCK, SUPER, Geometry
 from .irutil import (F32, I8, I16, I32, I64, PTR, VOID, c, define, fma, for_range, gep, hsum, i64,
                      intrinsic, load, local, prefetch, splat, store, vec)
-from .scales import block_factors, scale_pos
+from .scales import block_factors, scale_pos, superblock_heads
 
 def _splat_scalar(b, x, n):
     v = b.insert_element(ir.Constant(vec(x.type, 1), ir.Undefined), x, c(I32, 0))
@@ -73,8 +75,12 @@ def emit_quant_dot(module, geo: Geometry, isa: Isa, nt: int, prefetch_bytes: int
     spb = geo.scales_per_block
     quads_per_group = 8 // spb
     acc = [local(b, vf, splat(F32, R, 0.0)) for _ in range(nt)]
+    # q4_k's super-block form: the block terms go to two sums per token (times the bytes sc and m),
+    # which take the super-block's d and -dmin once per 8 blocks, so a block costs what the f16 form did
+    sums = [[local(b, vf) for _ in range(nt)] for _ in range(2)] if geo.superblock else None
     bpb = geo.block_payload_bytes
-    with for_range(b, 0, nblocks, name="blk") as blk:
+
+    def block(blk, dw, bw):
         pbase = b.mul(blk, i64(bpb))
         for line in range(0, bpb if prefetch_all else 1, 64):
             prefetch(b, gep(b, pay, b.add(pbase, i64(prefetch_bytes + line))), locality)
@@ -98,7 +104,6 @@ def emit_quant_dot(module, geo: Geometry, isa: Isa, nt: int, prefetch_bytes: int
             with b.if_then(pf_sc):
                 for st in streams:
                     prefetch(b, gep(b, st, b.add(spos, i64(sc_ahead))), locality)
-        dw, bw = zip(*(block_factors(b, geo, sc, bias, blk, s) for s in range(spb)))
         for n in range(nt):
             da = _splat_scalar(b, load(b, ad[n], F32, blk, align=4), R)
             if use_term:
@@ -111,8 +116,13 @@ def emit_quant_dot(module, geo: Geometry, isa: Isa, nt: int, prefetch_bytes: int
                     a4 = load(b, aq[n], I32, b.add(b.mul(blk, i64(BLOCK // 4)), i64(q)), align=1)
                     a = b.bitcast(_splat_scalar(b, a4, R), vec(I8, vb))
                     acc_i = _quad_dot(b, isa, geo, acc_i, wq[q], uq[q], a)
-                prev = b.load(acc[n], typ=vf)
                 f = b.sitofp(acc_i, vf)
+                if sums:
+                    scaled, shifted = sums[0][n], sums[1][n]
+                    b.store(fma(b, b.fmul(f, da), dw[s], b.load(scaled, typ=vf)), scaled)
+                    b.store(fma(b, bw[s], term, b.load(shifted, typ=vf)), shifted)
+                    continue
+                prev = b.load(acc[n], typ=vf)
                 if use_term and geo.bias:
                     new = fma(b, bw[s], term, fma(b, b.fmul(f, da), dw[s], prev))
                 elif use_term and geo.offset:
@@ -123,6 +133,24 @@ def emit_quant_dot(module, geo: Geometry, isa: Isa, nt: int, prefetch_bytes: int
                         f = b.sitofp(b.sub(acc_i, _splat_scalar(b, b.mul(sums16[s], c(I32, geo.offset)), R)), vf)
                     new = fma(b, f, b.fmul(dw[s], da), prev)
                 b.store(new, acc[n])
+
+    if sums:
+        one = splat(F32, R, 1.0)
+        with for_range(b, 0, nblocks, step=SUPER, name="sblk") as sb:
+            for part in sums:
+                for slot in part:
+                    b.store(splat(F32, R, 0.0), slot)
+            with for_range(b, sb, b.add(sb, i64(SUPER)), name="blk") as blk:
+                dw, bw = block_factors(b, geo, sc, bias, blk, heads=(one, one))   # the bytes alone
+                block(blk, [dw], [bw])
+            d, ndmin = superblock_heads(b, geo, sc, bias, sb)
+            for n in range(nt):
+                prev = b.load(acc[n], typ=vf)
+                b.store(fma(b, d, b.load(sums[0][n], typ=vf), fma(b, ndmin, b.load(sums[1][n], typ=vf), prev)), acc[n])
+    else:
+        with for_range(b, 0, nblocks, name="blk") as blk:
+            dw, bw = zip(*(block_factors(b, geo, sc, bias, blk, s) for s in range(spb)))
+            block(blk, dw, bw)
     for n in range(nt):
         store(b, b.load(acc[n], typ=vf), out, n * R, align=4)
     b.ret_void()

@@ -17,19 +17,29 @@ def stream_bytes(b, geo: Geometry, nblocks):
     return scale_pos(b, geo, nblocks)
 
 
-def block_factors(b, geo: Geometry, sc, bias, blk, half=0):
+def superblock_heads(b, geo: Geometry, sc, bias, blk):
+    """(d, -dmin) <R x float> of the super-block holding block blk (q4_k's super-block form)."""
+    R, unit = geo.group_rows, _unit_offset(b, geo, blk)
+    return tuple(b.fpext(load(b, gep(b, st, unit), vec(F16, R), align=2), vec(F32, R)) for st in (sc, bias))
+
+
+def _unit_offset(b, geo, blk):
+    return b.mul(b.lshr(blk, i64(SUPER.bit_length() - 1)), i64(geo.scale_unit[1]))
+
+
+def block_factors(b, geo: Geometry, sc, bias, blk, half=0, heads=None):
     """(scale, bias) <R x float> of block blk's half-th scale group (q6_k has two of 16 weights) for
-    the R rows: w = scale * code + bias. bias is None for the offset formats (w = scale * (code - offset))."""
+    the R rows: w = scale * code + bias. bias is None for the offset formats (w = scale * (code - offset)).
+    heads (super-block form only): what the block's bytes multiply instead of the super-block's own
+    (d, -dmin) as superblock_heads reads them: a caller that hoists them per super-block, scaled or not."""
     R = geo.group_rows
     vf = vec(F32, R)
     if geo.superblock:
-        unit = b.mul(b.lshr(blk, i64(SUPER.bit_length() - 1)), i64(geo.scale_unit[1]))
+        unit = _unit_offset(b, geo, blk)
         byte = b.add(unit, b.add(b.mul(b.and_(blk, i64(SUPER - 1)), i64(R)), i64(2 * R)))
-
-        def factor(stream):   # f16 per super-block x 6-bit byte per block: exact in f32
-            d = b.fpext(load(b, gep(b, stream, unit), vec(F16, R), align=2), vf)
-            return b.fmul(d, b.uitofp(load(b, gep(b, stream, byte), vec(I8, R)), vf))
-        return factor(sc), factor(bias)
+        heads = heads or superblock_heads(b, geo, sc, bias, blk)
+        # 6-bit bytes times f16 factors: exact in f32
+        return tuple(b.fmul(h, b.uitofp(load(b, gep(b, st, byte), vec(I8, R)), vf)) for h, st in zip(heads, (sc, bias)))
     idx = b.add(b.mul(blk, i64(R * geo.scales_per_block)), i64(R * half))
     scale = b.fpext(load(b, sc, vec(F16, R), idx, align=2), vf)
     return scale, b.fpext(load(b, bias, vec(F16, R), idx, align=2), vf) if geo.bias else None
