@@ -2,10 +2,10 @@
 
 The torch version (gpu_dequant.py) makes ~8 passes over fp32 temporaries: 240 ms per V3 q4_k layer
 on an H100, twice the layer's PCIe copy. Here each output weight is computed once from its
-payload byte and its f16 scale (and bias; q4_k: f16 per super-block times a byte per block): reads
-~0.6 B and writes 2 B per weight. Same math
-and layout as gpu_dequant.dequantize_packed (the reference in tests); one program per BLOCK
-output weights, in output order (coalesced writes; the reads gather within a 32-weight block).
+payload byte and its block's factors (f16 scale and bias; q4_k: an f16 per super-block times a byte
+per block, read once per block): reads ~0.6 B and writes 2 B per weight. Same math and layout as
+gpu_dequant.dequantize_packed (the reference in tests); one program per BLOCK_SIZE output weights
+as [BLOCK_SIZE/32 blocks, 32], in output order (coalesced writes; the reads gather within a block).
 """
 
 from __future__ import annotations
@@ -23,40 +23,45 @@ BLOCK_SIZE = 1024
 def _dequant_kernel(pay_ptr, sc_ptr, bias_ptr, out_ptr, total, n, k, pay_e, sc_e,
                     R: tl.constexpr, NIBBLES: tl.constexpr, SIGNED: tl.constexpr, OFFSET: tl.constexpr,
                     SG: tl.constexpr, HAS_BIAS: tl.constexpr, SUPERBLOCK: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-    idx = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-    mask = idx < total
-    col = idx % k  # out [E, n, k]
-    t = idx // k
+    # [BLOCKS, 32]: BLOCKS whole 32-weight blocks of the output (k is a multiple of 32), in output order
+    BLOCKS: tl.constexpr = BLOCK_SIZE // 32
+    bidx = tl.program_id(0).to(tl.int64) * BLOCKS + tl.arange(0, BLOCKS)   # block of the flat [E, n, k]
+    w = tl.arange(0, 32)[None, :]                                          # weight within its block
+    idx = bidx[:, None] * 32 + w
+    bmask = bidx < total // 32
+    mask = bmask[:, None]
+    nb = k // 32
+    blk = bidx % nb
+    t = bidx // nb
     row = t % n
     e = t // n
     g = row // R
     r = row % R
-    nb = k // 32
-    blk = col // 32
-    w = col % 32
-    group = g * nb + blk  # [grp][blk] of this weight's row group and 32-weight block
+    group = (g * nb + blk)[:, None]  # [grp][blk] of this weight's row group and 32-weight block
+    r2, e2 = r[:, None], e[:, None]
     if NIBBLES:  # [quad 0..3][R][4]: low nibble weight 4q+j, high nibble 16+4q+j
         low = w % 16
-        off = e * pay_e + (group * 4 + low // 4) * (R * 4) + r * 4 + low % 4
+        off = e2 * pay_e + (group * 4 + low // 4) * (R * 4) + r2 * 4 + low % 4
         p = tl.load(pay_ptr + off, mask=mask, other=0).to(tl.int32)
         code = (p >> ((w // 16) * 4)) & 15
     else:  # [quad 0..7][R][4]: byte j of quad q is weight 4q+j
-        off = e * pay_e + (group * 8 + w // 4) * (R * 4) + r * 4 + w % 4
+        off = e2 * pay_e + (group * 8 + w // 4) * (R * 4) + r2 * 4 + w % 4
         p = tl.load(pay_ptr + off, mask=mask, other=0)
         if SIGNED:
             code = p.to(tl.int8, bitcast=True).to(tl.int32)
         else:
             code = p.to(tl.int32)
-    if SUPERBLOCK:  # bytes: [grp][blk/8] of [R] f16, then [8][R] u8
+    if SUPERBLOCK:  # bytes: [grp][blk/8] of [R] f16, then [8][R] u8; one factor pair per block
         unit = e * sc_e + (g * (nb // 8) + blk // 8) * (10 * R)
         f16 = unit + 2 * r
         u8 = unit + 2 * R + (blk % 8) * R + r
-        scale = _f16_at(sc_ptr, f16, mask) * tl.load(sc_ptr + u8, mask=mask, other=0).to(tl.float32)
-        value = scale * code.to(tl.float32)
+        scale = _f16_at(sc_ptr, f16, bmask) * tl.load(sc_ptr + u8, mask=bmask, other=0).to(tl.float32)
+        value = scale[:, None] * code.to(tl.float32)
         if HAS_BIAS:
-            value += _f16_at(bias_ptr, f16, mask) * tl.load(bias_ptr + u8, mask=mask, other=0).to(tl.float32)
+            shift = _f16_at(bias_ptr, f16, bmask) * tl.load(bias_ptr + u8, mask=bmask, other=0).to(tl.float32)
+            value += shift[:, None]
     else:
-        sidx = e * sc_e + (group * (32 // SG) + w // SG) * R + r  # [grp][blk][spb][R] f16
+        sidx = e2 * sc_e + (group * (32 // SG) + w // SG) * R + r2  # [grp][blk][spb][R] f16
         sc16 = sc_ptr.to(tl.pointer_type(tl.float16))
         value = tl.load(sc16 + sidx, mask=mask, other=0.0).to(tl.float32) * (code - OFFSET).to(tl.float32)
         if HAS_BIAS:
