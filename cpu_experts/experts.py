@@ -328,7 +328,8 @@ class CPUExperts:
                 return (((v & 0x8000) | ((119 + (v & 7)) << 7) | (v >> 9)).astype(np.uint16)).view(np.uint8)
             return raw
         scales = (rng.uniform(0.001, 0.01, 1 << 20)).astype(np.float16).view(np.uint8)
-        for mat, f, geo in ((self.gate, fmt, self.geo), (self.up, fmt, self.geo), (self.down, self.down_fmt, self.down_geo)):
+        for mat, f, geo in ((self.gate, fmt, self.geo), (self.up, fmt, self.geo),
+                            (self.down, self.down_fmt, self.down_geo)):
             pool = payload_pool(f)
             for buf, src in ((mat.payload, pool), (mat.scale, scales), (mat.bias, scales)):
                 dst = buf.array(np.uint8)

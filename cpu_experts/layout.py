@@ -165,7 +165,8 @@ def repack(blocks: np.ndarray, fmt: str, n: int, k: int, geo: Geometry) -> dict[
 
 def _q4k_superblock_streams(blocks: np.ndarray, n: int, k: int, R: int) -> tuple[np.ndarray, np.ndarray]:
     """q4_k blocks -> the scale and bias streams of the super-block form, uint8 [n/R][k/256][10 R]."""
-    d, dmin, sc, m = q4k_factors(np.ascontiguousarray(blocks).view(np.uint8).reshape(-1, 144))
+    raw = np.ascontiguousarray(blocks).view(np.uint8).reshape(-1, get_format("q4_k").block_bytes)
+    d, dmin, sc, m = q4k_factors(raw)
     G, nsb = n // R, k // (BLOCK * SUPER)
 
     def stream(f16, u8):   # f16 [n*nsb], u8 [n*nsb, 8] in row-major [row][super-block] order

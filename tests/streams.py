@@ -17,4 +17,5 @@ def scale_streams(geo, nb: int, rng):
         return sc, bias, scv, biasv
     sc = rng.uniform(0.01, 0.02, (nb, spb, R)).astype(np.float16)
     bias = rng.uniform(-0.1, 0.1, (nb, spb, R)).astype(np.float16)
-    return sc.view(np.uint8).reshape(-1), bias.view(np.uint8).reshape(-1), sc.astype(np.float64), bias.astype(np.float64)
+    raw = [x.view(np.uint8).reshape(-1) for x in (sc, bias)]
+    return raw[0], raw[1], sc.astype(np.float64), bias.astype(np.float64)

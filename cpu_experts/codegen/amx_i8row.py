@@ -166,7 +166,8 @@ def emit_amx_i8row_mm(module, geo: Geometry, prefetch_bytes: int, emulate: bool 
         for mat, (pay, sc, bias) in enumerate(mats):
             heads = None
             if geo.superblock:   # 8 blocks per super-block: a K-tile's two share its factors
-                heads = [b.fmul(h, inv[mat]) for h in superblock_heads(b, geo, sc, bias, b.mul(t, i64(BLOCKS_PER_TILE)))]
+                first = b.mul(t, i64(BLOCKS_PER_TILE))
+                heads = [b.fmul(h, inv[mat]) for h in superblock_heads(b, geo, sc, bias, first)]
             for half in range(BLOCKS_PER_TILE):
                 blk = b.add(b.mul(t, i64(BLOCKS_PER_TILE)), i64(half))
                 pb = gep(b, pay, b.mul(blk, i64(bpb)))

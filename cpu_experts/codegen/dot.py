@@ -24,6 +24,7 @@ from .irutil import (F32, I8, I16, I32, I64, PTR, VOID, c, define, fma, for_rang
                      intrinsic, load, local, prefetch, splat, store, vec)
 from .scales import block_factors, scale_pos, superblock_heads
 
+
 def _splat_scalar(b, x, n):
     v = b.insert_element(ir.Constant(vec(x.type, 1), ir.Undefined), x, c(I32, 0))
     return b.shuffle_vector(v, ir.Constant(v.type, ir.Undefined), ir.Constant(vec(I32, n), [0] * n))
@@ -76,7 +77,7 @@ def emit_quant_dot(module, geo: Geometry, isa: Isa, nt: int, prefetch_bytes: int
     quads_per_group = 8 // spb
     acc = [local(b, vf, splat(F32, R, 0.0)) for _ in range(nt)]
     # q4_k's super-block form: the block terms go to two sums per token (times the bytes sc and m),
-    # which take the super-block's d and -dmin once per 8 blocks, so a block costs what the f16 form did
+    # which take the super-block's d and -dmin once per 8 blocks: a block's float work is the f16 form's
     sums = [[local(b, vf) for _ in range(nt)] for _ in range(2)] if geo.superblock else None
     bpb = geo.block_payload_bytes
 
