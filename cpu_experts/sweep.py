@@ -34,7 +34,8 @@ VARIANTS = {   # changes to the default tiling (codegen/moe.py Tiles; AMX fields
     "pf2k": {"prefetch": 2048},   # the vector kernels' default before session 8
     "pf4k": {"prefetch": 4096},
     "pf8k": {"prefetch": 8192},
-    "t1": {"prefetch_locality": 2},
+    "t1": {"prefetch_locality": 2},   # the default on AMX hosts since session 9
+    "t0": {"prefetch_locality": 3},   # prefetcht0: the default before it (and on hosts without AMX)
     "nta": {"prefetch_locality": 0},
     "rd32": {"rows_down": 32},
     "nonext": {"prefetch_next": False},
