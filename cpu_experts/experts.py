@@ -165,8 +165,13 @@ class _Matrix:
         self.payload = numa_mod.Buffer(E * self.pay_e, policy)
         self.scale = numa_mod.Buffer(max(E * self.sc_e, 64), policy)
         self.bias = numa_mod.Buffer(max(E * self.sc_e, 64), policy) if self.has_bias else self.scale
+        self.rows = n
+        # each row's largest possible |w|, kept by the i8row kernel after its first call (0 = not yet)
+        self.bounds = numa_mod.Buffer(E * n * 4, policy)
+        self.bounds.array(np.float32)[:] = 0.0
 
     def fill(self, e: int, packed: dict):
+        self.bounds.array(np.float32, e * self.rows * 4, self.rows)[:] = 0.0   # new weights: bounds unknown
         self.payload.array(np.uint8, e * self.pay_e, self.pay_e)[:] = packed["payload"].view(np.uint8)
         if self.sc_e:
             self.scale.array(np.uint8, e * self.sc_e, self.sc_e)[:] = packed["scale"].view(np.uint8)
@@ -174,7 +179,7 @@ class _Matrix:
             self.bias.array(np.uint8, e * self.sc_e, self.sc_e)[:] = packed["bias"].view(np.uint8)
 
     def close(self):
-        for buf in {id(b): b for b in (self.payload, self.scale, self.bias)}.values():
+        for buf in {id(b): b for b in (self.payload, self.scale, self.bias, self.bounds)}.values():
             buf.close()
 
 
@@ -353,6 +358,7 @@ class CPUExperts:
             j[J[prefix + "P"]] = mat.payload.address
             j[J[prefix + "S"]] = mat.scale.address
             j[J[prefix + "B"]] = mat.bias.address
+            j[J[prefix + "RB"]] = mat.bounds.address
         j[J["GU_PAY_E"]], j[J["GU_SC_E"]] = self.gate.pay_e, self.gate.sc_e
         j[J["D_PAY_E"]], j[J["D_SC_E"]] = self.down.pay_e, self.down.sc_e
         j[J["N2"]] = down_tasks(self.H, self.tiles, 1)   # _prepare sets it per job's token count

@@ -49,6 +49,7 @@ def layer_views(base: CPUExperts, tiles, num_experts: int, layers: int) -> list[
             v.job[J[prefix + "P"]] += first * mat.pay_e
             v.job[J[prefix + "S"]] += first * mat.sc_e
             v.job[J[prefix + "B"]] += first * mat.sc_e
+            v.job[J[prefix + "RB"]] += first * mat.rows * 4
         views.append(v)
     return views
 

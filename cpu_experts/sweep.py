@@ -87,6 +87,7 @@ VARIANTS = {   # changes to the default tiling (codegen/moe.py Tiles; AMX fields
     "row8": {"amx_mode": "mixed", "amx_min_slots": 8, "amx_bf16_min_slots": 8, "amx_row": True},
     "noamx": {"amx": False},   # vector kernels only (exact per-block scales at every size)
     "row_cold": {"amx_row_warm": False},   # i8row without its head / scale-stream prefetches
+    "row_nokeep": {"amx_row_bounds": False},   # i8row computes its row bounds on every call (before session 9)
     # ... and down too (the last gate/up task of such an expert quantizes its h rows per slot)
     "row_dn": {"amx_mode": "mixed", "amx_min_slots": 8, "amx_bf16_min_slots": 24, "amx_row": True, "amx_row_down": True},
     "row16_dn": {"amx_mode": "mixed", "amx_min_slots": 8, "amx_bf16_min_slots": 16, "amx_row": True,

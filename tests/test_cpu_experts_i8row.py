@@ -111,3 +111,21 @@ def test_int8_rows_choice_by_format(monkeypatch):
     monkeypatch.setenv("HMOE_INT8_ROWS", "fast")
     with pytest.raises(ValueError, match="HMOE_INT8_ROWS must be one of auto, on, off"):
         int8_rows_choice()
+
+
+def test_i8row_kept_row_bounds_give_the_computed_results():
+    """The row bounds the kernel keeps after its first call for a row group (Tiles.amx_row_bounds) give,
+    on that call and later ones, exactly the results of computing them on every call."""
+    from dataclasses import replace
+    tiles = Tiles(tokens=8, amx=True, amx_emulate=True, amx_min_slots=1, amx_max_slots=64, amx_mode="bf16",
+                  amx_row=True, amx_row_down=True)
+    kept, dq = experts("q4_k", AVX512[0], 2, tiles=tiles)
+    computed = kept.retiled(replace(tiles, amx_row_bounds=False))
+    rng = np.random.default_rng(29)
+    for T in (100, 40):
+        x = rng.standard_normal((T, H)).astype(np.float32)
+        ids = routing(rng, T)
+        w = rng.uniform(0.05, 1.0, (T, K)).astype(np.float32)
+        got = kept.forward(x, ids, w)
+        np.testing.assert_array_equal(got, computed.forward(x, ids, w))
+        check(got, moe_reference(x, ids, w, *dq), "q4_k")

@@ -83,6 +83,23 @@ def _row_bound(b, geo, sc, bias, nblocks, ahead: int):
     return b.load(acc, typ=vf)
 
 
+def _kept_row_bound(b, geo, sc, bias, nblocks, ahead: int, slot):
+    """_row_bound, kept at slot (16 floats) after the first call: a lane of 0 means not yet known (an
+    all-zero row stays 0 and is recomputed, which is harmless). Workers racing on one row group store
+    the same values, and each 4-byte lane is either 0 or final, so a reader sees 0 (and recomputes)
+    or the final value."""
+    vf = vec(F32, R)
+    out = local(b, vf)
+    kept = load(b, slot, vf, align=4)
+    b.store(kept, out)
+    missing = b.bitcast(b.fcmp_ordered("==", kept, splat(F32, R, 0.0)), I16)
+    with b.if_then(b.icmp_unsigned("!=", missing, c(I16, 0))):
+        bound = _row_bound(b, geo, sc, bias, nblocks, ahead)
+        store(b, bound, slot, align=4)
+        b.store(bound, out)
+    return b.load(out, typ=vf)
+
+
 def _fixed16(b, x):
     """<16 x float> -> <16 x i16>, rounded to nearest (ties to even)."""
     vf = x.type
@@ -132,9 +149,11 @@ def _requant_block(b, geo, pay, sc, bias, blk, inv, dst, heads=None):
             store(b, b.call(pack, w), dst, q * 64, align=64)
 
 
-def emit_amx_i8row_mm(module, geo: Geometry, prefetch_bytes: int, emulate: bool = False, warm: bool = True):
+def emit_amx_i8row_mm(module, geo: Geometry, prefetch_bytes: int, emulate: bool = False, warm: bool = True,
+                      keep_bounds: bool = True):
     """void amx_i8row_mm2(nblocks, M, A i8[M][lda], lda (bytes), AS f32[M] (activation row scales),
-    pay0, sc0, bias0, pay1, sc1, bias1, acc f32[2][.][16], acc_mat_stride (bytes), bbuf (nblocks/2 x 2 KiB)).
+    pay0, sc0, bias0, pay1, sc1, bias1, acc f32[2][.][16], acc_mat_stride (bytes), bbuf (nblocks/2 x 2 KiB),
+    bound0, bound1 (f32[16] each: the row groups' kept row bounds; keep_bounds=False ignores them)).
 
     acc[mat][s][r] = AS[s] * s_r * sum over K of A[s] . requantized weight_mat[r], for s < M
     (overwritten). nblocks must be even (K a multiple of 64). Rows of A up to the next multiple of 32
@@ -142,17 +161,20 @@ def emit_amx_i8row_mm(module, geo: Geometry, prefetch_bytes: int, emulate: bool 
     scale streams (prefetched ahead), the payload's first prefetch_bytes are already on their way, so
     the requantization does not start on a cold stream."""
     assert geo.group_rows == R and geo.scale_group in (16, 32) and not geo.signed
-    args = [I64, I64, PTR, I64, PTR] + [PTR] * 6 + [PTR, I64, PTR]
+    args = [I64, I64, PTR, I64, PTR] + [PTR] * 6 + [PTR, I64, PTR, PTR, PTR]
     fn, b = define(module, amx_i8row_name(), VOID, args, internal=True)
     nblocks, M, A, lda, AS = fn.args[:5]
     mats = [fn.args[5:8], fn.args[8:11]]
     acc, acc_stride, bbuf = fn.args[11:14]
+    slots = fn.args[14:16]
     vf = vec(F32, R)
     if warm:
         for pay, _, _ in mats:
             for line in range(0, prefetch_bytes, 64):
                 prefetch(b, gep(b, pay, line))
-    bounds = [_row_bound(b, geo, sc, bias, nblocks, 512 if warm else 0) for _, sc, bias in mats]
+    ahead = 512 if warm else 0
+    bounds = [_kept_row_bound(b, geo, sc, bias, nblocks, ahead, slot) if keep_bounds else
+              _row_bound(b, geo, sc, bias, nblocks, ahead) for (_, sc, bias), slot in zip(mats, slots)]
     # an all-zero row keeps bound 0: scale it as 1 (its codes requantize to 0)
     safe = [b.select(b.fcmp_ordered(">", bd, splat(F32, R, 0.0)), bd, splat(F32, R, 1.0)) for bd in bounds]
     inv = [b.fdiv(splat(F32, R, 127.0 * (1 << FRAC)), s) for s in safe]

@@ -10,11 +10,12 @@
 # READY (Tiles.expert_ready): per active expert a counter of finished gate/up tasks, one cache line
 # (8 slots) each, zeroed by the route task; a down task waits on the counter of each expert it reads.
 # XR/XRS (Tiles.amx_row), HR/HRS (amx_row_down): x / h rows as int8 with one f32 scale per slot (the i8row
-# kernel's activations).
+# kernel's activations). GRB/URB/DRB: per matrix f32 [E][rows] of each weight row's largest possible |w|
+# over its K, which the i8row kernel computes on its first call for a row group and keeps (0 = not yet).
 JOB_FIELDS = """T TOPK H I E X XSTRIDE IDS W OUT OSTRIDE
 GP GS GB UP US UB DP DS DB GU_PAY_E GU_SC_E D_PAY_E D_SC_E
 XQ XD XS XT XB HF HQ HD HS HT HB CNT OFF STOK SW SPOS ACT NACT N0 N1 N2 POOL AMXB AMXB_STRIDE RUN
-READY XR XRS HR HRS""".split()
+READY XR XRS HR HRS GRB URB DRB""".split()
 J = {name: i for i, name in enumerate(JOB_FIELDS)}
 
 # pool control block: i64 slots, hot words on separate cache lines (8 slots = 64 bytes)

@@ -61,6 +61,8 @@ class Tiles:
     #                         scale per weight row and per token (amx_i8row.py) instead of bf16 ("bf16"/"mixed")
     amx_row_down: bool = False  # the same for down: the last gate/up task of such an expert quantizes its h rows
     amx_row_warm: bool = True   # i8row calls prefetch their payload's head and scale streams (session 8 A/B)
+    amx_row_bounds: bool = True  # i8row keeps each row's bound after its first call (job GRB/URB/DRB), instead
+    #                              of a pass over the row's scale streams on every call (session 9)
     profile: bool = False   # per-worker rdtsc counters of task and barrier time (sched.py, WorkerPool.profile)
     expert_ready: bool = False  # no barrier 1: a down task waits only for the gate/up tasks of the expert it reads
     tail_rows: int = 0      # the last tail_rows rows of H in down tasks of tail_task_rows rows (a finer end)
@@ -134,7 +136,8 @@ class _Builder:
             if on:
                 shared = side is self.dn and self.gu.amx_row is not None and self.gu.geo == side.geo
                 side.amx_row = self.gu.amx_row if shared else amx_i8row.emit_amx_i8row_mm(
-                    self.m, side.geo, tiles.amx_prefetch, emulate=tiles.amx_emulate, warm=tiles.amx_row_warm)
+                    self.m, side.geo, tiles.amx_prefetch, emulate=tiles.amx_emulate, warm=tiles.amx_row_warm,
+                    keep_bounds=tiles.amx_row_bounds)
         if self.gu.quant or self.dn.quant:
             self.memcpy = intrinsic(self.m, "llvm.memcpy.p0.p0.i64", VOID, [PTR, PTR, I64, I1])
         # x's term follows the gate/up offset, h's the down offset: one quantizer per distinct term
@@ -350,6 +353,11 @@ class _Builder:
         bias = gep(b, field(b, job, J[prefix + "B"], True), soff)
         return pay, sc, bias, nchunks
 
+    def _row_bounds(self, b, job, prefix, e, grp, n):
+        """Where the i8row kernel keeps row group grp's row bounds for expert e's matrix `prefix` (n rows)."""
+        R = (self.dn if prefix == "D" else self.gu).R
+        return gep(b, field(b, job, J[prefix + "RB"], True), b.add(b.mul(e, n), b.mul(grp, i64(R))), F32)
+
     def _act_rows(self, b, job, which):
         """slot -> activation pointers of 'x' or 'h' (quantized: q, d, sums, term rows in slot order;
         bf16: the f32 row of x by the slot's token, or of h by slot)."""
@@ -469,7 +477,8 @@ class _Builder:
                 grp = b.udiv(row0, i64(R))
                 gp, gs, gb, _ = self._weights(b, job, "G", e, grp, H)
                 up, us, ub, _ = self._weights(b, job, "U", e, grp, H)
-                call([gp, gs, gb, up, us, ub])
+                I = field(b, job, J["I"])
+                call([gp, gs, gb, up, us, ub], [self._row_bounds(b, job, p, e, grp, I) for p in "GU"])
                 with for_range(b, 0, m, name="h") as n:
                     g = load(b, accbuf, vf, b.mul(n, i64(R)), align=64)
                     u = load(b, accbuf, vf, b.add(b.mul(n, i64(R)), i64(MS * R)), align=64)
@@ -607,7 +616,8 @@ class _Builder:
     def _amx_slot_chunks(self, b, job, tid, side, s_beg, s_end, k, pre, acc_name):
         """One phase's AMX frame: activations `pre` (X: x, k = H; H: h, k = I), the worker's bf16
         weight buffer and an accumulator. Per chunk of up to amx_max_slots slots of [s_beg, s_end)
-        yields (s0, m, accbuf, call): call(weights) runs the phase's AMX kernel on those m slots."""
+        yields (s0, m, accbuf, call): call(weights, bounds) runs the phase's AMX kernel on those m slots
+        (bounds: the two row groups' kept row bounds, which only the i8row kernel reads)."""
         nb = b.udiv(k, i64(32))
         q, d, t, bf = (field(b, job, J[pre + n], True) for n in "QDTB")
         bbuf = gep(b, field(b, job, J["AMXB"], True), b.mul(tid, field(b, job, J["AMXB_STRIDE"])))
@@ -618,12 +628,13 @@ class _Builder:
             m = b.sub(s_end, s0)
             m = b.select(b.icmp_signed("<", m, i64(MS)), m, i64(MS))
 
-            def call(weights):
+            def call(weights, bounds):
                 acc = [b.bitcast(accbuf, PTR), i64(MS * R * 4)]
                 row_args = None
                 if side.amx_row is not None:
                     xr, xrs = field(b, job, J[pre + "R"], True), field(b, job, J[pre + "RS"], True)
-                    row_args = lambda: [nb, m, gep(b, xr, b.mul(s0, k)), k, gep(b, xrs, s0, F32), *weights, *acc, bbuf]
+                    row_args = lambda: [nb, m, gep(b, xr, b.mul(s0, k)), k, gep(b, xrs, s0, F32), *weights, *acc, bbuf,
+                                        *bounds]
                 self._amx_call(b, side, b.sub(s_end, s_beg),
                                lambda: [nb, m, gep(b, bf, b.mul(s0, k), I16), b.mul(k, i64(2)), *weights, *acc, bbuf],
                                lambda: [nb, m, gep(b, q, b.mul(s0, k)), k, gep(b, d, b.mul(s0, nb), F32),
@@ -673,7 +684,8 @@ class _Builder:
                 grp = b.udiv(row0, i64(R))
                 w0 = self._weights(b, job, "D", e, grp, I)[:3]
                 w1 = self._weights(b, job, "D", e, b.add(grp, i64(1)), I)[:3]
-                call([*w0, *w1])
+                H = field(b, job, J["H"])
+                call([*w0, *w1], [self._row_bounds(b, job, "D", e, g, H) for g in (grp, b.add(grp, i64(1)))])
                 with for_range(b, 0, m, name="dep") as n:
                     for half in range(2):
                         v = load(b, accbuf, vf, b.add(b.mul(n, i64(R)), i64(half * MS * R)), align=64)
