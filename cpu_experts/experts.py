@@ -45,7 +45,8 @@ def default_tiles(isa: Isa, geo: Geometry, amx: bool | None = None, down_geo: Ge
     # 1 and 8 tokens, 4 KiB beat 2 KiB in 19 of 20 same-process pairs (0.1-3.8%); on the 2-core Skylake CI
     # box (V2-Lite q8_0, 2 threads) 2 KiB beat 4 KiB in 4 of 4 (1.6-4%) (cpu_experts/NOTES.md, session 8)
     # and into L2 (prefetcht1) rather than L1 there: faster in 21 of 24 same-process pairs over three calls
-    # (by 0.3-2.7%; q4_k, q4_0, q8_0, bf16, Q4_K_M at 1 and 8 tokens; session 9); the CI box keeps t0 (not measured)
+    # (by 0.3-2.7%; q4_k, q4_0, q8_0, bf16, Q4_K_M at 1 and 8 tokens; session 9); on the 2-core Skylake CI box
+    # t1 lost at 8 tokens (6%, 2 of 2) and split at 1, so hosts without AMX keep prefetcht0
     pf = 4096 if isa.amx else 2048
     pf_kw = dict(prefetch=pf, prefetch_locality=2 if isa.amx else 3)
     if not use_amx:
