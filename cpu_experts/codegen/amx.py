@@ -23,7 +23,7 @@ from llvmlite import ir
 from ..layout import BLOCK, Geometry
 from .irutil import F32, I8, I32, I64, PTR, VOID, define, fma, for_range, gep, i64, load, local, prefetch, splat, \
     store, vec
-from .scales import block_factors, scale_pos
+from .scales import block_factors, prefetch_block_ahead
 from .tiles import A_TILE, B_TILE, C_TILE, make_tiles
 from .vmath import splat_scalar
 
@@ -98,13 +98,7 @@ def _issue(b, tiles, geo, mats, bbuf, blk, ch, M, A, lda, D, Tm, ldd, cb, prefet
     with b.if_then(b.icmp_signed("==", ch, i64(0))):
         for mat, (pay, sc, bias) in enumerate(mats):
             pb = gep(b, pay, b.mul(blk, i64(bpb)))
-            for line in range(0, bpb, 64):
-                prefetch(b, gep(b, pb, i64(prefetch_bytes + line)))
-            # the scale streams as many blocks ahead as the payload
-            ahead = scale_pos(b, geo, b.add(blk, i64(max(prefetch_bytes // bpb, 2))))
-            prefetch(b, gep(b, sc, ahead))
-            if geo.bias:
-                prefetch(b, gep(b, bias, ahead))
+            prefetch_block_ahead(b, geo, pay, sc, bias, blk, prefetch_bytes)
             if geo.nibbles:   # quad q < 4: low nibbles of vector q; q >= 4: high nibbles of vector q-4
                 dst = gep(b, bbuf, b.add(b.mul(b.and_(blk, i64(1)), i64(1024)), i64(512 * mat)))
                 raw = [load(b, pb, vec(I8, 64), v * 64, align=64) for v in range(4)]

@@ -8,9 +8,9 @@ dequantizes block b+1 while the tile unit works on block b.
 """
 from ..layout import Geometry
 from .amx import CHUNK
-from .irutil import F32, I8, I32, I64, PTR, VOID, define, fma, for_range, gep, i64, load, prefetch, splat, \
+from .irutil import F32, I8, I32, I64, PTR, VOID, define, fma, for_range, gep, i64, load, splat, \
     specialize, store, vec
-from .scales import block_factors, scale_pos
+from .scales import block_scale_shift, prefetch_block_ahead
 from .tiles import C_TILE, chunk_step, make_tiles
 
 BF16_BLOCK_BYTES = 1024   # one dequantized 32 x 16 block: 16 tile rows of 64 bytes
@@ -41,9 +41,7 @@ def _dequant_block(b, geo, pay, sc, bias, blk, dst):
     vi, vf = vec(I32, R), vec(F32, R)
     bpb = geo.block_payload_bytes
     pb = gep(b, pay, b.mul(blk, i64(bpb)))
-    dw, shift = block_factors(b, geo, sc, bias, blk)
-    if shift is None:   # w = d * (code - offset)
-        shift = b.fmul(dw, splat(F32, R, -float(geo.offset)))
+    dw, shift = block_scale_shift(b, geo, sc, bias, blk)
     raw = [load(b, pb, vec(I8, 64), v * 64, align=64) for v in range(bpb // 64)]
     if geo.nibbles:   # quad q < 4: low nibbles of vector q; q >= 4: high nibbles of vector q-4
         quads = [b.and_(r, splat(I8, 64, 0x0F)) for r in raw] + [b.lshr(r, splat(I8, 64, 4)) for r in raw]
@@ -83,17 +81,10 @@ def emit_amx_bf16_mm(module, geo: Geometry, prefetch_bytes: int, emulate: bool =
     acc, acc_stride, bbuf = fn.args[10:13]
     tiles = make_tiles(b, "bf16", emulate)
     tiles.configure()
-    bpb = geo.block_payload_bytes
 
     def dequant(blk):
         for mat, (pay, sc, bias) in enumerate(mats):
-            pb = gep(b, pay, b.mul(blk, i64(bpb)))
-            for line in range(0, bpb, 64):
-                prefetch(b, gep(b, pb, i64(prefetch_bytes + line)))
-            ahead = scale_pos(b, geo, b.add(blk, i64(max(prefetch_bytes // bpb, 2))))
-            prefetch(b, gep(b, sc, ahead))
-            if geo.bias:
-                prefetch(b, gep(b, bias, ahead))
+            prefetch_block_ahead(b, geo, pay, sc, bias, blk, prefetch_bytes)
             _dequant_block(b, geo, pay, sc, bias, blk,
                            gep(b, bbuf, b.add(b.mul(blk, i64(2 * BF16_BLOCK_BYTES)), i64(mat * BF16_BLOCK_BYTES))))
 

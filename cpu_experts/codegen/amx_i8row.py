@@ -32,7 +32,7 @@ from ..layout import Geometry
 from .amx import CHUNK
 from .irutil import F32, I1, I8, I16, I32, I64, PTR, VOID, c, define, for_range, gep, i64, intrinsic, load, \
     local, prefetch, shuffle, specialize, splat, store, vec
-from .scales import block_factors, scale_pos, superblock_heads
+from .scales import block_factors, block_scale_shift, prefetch_block_ahead, scale_pos, superblock_heads
 from .tiles import C_TILE, chunk_step, make_tiles
 from .vmath import splat_scalar
 
@@ -45,13 +45,6 @@ FRAC = 7               # fraction bits of the 16-bit requantization
 
 def amx_i8row_name():
     return "amx_i8row_mm2"
-
-
-def _block_scales(b, geo, sc, bias, blk, half=0):
-    """(scale, shift) <16 x float> of block blk (its half-th scale group: q6_k has two of 16 weights):
-    w = scale * code + shift for every row."""
-    scale, shift = block_factors(b, geo, sc, bias, blk, half)
-    return scale, shift if shift is not None else b.fmul(scale, splat(F32, R, -float(geo.offset)))
 
 
 def _code_max(geo) -> int:
@@ -76,7 +69,7 @@ def _row_bound(b, geo, sc, bias, nblocks, ahead: int):
                     for line in range(0, max(unit_bytes, 64), 64):
                         prefetch(b, gep(b, st, b.add(off, i64(line))))
         for half in range(geo.scales_per_block):
-            scale, shift = _block_scales(b, geo, sc, bias, blk, half)
+            scale, shift = block_scale_shift(b, geo, sc, bias, blk, half)
             top = b.fadd(b.fmul(scale, splat(F32, R, float(_code_max(geo)))), shift)   # code = max
             m = b.call(fmax, [b.call(fabs, [shift]), b.call(fabs, [top])])           # code = 0
             b.store(b.call(fmax, [b.load(acc, typ=vf), m]), acc)
@@ -121,7 +114,7 @@ def _requant_block(b, geo, pay, sc, bias, blk, inv, dst, heads=None):
         if heads:
             scale, shift = block_factors(b, geo, sc, bias, blk, half, heads)
         else:
-            scale, shift = (b.fmul(x, inv) for x in _block_scales(b, geo, sc, bias, blk, half))
+            scale, shift = (b.fmul(x, inv) for x in block_scale_shift(b, geo, sc, bias, blk, half))
         Rw = _fixed16(b, scale)
         Tw = b.add(_fixed16(b, shift), splat(I16, R, 1 << (FRAC - 1)))
         Rh.append([shuffle(b, Rw, m) for m in rows])
@@ -182,7 +175,6 @@ def emit_amx_i8row_mm(module, geo: Geometry, prefetch_bytes: int, emulate: bool 
     ntiles = b.udiv(nblocks, i64(BLOCKS_PER_TILE))
     tiles = make_tiles(b, "i8row", emulate)
     tiles.configure()
-    bpb = geo.block_payload_bytes
 
     def requant(t):
         for mat, (pay, sc, bias) in enumerate(mats):
@@ -192,13 +184,7 @@ def emit_amx_i8row_mm(module, geo: Geometry, prefetch_bytes: int, emulate: bool 
                 heads = [b.fmul(h, inv[mat]) for h in superblock_heads(b, geo, sc, bias, first)]
             for half in range(BLOCKS_PER_TILE):
                 blk = b.add(b.mul(t, i64(BLOCKS_PER_TILE)), i64(half))
-                pb = gep(b, pay, b.mul(blk, i64(bpb)))
-                for line in range(0, bpb, 64):
-                    prefetch(b, gep(b, pb, i64(prefetch_bytes + line)))
-                ahead = scale_pos(b, geo, b.add(blk, i64(max(prefetch_bytes // bpb, 2))))
-                prefetch(b, gep(b, sc, ahead))
-                if geo.bias:
-                    prefetch(b, gep(b, bias, ahead))
+                prefetch_block_ahead(b, geo, pay, sc, bias, blk, prefetch_bytes)
                 dst = gep(b, bbuf, b.add(b.mul(t, i64(2 * TILE_BYTES)), i64(mat * TILE_BYTES + half * 512)))
                 _requant_block(b, geo, pay, sc, bias, blk, inv[mat], dst, heads)
 

@@ -32,7 +32,7 @@ from . import amx, amx_bf16, amx_i8row, dot, sched, vmath
 from .fields import J, POOL_FIELDS
 from .irutil import F32, I1, I8, I16, I32, I64, PTR, VOID, c, define, field, fma, for_range, gep, i64, intrinsic, load, \
     local, prefetch, shuffle, splat, store, vec
-from .scales import stream_bytes
+from .scales import scale_pos
 
 SLOT_PAD = amx.CHUNK  # activation rows past the last slot that AMX may read (results discarded)
 
@@ -348,7 +348,7 @@ class _Builder:
         pay = gep(b, field(b, job, J[prefix + "P"], True), b.add(b.mul(e, pe), b.mul(grp, grp_pay)))
         if not side.quant:
             return pay, None, None, nchunks
-        soff = b.add(b.mul(e, se), b.mul(grp, stream_bytes(b, geo, nchunks)))
+        soff = b.add(b.mul(e, se), b.mul(grp, scale_pos(b, geo, nchunks)))
         sc = gep(b, field(b, job, J[prefix + "S"], True), soff)
         bias = gep(b, field(b, job, J[prefix + "B"], True), soff)
         return pay, sc, bias, nchunks
@@ -398,7 +398,7 @@ class _Builder:
                 per_chunk = geo.block_payload_bytes if side.quant else R * geo.vector_bytes
                 streams = [(pay, b.mul(nch, i64(per_chunk)))]
                 if side.quant:
-                    sc_bytes = stream_bytes(b, geo, nch)
+                    sc_bytes = scale_pos(b, geo, nch)
                     streams += [(sc, sc_bytes)] + ([(bias, sc_bytes)] if geo.bias else [])
                 for base, nbytes in streams:
                     with for_range(b, 0, nbytes, step=64, name="pf") as off:

@@ -2,19 +2,27 @@
 layout.py: f16 per scale group, or q4_k's super-blocks (f16 per 256 weights times a byte per 32).
 Every kernel reads its factors here, so the forms differ in this module only."""
 from ..layout import SUPER, Geometry
-from .irutil import F16, F32, I8, i64, gep, load, vec
+from .irutil import F16, F32, I8, gep, i64, load, prefetch, splat, vec
 
 
 def scale_pos(b, geo: Geometry, blk):
-    """Byte offset of block blk's factors in a scale stream (prefetch distances; exact per unit)."""
+    """Byte offset of block blk's factors in a scale stream (exact per unit), which is also the bytes
+    a row group's stream holds for blk blocks."""
     blocks, nbytes = geo.scale_unit
     pos = b.mul(blk, i64(nbytes))
     return b.lshr(pos, i64(SUPER.bit_length() - 1)) if blocks == SUPER else pos
 
 
-def stream_bytes(b, geo: Geometry, nblocks):
-    """Bytes of a row group's scale stream for nblocks 32-weight blocks (a multiple of a unit)."""
-    return scale_pos(b, geo, nblocks)
+def prefetch_block_ahead(b, geo: Geometry, pay, sc, bias, blk, prefetch_bytes: int):
+    """The AMX kernels' prefetch at block blk: the payload prefetch_bytes ahead, and the factors as
+    many blocks ahead (at least 2)."""
+    bpb = geo.block_payload_bytes
+    pb = gep(b, pay, b.mul(blk, i64(bpb)))
+    for line in range(0, bpb, 64):
+        prefetch(b, gep(b, pb, i64(prefetch_bytes + line)))
+    ahead = scale_pos(b, geo, b.add(blk, i64(max(prefetch_bytes // bpb, 2))))
+    for stream in [sc] + ([bias] if geo.bias else []):
+        prefetch(b, gep(b, stream, ahead))
 
 
 def superblock_heads(b, geo: Geometry, sc, bias, blk):
@@ -43,3 +51,10 @@ def block_factors(b, geo: Geometry, sc, bias, blk, half=0, heads=None):
     idx = b.add(b.mul(blk, i64(R * geo.scales_per_block)), i64(R * half))
     scale = b.fpext(load(b, sc, vec(F16, R), idx, align=2), vf)
     return scale, b.fpext(load(b, bias, vec(F16, R), idx, align=2), vf) if geo.bias else None
+
+
+def block_scale_shift(b, geo: Geometry, sc, bias, blk, half=0):
+    """block_factors with the offset formats' shift spelled out: w = scale * code + shift for every
+    code (shift = -offset * scale where there is no bias stream)."""
+    scale, shift = block_factors(b, geo, sc, bias, blk, half)
+    return scale, shift if shift is not None else b.fmul(scale, splat(F32, geo.group_rows, -float(geo.offset)))
